@@ -1,0 +1,63 @@
+# Two entry points, both idempotent: `make demo` and `make test`.
+SHELL := /bin/bash
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The local asset mirror beside the checkout, unless the caller names one.
+ifneq ($(wildcard ../shared/models),)
+export SAEALIGN_ASSETS ?= $(abspath ../shared)
+endif
+# Everything is offline: never wait on the Hugging Face hub from make.
+export HF_HUB_OFFLINE ?= 1
+export HF_HUB_DISABLE_TELEMETRY := 1
+TORCH := torch==2.13.0
+
+.PHONY: demo test install install-dev export-check clean-check nbtest pytest bench saes
+
+$(BIN)/python:
+	python3 -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# the CPU wheel first: an unpinned torch would pull gigabytes of CUDA packages
+	$(BIN)/pip install -q $(TORCH)
+
+# Reinstall only when the package metadata changes.
+$(VENV)/.installed: $(BIN)/python settings.ini setup.py
+	$(BIN)/pip install -q -e .
+	touch $@
+
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
+
+demo: install
+	$(BIN)/saealign demo
+
+# nbdev_export and nbdev_clean must leave the tree as it is: the notebooks are the source.
+export-check: install-dev
+	@before=$$(find saealign -name '*.py' | sort | xargs md5sum); \
+	$(BIN)/nbdev_export; \
+	after=$$(find saealign -name '*.py' | sort | xargs md5sum); \
+	if [ "$$before" != "$$after" ]; then echo "nbdev_export changed saealign/: export the notebooks and commit both"; diff <(echo "$$before") <(echo "$$after"); exit 1; fi
+
+clean-check: install-dev
+	@before=$$(find nbs -name '*.ipynb' | sort | xargs md5sum); \
+	$(BIN)/nbdev_clean; \
+	after=$$(find nbs -name '*.ipynb' | sort | xargs md5sum); \
+	if [ "$$before" != "$$after" ]; then echo "nbdev_clean changed nbs/: run nbdev_clean and commit"; diff <(echo "$$before") <(echo "$$after"); exit 1; fi
+
+nbtest: install-dev
+	$(BIN)/nbdev_test --n_workers 2
+
+pytest: install-dev
+	$(BIN)/python -m pytest -q tests
+
+test: export-check clean-check nbtest pytest
+
+bench: install-dev
+	$(BIN)/python bench/run_all.py
+
+# Reproduce the embedded SAEs shipped in saealign/saes/ (sae_lens's trainer; minutes on 2 cores).
+saes: install
+	$(BIN)/saealign train-saes
