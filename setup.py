@@ -22,7 +22,7 @@ setuptools.setup(
     python_requires=">=" + cfg["min_python"],
     packages=setuptools.find_packages(include=["saealign", "saealign.*"]),
     # the embedded SAEs ship inside the package (sae_lens save format: cfg.json + safetensors)
-    package_data={"saealign": ["saes/*/*/*.json", "saes/*/*/*.safetensors"]},
+    package_data={"saealign": ["saes/*/*.json", "saes/*/*/*.json", "saes/*/*/*.safetensors"]},
     install_requires=cfg["requirements"].split(),
     extras_require={"dev": cfg["dev_requirements"].split()},
     entry_points={
