@@ -22,3 +22,7 @@ def stories():
     os.environ.setdefault("SAEALIGN_ASSETS", str(SHARED))
     from saealign.core import load_model
     return load_model("stories260K")
+
+if HAS_MIRROR:  # module-scoped fixtures load models at collection time
+    os.environ.setdefault("SAEALIGN_ASSETS", str(SHARED))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
