@@ -223,7 +223,7 @@ def kept_latents(model, sae, texts):
 
 def test_real_scores_and_checks(model, sae, embedder, ref):
     sc = score_latents(ref, ["A dog ran in the park."], embedder, min_prompts=2, model=model, sae=sae)
-    assert sc.scores.shape == (1024,) and 0 < int(sc.eligible.sum()) < 1024
+    assert sc.scores.shape == (sae.cfg.d_sae,) and 0 < int(sc.eligible.sum()) < sae.cfg.d_sae
     assert sc.scores[sc.eligible].max() == 1 and sc.scores[~sc.eligible].abs().sum() == 0
     with pytest.raises(ValueError, match="computed on model 'gpt2-small-random'"):
         score_latents(ReferenceSet(**{**ref.__dict__, "meta": {**ref.meta, "model": "gpt2-small-random"},

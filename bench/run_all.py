@@ -1,0 +1,7 @@
+"""Every benchmark, one after the other: `make bench`."""
+import runpy
+from pathlib import Path
+
+for script in ("bench_reference.py", "bench_steering.py"):
+    print(f"\n######## {script}")
+    runpy.run_path(str(Path(__file__).parent / script), run_name="__main__")
