@@ -17,11 +17,28 @@ def mirror(monkeypatch):
 
 @pytest.fixture(scope="session")
 def stories():
+    "stories260K, shared by every test module (loading it is cheap, but not free)."
     if not HAS_MIRROR:
         pytest.skip("no asset mirror: set SAEALIGN_ASSETS")
-    os.environ.setdefault("SAEALIGN_ASSETS", str(SHARED))
     from saealign.core import load_model
     return load_model("stories260K")
+
+
+@pytest.fixture(scope="module")
+def model(stories):
+    return stories
+
+
+@pytest.fixture(scope="module")
+def sae(model):
+    from saealign.core import load_sae
+    return load_sae(model=model)
+
+
+@pytest.fixture(scope="session")
+def embedder():
+    from saealign.core import load_embedder
+    return load_embedder()
 
 if HAS_MIRROR:  # module-scoped fixtures load models at collection time
     os.environ.setdefault("SAEALIGN_ASSETS", str(SHARED))

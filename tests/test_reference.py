@@ -10,24 +10,9 @@ import torch
 from saealign import reference as R
 from saealign.reference import (ReferenceSet, build_reference_prompts, compute_reference, coverage_chart, coverage_curve,
                        summarize_batch, tensor_digest, tokenize)
-from saealign.core import load_embedder, load_model, load_sae, load_texts
+from saealign.core import load_sae, load_texts
 
 MAX_TOKENS = 24  # short prompts keep the pass cheap on a shared 2-core machine
-
-
-@pytest.fixture(scope="module")
-def model():
-    return load_model("stories260K")
-
-
-@pytest.fixture(scope="module")
-def sae(model):
-    return load_sae(model=model)
-
-
-@pytest.fixture(scope="module")
-def embedder():
-    return load_embedder()
 
 
 @pytest.fixture(scope="module")

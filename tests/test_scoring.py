@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from saealign.reference import ReferenceSet, _pad, compute_reference, latent_acts, tokenize
-from saealign.core import load_embedder, load_model, load_sae
+from saealign.core import load_sae
 from saealign.scoring import (LatentScores, kendall_tau, score_latents, score_violin, strawman_latents,
                      top_latent_tokens, topic_distance_table, topk_token_share, validation_chart, validation_curve)
 
@@ -185,21 +185,6 @@ STORIES = ["Lily saw a big dog in the park.", "Tom ate a red apple.", "The cat s
            "Once upon a time there was a little boat.", "Sue liked to sing songs with her mom.",
            "The sun was hot and the kids went to swim.", "Ben found a shiny stone by the river.",
            "The bird flew over the tall tree."]
-
-
-@pytest.fixture(scope="module")
-def model():
-    return load_model("stories260K")
-
-
-@pytest.fixture(scope="module")
-def sae(model):
-    return load_sae(model=model)
-
-
-@pytest.fixture(scope="module")
-def embedder():
-    return load_embedder()
 
 
 @pytest.fixture(scope="module")
