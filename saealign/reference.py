@@ -525,9 +525,13 @@ BOS_ID = 1  # llama2.c's BOS, which also ends a story
 
 
 def model_stories(model, n: int, *, length: int = 64, seed: int = 0) -> list[str]:
-    "`n` distinct stories the model writes itself (temperature 1, varied openings), each cut at its end."
-    from saealign.embedded import sample_stories
-    rows = sample_stories(model, n, length=length, seed=seed)
+    """`n` distinct stories the model writes itself (temperature 1, varied openings), each cut at its end.
+    The sampled tokens are cached under `cache_root()`, keyed by the model's weights: sampling is the slow
+    part of building the default reference (minutes on 2 CPU cores), so a cached reference loads in seconds."""
+    from saealign.embedded import _cached, sample_stories
+    key = f"{model.cfg.model_name}-{tensor_digest(model, sample=4096)[:16]}-n{n}-len{length}-seed{seed}"
+    rows = _cached(cache_root() / "reference" / "stories" / f"{key}.safetensors",
+                   lambda: sample_stories(model, n, length=length, seed=seed))
     stories = []
     for row in rows.tolist():
         ends = [i for i, t in enumerate(row[1:], 1) if t == BOS_ID]  # a new story starts after BOS

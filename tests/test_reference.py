@@ -278,3 +278,13 @@ def test_coverage_curve_known_values():
         coverage_curve(ref, [5])
     spec = coverage_chart(rows).to_dict()
     assert len(spec["layer"]) == 2
+
+
+def test_model_stories_sampled_once_then_loaded(model, tmp_path, monkeypatch):
+    "The stories of the default reference are cached, so a second call loads them instead of sampling."
+    import saealign.embedded as E
+    monkeypatch.setenv("SAEALIGN_CACHE", str(tmp_path))
+    first = R.model_stories(model, 6, length=16, seed=3)
+    monkeypatch.setattr(E, "sample_stories", lambda *a, **k: pytest.fail("sampled again despite the cache"))
+    assert R.model_stories(model, 6, length=16, seed=3) == first and first
+    assert len(list((tmp_path / "reference" / "stories").glob("*.safetensors"))) == 1
