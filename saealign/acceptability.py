@@ -105,6 +105,10 @@ class AcceptabilityClassifier:
         "1 (acceptable) or 0 per text."
         return (self.predict_proba(texts, batch_size) >= threshold).astype(np.int64)
 
+    def __call__(self, texts) -> np.ndarray:
+        "P(acceptable) per text: the classifier is the callable the evaluation stage takes."
+        return self.predict_proba(texts)
+
     def save(self, path) -> Path:
         "Weights (safetensors), tokenizer and `acceptability.json` in `path`; only for classifiers made here."
         if not isinstance(self.model, MeanPoolClassifier):
