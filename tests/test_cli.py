@@ -1,0 +1,36 @@
+"""The console script as users run it: a fresh process, exit status, the report file."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import needs_mirror
+
+SCRIPT = Path(sys.executable).with_name("saealign")
+
+
+def run(args, cwd):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([str(SCRIPT), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+@needs_mirror
+def test_demo_writes_a_self_contained_report(tmp_path):
+    done = run(["demo", "--max-new-tokens", "24", "--report", "out.html"], tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "Swap (reconstruction), contamination" in done.stdout and "per-token contamination" in done.stdout
+    page = (tmp_path / "out.html").read_text()
+    assert page.startswith("<!DOCTYPE html>") and page.count("<svg") >= 2 and "<script" not in page
+
+
+@needs_mirror
+def test_align_reports_bad_input_in_one_line(tmp_path):
+    (tmp_path / "topic.txt").write_text("")
+    done = run(["align", "--topic-file", "topic.txt", "--prompt", "Once"], tmp_path)
+    assert done.returncode == 1 and done.stderr.strip().count("\n") == 0
+    assert "holds no alignment texts" in done.stderr and not (tmp_path / "saealign-report.html").exists()
+
+
+def test_unknown_subcommand_is_a_usage_error(tmp_path):
+    done = run(["frobnicate"], tmp_path)
+    assert done.returncode == 2 and "invalid choice" in done.stderr
