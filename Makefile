@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 TORCH := torch==2.13.0
 
-.PHONY: demo test install install-dev export-check clean-check nbtest pytest bench saes
+.PHONY: demo test install install-dev export-check clean-check nbtest pytest bench saes browser-deps
 
 $(BIN)/python:
 	python3 -m venv $(VENV)
@@ -50,8 +50,25 @@ clean-check: install-dev
 nbtest: install-dev
 	$(BIN)/nbdev_test --n_workers 2
 
-pytest: install-dev
+pytest: install-dev browser-deps
 	$(BIN)/python -m pytest -q tests
+
+# The real-browser tests need Debian's chromium and playwright-core (pinned in tests/browser); they skip,
+# saying why, when either is missing. Installing them is best effort and never fails the build.
+CHROMIUM := $(shell command -v chromium || command -v chromium-browser)
+browser-deps: tests/browser/node_modules/.installed
+ifeq ($(CHROMIUM),)
+	-@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		(apt-get install -y -q chromium || (apt-get update -q && apt-get install -y -q chromium)) >/dev/null 2>&1 \
+		|| echo "browser-deps: could not install chromium; the browser tests will skip"; \
+	else echo "browser-deps: no chromium (install Debian's chromium as root); the browser tests will skip"; fi
+endif
+
+tests/browser/node_modules/.installed: tests/browser/package.json tests/browser/package-lock.json
+	-@if command -v npm >/dev/null; then \
+		npm ci --prefix tests/browser --no-audit --no-fund --loglevel=error && touch $@ \
+		|| echo "browser-deps: npm ci failed; the browser tests will skip"; \
+	else echo "browser-deps: no npm; the browser tests will skip"; fi
 
 test: export-check clean-check nbtest pytest
 

@@ -1,0 +1,62 @@
+"""The documentation site: the Quarto config nbdev_docs reads, its notebooks, and one chapter rendered to HTML
+(nbconvert, since Quarto cannot be installed here) and loaded in headless Chromium."""
+import re
+
+import pytest
+import yaml
+from nbdev.config import get_config
+from nbdev.quarto import _nbdev_yml
+
+from browser_support import ARTIFACTS, ROOT, dump_dom, skip_reason
+
+STAGES = ["index.ipynb", "01_reference.ipynb", "02_scoring.ipynb", "03_steering.ipynb", "04_evaluation.ipynb",
+          "05_widgets.ipynb"]
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    return get_config(path=ROOT)
+
+
+@pytest.fixture(scope="module")
+def site(cfg):
+    # nbdev 2's proc_nbs / nbdev_docs read exactly this file (nbs_path/_quarto.yml) and render in a copy of nbs/
+    return yaml.safe_load((cfg.nbs_path / "_quarto.yml").read_text())
+
+
+def test_site_lists_existing_notebooks_in_the_sidebar(cfg, site):
+    render = site["project"]["render"]
+    assert render == site["website"]["sidebar"]["contents"], "the sidebar shows every rendered page, in order"
+    assert render[0] == "index.ipynb" and set(STAGES) <= set(render)
+    assert len(set(render)) == len(render)
+    missing = [nb for nb in render if not (cfg.nbs_path / nb).is_file()]
+    assert not missing, f"listed in nbs/_quarto.yml but not in nbs/: {missing}"
+    chapters = sorted(p.name for p in cfg.nbs_path.glob("[0-9][0-9]_*.ipynb"))  # every main chapter is on the site
+    assert set(chapters) <= set(render), set(chapters) - set(render)
+
+
+def test_nbdev_settings_point_at_the_site(cfg, site):
+    assert not (ROOT / "_quarto.yml").exists(), "one site config: nbdev reads nbs/_quarto.yml, not the root's"
+    assert "nbdev.yml" in site["metadata-files"]
+    # nbdev_docs rewrites nbs/nbdev.yml from settings.ini: the committed one must be what it writes
+    vals = {k: cfg[k] for k in ["title", "description", "branch", "git_url", "doc_host", "doc_baseurl"]}
+    expected = _nbdev_yml.format(**vals, doc_path=cfg.doc_path.name)
+    assert (cfg.nbs_path / "nbdev.yml").read_text() == expected
+    assert yaml.safe_load(expected)["project"]["output-dir"] == "_docs" == cfg.doc_path.name
+    # True: nbdev leaves the sidebar above alone instead of writing a sidebar.yml of every notebook
+    assert cfg.custom_sidebar is True
+
+
+@pytest.mark.skipif(skip_reason(node=False) is not None, reason=str(skip_reason(node=False)))
+def test_chapter_renders_to_html_and_loads_in_chromium():
+    from nbconvert import HTMLExporter
+    body, _ = HTMLExporter(template_name="lab").from_filename(str(ROOT / "nbs" / "05_widgets.ipynb"))
+    out = ARTIFACTS / "docs" / "05_widgets.html"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(body)
+    dom = dump_dom(out.as_uri())
+    text = re.sub(r"<[^>]+>", "", dom)
+    assert re.search(r"<h1[^>]*>\s*Widgets: the alignment explorer", dom)
+    assert "class AlignmentExplorer" in text and "def contamination_colour" in text
+    assert "The colour scale" in text and "Traceback" not in text
+    assert dom.count('class="jp-Cell ') >= 30  # every cell of the chapter made it to the page
