@@ -65,7 +65,7 @@ def lab(tmp_path):
         log.close()
 
 
-def test_explorer_generates_highlighted_tokens_in_jupyterlab(lab, tmp_path):
+def test_explorer_generates_highlighted_tokens_in_jupyterlab(lab, tmp_path, model, sae, embedder):
     from saealign.widgets import contamination_colour
     ARTIFACTS.mkdir(exist_ok=True)
     shot = ARTIFACTS / "explorer.png"
@@ -89,4 +89,11 @@ def test_explorer_generates_highlighted_tokens_in_jupyterlab(lab, tmp_path):
         assert t["text"] and t["title"].startswith(repr(t["text"].replace("↵\n", "\n")) + ":")
         assert "contamination" in t["title"] or "no active latent" in t["title"]
     assert "generated in" in page["status"] and page["chart"] >= 1 and page["inspectorRows"] == 10
+    # picking the food topic filled in its texts and re-ranked the latents as the library ranks them
+    from saealign.reference import default_reference
+    from saealign.scoring import STORY_TOPICS, score_latents
+    assert page["texts"].splitlines() == STORY_TOPICS["food"]
+    ref = default_reference(model, sae, embedder, progress=False)  # the notebook's, from the same cache
+    best = {t: int(score_latents(ref, STORY_TOPICS[t], embedder).top(1)) for t in ("sea", "food")}
+    assert (int(page["seaTop"]), int(page["foodTop"])) == (best["sea"], best["food"]) and best["sea"] != best["food"]
     assert shot.stat().st_size > 10_000

@@ -58,10 +58,21 @@ try {
   const status = await page.locator(".saealign-status").first().innerText();
   const chart = await page.locator(".saealign-chart svg").count();
   const inspectorRows = await page.locator(".saealign-inspector tr[data-latent]").count();
+  // live rescoring: another topic in the dropdown re-ranks the latents in the inspector
+  const firstLatent = () => page.locator(".saealign-inspector tr[data-latent]").first().getAttribute("data-latent");
+  const seaTop = await firstLatent();
+  await page.locator("select", { has: page.locator("option", { hasText: /^food$/ }) }).first().selectOption({ label: "food" });
+  await page.waitForFunction((before) => {
+    const row = document.querySelector(".saealign-inspector tr[data-latent]");
+    return row && row.dataset.latent !== before;
+  }, seaTop);
+  const foodTop = await firstLatent();
+  const texts = await page.locator(".jupyter-widgets textarea").first().inputValue();
+  log("rescored for food");
   const area = page.locator(".jp-OutputArea-output", { has: page.locator(".saealign-result") }).first();
   await area.scrollIntoViewIfNeeded();
   await area.screenshot({ path: shot });
-  console.log(JSON.stringify({ tokens, status, chart, inspectorRows, pageErrors }));
+  console.log(JSON.stringify({ tokens, status, chart, inspectorRows, seaTop, foodTop, texts, pageErrors }));
 } catch (e) {
   await page.screenshot({ path: shot.replace(/\.png$/, "-failure.png") }).catch(() => {});
   throw e;
