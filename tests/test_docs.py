@@ -36,7 +36,6 @@ def test_site_lists_existing_notebooks_in_the_sidebar(cfg, site):
 
 
 def test_nbdev_settings_point_at_the_site(cfg, site):
-    assert not (ROOT / "_quarto.yml").exists(), "one site config: nbdev reads nbs/_quarto.yml, not the root's"
     assert "nbdev.yml" in site["metadata-files"]
     # nbdev_docs rewrites nbs/nbdev.yml from settings.ini: the committed one must be what it writes
     vals = {k: cfg[k] for k in ["title", "description", "branch", "git_url", "doc_host", "doc_baseurl"]}
@@ -45,6 +44,14 @@ def test_nbdev_settings_point_at_the_site(cfg, site):
     assert yaml.safe_load(expected)["project"]["output-dir"] == "_docs" == cfg.doc_path.name
     # True: nbdev leaves the sidebar above alone instead of writing a sidebar.yml of every notebook
     assert cfg.custom_sidebar is True
+
+
+def test_root_site_config_matches_the_one_nbdev_reads(site):
+    root = yaml.safe_load((ROOT / "_quarto.yml").read_text())
+    prefixed = ["nbs/" + page for page in site["project"]["render"]]
+    assert root["project"]["render"] == prefixed == root["website"]["sidebar"]["contents"]
+    assert root["project"]["output-dir"] == "_docs" and root["format"] == site["format"]
+    assert all((ROOT / page).is_file() for page in prefixed)
 
 
 @pytest.mark.skipif(skip_reason(node=False) is not None, reason=str(skip_reason(node=False)))
