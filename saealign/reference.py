@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import random
+import secrets
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,10 +30,10 @@ warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta"
 FORMAT_VERSION = 1
 
 # %% auto #0
-__all__ = ['log', 'FORMAT_VERSION', 'ENCODE_TOKENS', 'BOS_ID', 'build_reference_prompts', 'tokenize', 'hook_activations',
-           'latent_acts', 'summarize_batch', 'tensor_digest', 'sae_digest', 'ReferenceSet', 'embedder_description',
-           'compute_reference', 'coverage_curve', 'coverage_chart', 'model_stories', 'embedded_reference_prompts',
-           'default_reference']
+__all__ = ['log', 'FORMAT_VERSION', 'ENCODE_TOKENS', 'EMBED_BATCH', 'BOS_ID', 'build_reference_prompts', 'tokenize',
+           'hook_activations', 'latent_acts', 'summarize_batch', 'tensor_digest', 'sae_digest', 'ReferenceSet',
+           'embedder_description', 'compute_reference', 'embedder_key', 'coverage_curve', 'coverage_chart',
+           'model_stories', 'embedded_reference_prompts', 'default_reference']
 
 # %% ../nbs/01_reference.ipynb #c6e42448
 def build_reference_prompts(n: int, *, seed: int = 0, sources=("p3",), extra=None, model=None) -> list[str]:
@@ -224,9 +225,13 @@ def _sae_description(sae) -> dict:
 
 
 def _atomic_save_tensors(tensors: dict, path: Path, metadata: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-    os.replace(tmp, path)  # readers see the old file or the whole new one, never half of one
+    # a temporary name of its own: two processes may write the same (shared, content-keyed) file at once
+    tmp = path.with_name(f"{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)  # readers see the old file or the whole new one, never half of one
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _atomic_write_json(obj, path: Path) -> None:
@@ -392,7 +397,8 @@ class _ChunkCache:
         _atomic_write_json(self.manifest, self.path / "manifest.json")
 
 
-def _compute_chunk(model, sae, prompts, embedder, batch_size, max_tokens, bar) -> dict:
+def _compute_chunk(model, sae, prompts, embedder, batch_size, max_tokens, bar, embeddings=None) -> dict:
+    "One chunk's summaries, token counts and embeddings (`embeddings`: an `_EmbeddingCache` to take them from)."
     ids, n_trunc = tokenize(model, prompts, max_tokens)
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))  # similar lengths together: less padding
     pad_id = model.tokenizer.pad_token_id if model.tokenizer is not None and model.tokenizer.pad_token_id is not None else 0
@@ -408,7 +414,7 @@ def _compute_chunk(model, sae, prompts, embedder, batch_size, max_tokens, bar) -
     for i, x in enumerate(ids):
         token_counts[i] = int((~torch.isin(x.cpu(), special)).sum())
     s = _rows_to_csr(rows, sae.cfg.d_sae)
-    emb = _embed(embedder, prompts)
+    emb = _embed(embedder, prompts) if embeddings is None else embeddings.embed(prompts)[0]
     return {"crow_indices": s.crow_indices(), "col_indices": s.col_indices(), "values": s.values(),
             "token_counts": token_counts, "embeddings": emb, "n_truncated": torch.tensor([n_trunc])}
 
@@ -417,7 +423,7 @@ def _embed(embedder, texts) -> torch.Tensor:
     if embedder is None:
         return torch.zeros(len(texts), 0)
     # normalize_embeddings: unit rows for any embedder (all-MiniLM-L6-v2 already ends in Normalize)
-    return embedder.encode(list(texts), batch_size=64, convert_to_tensor=True, normalize_embeddings=True,
+    return embedder.encode(list(texts), batch_size=EMBED_BATCH, convert_to_tensor=True, normalize_embeddings=True,
                            show_progress_bar=False).float().cpu()
 
 
@@ -434,13 +440,18 @@ def embedder_description(embedder) -> dict | None:
 
 
 def compute_reference(model, sae, prompts, embedder, *, batch_size: int = 32, cache_dir=None,
-                      chunk_size: int = 512, max_tokens: int | None = None, progress: bool = True) -> ReferenceSet:
+                      chunk_size: int = 512, max_tokens: int | None = None, progress: bool = True,
+                      embedding_cache=None) -> ReferenceSet:
     """Run `model` up to the SAE's hook on every prompt (right-padded batches, sorted by length within each
     chunk of `chunk_size` prompts), summarise the SAE latents per prompt, and embed the prompts with
     `embedder` (None: no embeddings). Prompts longer than `max_tokens` (default: the model's context) are
     truncated; `meta["n_truncated"]` counts them. With `cache_dir`, each finished chunk is written there
     atomically and reused by a later call with the same fingerprint (resume after a kill); a cache from a
-    different model, SAE, embedder, prompt list or setting is discarded with a logged warning."""
+    different model, SAE, embedder, prompt list or setting is discarded with a logged warning.
+    The embeddings do not depend on the SAE: each chunk's are also kept in `embedding_cache`, keyed by the
+    embedder and the chunk's texts, so the reference of another SAE on the same prompts does not embed again.
+    `embedding_cache`: a directory; None (default): `cache_root()/"embeddings"` when `cache_dir` is given, else
+    no cache; True: `cache_root()/"embeddings"` always; False: never."""
     _check_no_saes(model)  # first: with an SAE spliced in, the hook is gone and check_sae_fits would mislead
     check_sae_fits(model, sae)
     prompts = list(prompts)
@@ -460,13 +471,17 @@ def compute_reference(model, sae, prompts, embedder, *, batch_size: int = 32, ca
 
     n_chunks = math.ceil(len(prompts) / chunk_size)
     cache = _ChunkCache(cache_dir, fingerprint, len(prompts), chunk_size) if cache_dir is not None else None
+    if embedding_cache is True or (embedding_cache is None and cache_dir is not None):
+        embedding_cache = cache_root() / "embeddings"
+    embeddings = (_EmbeddingCache(embedding_cache, embedder, emb_d)
+                  if embedder is not None and embedding_cache not in (None, False) else None)
     chunks, reused = [], 0
     with tqdm(total=len(prompts), disable=not progress, desc="reference pass", unit="prompt") as bar:
         for c in range(n_chunks):
             part = prompts[c * chunk_size:(c + 1) * chunk_size]
             chunk = cache.load(c) if cache is not None else None
             if chunk is None:
-                chunk = _compute_chunk(model, sae, part, embedder, batch_size, max_tokens, bar)
+                chunk = _compute_chunk(model, sae, part, embedder, batch_size, max_tokens, bar, embeddings)
                 if cache is not None:
                     cache.save(c, chunk)
             else:
@@ -485,6 +500,84 @@ def compute_reference(model, sae, prompts, embedder, *, batch_size: int = 32, ca
             "n_truncated": int(sum(int(c["n_truncated"][0]) for c in chunks)), "settings": settings}
     return ReferenceSet(s, _prompt_counts(s), torch.cat([c["token_counts"] for c in chunks]),
                         torch.cat([c["embeddings"] for c in chunks]), prompts, fingerprint, meta)
+
+# %% ../nbs/01_reference.ipynb #5b3872f9
+EMBED_BATCH = 64  # texts per encode call; in the embeddings key, as batching can change the last bits
+
+
+def _sha(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=_json_default).encode()).hexdigest()
+
+
+def _bytes_digest(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def embedder_key(embedder, description: dict | None = None) -> str:
+    """Digest of everything besides the texts that decides an embedding: the weights (strided sample) and width
+    of `embedder_description`, the truncation (`max_seq_length`), the pipeline's modules and their configs
+    (pooling, normalisation), the tokenizer's vocabulary and casing, and how `_embed` calls `encode`."""
+    tok = getattr(embedder, "tokenizer", None)
+    vocab = getattr(tok, "get_vocab", None)
+    modules = [(name, type(m).__name__, m.get_config_dict() if hasattr(m, "get_config_dict") else None)
+               for name, m in embedder.named_children()] if hasattr(embedder, "named_children") else None
+    return _sha({"embedder": description or embedder_description(embedder),
+                 "max_seq_length": getattr(embedder, "max_seq_length", None), "modules": modules,
+                 "tokenizer": None if tok is None else [type(tok).__name__, getattr(tok, "do_lower_case", None),
+                                                        _sha(sorted(vocab().items())) if vocab else None],
+                 "encode": {"batch_size": EMBED_BATCH, "normalize_embeddings": True, "dtype": "float32"}})
+
+
+class _EmbeddingCache:
+    """Prompt embeddings by content, `<key>.safetensors` in a directory, shared by every SAE and model: the key
+    hashes the embedder (`embedder_key`) and the exact list of texts. The file's metadata holds its key and the
+    sha256 of the stored bytes; a file whose key, shape or bytes do not match is recomputed with a warning."""
+
+    def __init__(self, path, embedder, description: dict | None = None):
+        self.path, self.embedder = Path(path), embedder
+        self.embedder_key, self.dim = embedder_key(embedder, description), _embedding_dim(embedder)
+
+    def key(self, texts: list[str]) -> str:
+        return _sha({"format": FORMAT_VERSION, "embedder": self.embedder_key, "texts": _sha(list(texts))})
+
+    def _file(self, key: str) -> Path:
+        return self.path / f"{key}.safetensors"
+
+    def load(self, key: str, n: int) -> torch.Tensor | None:
+        p = self._file(key)
+        if not p.exists():
+            return None
+        try:
+            with safe_open(p, "pt") as f:
+                meta, emb = f.metadata() or {}, f.get_tensor("embeddings")
+            if meta.get("key") != key:
+                problem = "holds the embeddings of other texts or another embedder (its key differs)"
+            elif emb.dtype != torch.float32 or tuple(emb.shape) != (n, self.dim):
+                problem = f"has shape {tuple(emb.shape)} {emb.dtype}, not ({n}, {self.dim}) float32"
+            elif _bytes_digest(emb) != meta.get("sha256"):
+                problem = "is corrupt (its bytes do not match their sha256)"
+            else:
+                return emb
+        except Exception as e:  # truncated, not safetensors, unreadable
+            problem = f"is unreadable ({type(e).__name__}: {e})"
+        log.warning("embeddings cache %s %s: recomputing it", p, problem)
+        return None
+
+    def save(self, key: str, emb: torch.Tensor, n_texts: int) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        _atomic_save_tensors({"embeddings": emb}, self._file(key),
+                             {"format": str(FORMAT_VERSION), "key": key, "sha256": _bytes_digest(emb),
+                              "n_texts": str(n_texts), "embedder_key": self.embedder_key})
+
+    def embed(self, texts: list[str]) -> tuple[torch.Tensor, bool]:
+        "The embeddings of `texts` and whether they came from the cache."
+        key = self.key(texts)
+        emb = self.load(key, len(texts))
+        if emb is not None:
+            return emb, True
+        emb = _embed(self.embedder, texts)
+        self.save(key, emb, len(texts))
+        return emb, False
 
 # %% ../nbs/01_reference.ipynb #a5ed6603
 def coverage_curve(ref: ReferenceSet, sizes, n_samples: int = 5, seed: int = 0) -> list[dict]:

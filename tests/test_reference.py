@@ -15,6 +15,14 @@ from saealign.core import load_sae, load_texts
 MAX_TOKENS = 24  # short prompts keep the pass cheap on a shared 2-core machine
 
 
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path_factory, monkeypatch):
+    "A cache_dir turns on the embeddings cache under cache_root(): keep it out of the user's cache."
+    root = tmp_path_factory.mktemp("saealign-cache")
+    monkeypatch.setenv("SAEALIGN_CACHE", str(root))
+    return root
+
+
 @pytest.fixture(scope="module")
 def prompts():
     "15 P3 prompts (all longer than MAX_TOKENS) interleaved with 6 short ones, so batches need padding."
@@ -233,6 +241,120 @@ def test_tensor_digest_sees_changes(sae):
     state["b_enc"][3] += 1e-3
     assert tensor_digest(state) != d0
     assert tensor_digest(sae, sample=16) == tensor_digest(sae, sample=16)
+
+
+# --- the embeddings cache ----------------------------------------------------------------------
+
+class CountingEmbedder:
+    "Passes everything to the real embedder and counts the texts given to encode."
+
+    def __init__(self, inner):
+        self.inner, self.texts = inner, Counter()
+
+    def encode(self, texts, **kw):
+        self.texts.update(texts)
+        return self.inner.encode(texts, **kw)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+@pytest.fixture(scope="module")
+def sae2(model, sae):
+    "The other shipped SAE: same model, another layer."
+    from saealign.core import embedded_sae_ids
+    (other,) = [i for i in embedded_sae_ids() if i != sae.cfg.metadata.hook_name]
+    return load_sae(sae_id=other, model=model)
+
+
+def emb_files(path):
+    return sorted(path.glob("*.safetensors"))
+
+
+def test_two_saes_embed_each_prompt_once(model, sae, sae2, embedder, prompts, base, tmp_path, private_cache):
+    counting = CountingEmbedder(embedder)
+    kw = dict(max_tokens=MAX_TOKENS, chunk_size=8, progress=False)
+    one = compute_reference(model, sae, prompts, counting, cache_dir=tmp_path / "l0", **kw)
+    two = compute_reference(model, sae2, prompts, counting, cache_dir=tmp_path / "l2", **kw)
+    assert len(set(prompts)) == len(prompts) and counting.texts == Counter(prompts)  # each prompt once overall
+    assert len(emb_files(private_cache / "embeddings")) == 3  # default place: cache_root()/embeddings, one per chunk
+    assert not list((private_cache / "embeddings").glob("*.tmp"))
+    # bit-identical to a fresh computation, and the fingerprints are those of a run without the cache
+    fresh2 = compute_reference(model, sae2, prompts, embedder, **kw)
+    assert torch.equal(one.embeddings, base.embeddings) and torch.equal(two.embeddings, fresh2.embeddings)
+    assert torch.equal(two.embeddings, base.embeddings)
+    assert one.fingerprint == base.fingerprint and two.fingerprint == fresh2.fingerprint != one.fingerprint
+    assert torch.equal(dense(two), dense(fresh2)) and two.meta == fresh2.meta
+
+
+def test_embedding_cache_options(model, sae, embedder, prompts, tmp_path, private_cache):
+    counting = CountingEmbedder(embedder)
+    kw = dict(max_tokens=MAX_TOKENS, chunk_size=8, progress=False)
+    compute_reference(model, sae, prompts[:8], counting, **kw)  # no cache_dir: no embeddings cache either
+    compute_reference(model, sae, prompts[:8], counting, cache_dir=tmp_path / "a", embedding_cache=False, **kw)
+    assert not (private_cache / "embeddings").exists() and sum(counting.texts.values()) == 16
+    compute_reference(model, sae, prompts[:8], counting, embedding_cache=tmp_path / "emb", **kw)  # explicit dir
+    compute_reference(model, sae, prompts[:8], counting, embedding_cache=tmp_path / "emb", **kw)
+    assert sum(counting.texts.values()) == 24 and len(emb_files(tmp_path / "emb")) == 1
+
+
+def _flip_last_byte(p):
+    b = bytearray(p.read_bytes())
+    b[-1] ^= 0x01  # the last byte of the last embedding
+    p.write_bytes(bytes(b))
+
+
+@pytest.mark.parametrize("damage", ["flipped byte", "truncated", "other chunk's file"])
+def test_tampered_embeddings_recomputed(model, sae, embedder, prompts, base, tmp_path, caplog, damage):
+    counting = CountingEmbedder(embedder)
+    kw = dict(max_tokens=MAX_TOKENS, chunk_size=8, progress=False, embedding_cache=tmp_path)
+    compute_reference(model, sae, prompts, counting, **kw)
+    cache = R._EmbeddingCache(tmp_path, embedder)
+    first, second = (tmp_path / f"{cache.key(prompts[i:i + 8])}.safetensors" for i in (0, 8))
+    if damage == "flipped byte":
+        _flip_last_byte(second)
+    elif damage == "truncated":
+        second.write_bytes(second.read_bytes()[:-100])
+    else:
+        second.write_bytes(first.read_bytes())  # a valid file, but of other texts
+    counting.texts.clear()
+    with caplog.at_level(logging.WARNING, logger="saealign.reference"):
+        ref = compute_reference(model, sae, prompts, counting, **kw)
+    assert "recomputing" in caplog.text and second.name in caplog.text
+    assert counting.texts == Counter(prompts[8:16])  # only the damaged chunk was embedded again
+    assert torch.equal(ref.embeddings, base.embeddings)
+    counting.texts.clear()
+    caplog.clear()
+    compute_reference(model, sae, prompts, counting, **kw)  # the file was rewritten whole
+    assert not counting.texts and "recomputing" not in caplog.text
+
+
+def test_embeddings_not_reused_across_texts_or_embedders(model, sae, embedder, prompts, base, tmp_path):
+    import copy
+    counting = CountingEmbedder(embedder)
+    kw = dict(max_tokens=MAX_TOKENS, chunk_size=8, progress=False, embedding_cache=tmp_path)
+    compute_reference(model, sae, prompts, counting, **kw)
+    counting.texts.clear()
+    changed = prompts[:8] + ["A new prompt."] + prompts[9:]  # one text of the second chunk differs
+    ref = compute_reference(model, sae, changed, counting, **kw)
+    assert counting.texts == Counter(changed[8:16])
+    assert torch.equal(ref.embeddings[:8], base.embeddings[:8]) and torch.equal(ref.embeddings[16:], base.embeddings[16:])
+    counting.texts.clear()
+    compute_reference(model, sae, prompts[1:] + prompts[:1], counting, **kw)  # the same texts, other chunks
+    assert counting.texts == Counter(prompts)
+
+    other = copy.deepcopy(embedder)
+    with torch.no_grad():
+        ln = next(p for n, p in other.named_parameters() if n.endswith("embeddings.LayerNorm.bias"))
+        ln[0] += 1.0  # one weight differs (element 0 is always in the digest's sample), on every token's path
+    shorter = copy.deepcopy(embedder)
+    shorter.max_seq_length = 8  # truncation: another embedding of the long prompts, same weights
+    assert len({R.embedder_key(e) for e in (embedder, other, shorter)}) == 3
+    for e in (other, shorter):
+        counting = CountingEmbedder(e)
+        ref = compute_reference(model, sae, prompts, counting, **kw)
+        assert counting.texts == Counter(prompts) and not torch.equal(ref.embeddings, base.embeddings)
+    assert len(emb_files(tmp_path)) == 3 + 1 + 3 + 3 + 3
 
 
 # --- ReferenceSet ------------------------------------------------------------------------------
