@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 TORCH := torch==2.13.0
 
-.PHONY: demo test install install-dev export-check clean-check nbtest pytest bench saes browser-deps
+.PHONY: demo test install install-dev export-check clean-check nbtest pytest bench saes browser-deps grid
 
 $(BIN)/python:
 	python3 -m venv $(VENV)
@@ -71,6 +71,10 @@ tests/browser/node_modules/.installed: tests/browser/package.json tests/browser/
 	else echo "browser-deps: no npm; the browser tests will skip"; fi
 
 test: export-check clean-check nbtest pytest
+
+# The evaluation chapter's full grid (about half an hour on 2 cores); run it again to resume after an interruption.
+grid: install
+	$(BIN)/saealign grid
 
 bench: install-dev
 	$(BIN)/python bench/run_all.py

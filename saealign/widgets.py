@@ -16,7 +16,7 @@ import ipywidgets as W
 import torch
 
 from .scoring import STORY_TOPICS, LatentScores, _check_ref, _summaries_t, score_latents
-from .steering import OUTPUT_MODES, Clamp, Generation, Method, Swap, Weight, as_scores, generate, steer
+from .steering import DEFAULT_OUTPUT, OUTPUT_MODES, Clamp, Generation, Method, Swap, Weight, as_scores, generate, steer
 
 log = logging.getLogger(__name__)
 
@@ -228,7 +228,7 @@ class AlignmentExplorer:
         self.texts = W.Textarea(value="\n".join(self.topics.get(first, [])), rows=8, continuous_update=False,
                                 placeholder="alignment texts, one per line", layout=W.Layout(width="100%"))
         self.method = W.Dropdown(options=METHODS, value="Swap", description="method")
-        self.output = W.Dropdown(options=OUTPUT_MODES, value="reconstruction", description="output")
+        self.output = W.Dropdown(options=OUTPUT_MODES, value=DEFAULT_OUTPUT, description="output")
         self.max_new_tokens = W.BoundedIntText(value=48, min=1, max=model.cfg.n_ctx, description="new tokens")
         self.seed = W.IntText(value=0, description="seed")
         self.prompt = W.Text(value=prompt, description="prompt", layout=W.Layout(width="auto"))

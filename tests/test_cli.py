@@ -18,7 +18,7 @@ def run(args, cwd):
 def test_demo_writes_a_self_contained_report(tmp_path):
     done = run(["demo", "--max-new-tokens", "24", "--report", "out.html"], tmp_path)
     assert done.returncode == 0, done.stderr
-    assert "Swap (reconstruction), contamination" in done.stdout and "per-token contamination" in done.stdout
+    assert "Swap (error), contamination" in done.stdout and "per-token contamination" in done.stdout
     page = (tmp_path / "out.html").read_text()
     assert page.startswith("<!DOCTYPE html>") and page.count("<svg") >= 2 and "<script" not in page
 
