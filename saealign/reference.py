@@ -31,9 +31,9 @@ FORMAT_VERSION = 1
 
 # %% auto #0
 __all__ = ['log', 'FORMAT_VERSION', 'ENCODE_TOKENS', 'EMBED_BATCH', 'BOS_ID', 'build_reference_prompts', 'tokenize',
-           'hook_activations', 'latent_acts', 'summarize_batch', 'tensor_digest', 'sae_digest', 'ReferenceSet',
-           'embedder_description', 'compute_reference', 'embedder_key', 'coverage_curve', 'coverage_chart',
-           'model_stories', 'embedded_reference_prompts', 'default_reference']
+           'hook_activations', 'latent_acts', 'summarize_batch', 'tensor_digest', 'sae_digest', 'load_saved_pair',
+           'ReferenceSet', 'embedder_description', 'compute_reference', 'embedder_key', 'coverage_curve',
+           'coverage_chart', 'model_stories', 'embedded_reference_prompts', 'default_reference']
 
 # %% ../nbs/01_reference.ipynb #c6e42448
 def build_reference_prompts(n: int, *, seed: int = 0, sources=("p3",), extra=None, model=None) -> list[str]:
@@ -263,6 +263,18 @@ def _cat_csr(parts: list[torch.Tensor], d_sae: int) -> torch.Tensor:
     return _rows_to_csr([r for p in parts for r in _csr_rows(p)], d_sae)
 
 # %% ../nbs/01_reference.ipynb #77508fc6
+def load_saved_pair(stem: Path, key: str, what: str) -> tuple[dict, dict]:
+    """The JSON and the tensors of a `stem.json` + `stem.safetensors` pair, checked to come from one save (both
+    carry the same `key`: the two files are replaced one after the other, so a kill between them mismatches)."""
+    info = json.loads(stem.with_suffix(".json").read_text())
+    with safe_open(stem.with_suffix(".safetensors"), "pt") as f:
+        stamp = (f.metadata() or {}).get(key)
+    if stamp != info[key]:
+        raise ValueError(f"{stem.parent}: {stem.name}.safetensors and {stem.name}.json come from different saves "
+                         f"({key}s differ); save the {what} again.")
+    return info, load_file(stem.with_suffix(".safetensors"))
+
+
 @dataclass(eq=False)  # tensors have no single truth value: compare fields explicitly
 class ReferenceSet:
     """The reference stage's output. `embeddings` are L2-normalised (unit rows), so the Euclidean distance
@@ -338,13 +350,7 @@ class ReferenceSet:
     @classmethod
     def load(cls, path) -> "ReferenceSet":
         path = Path(path)
-        info = json.loads((path / "reference.json").read_text())
-        with safe_open(path / "reference.safetensors", "pt") as f:
-            fp = (f.metadata() or {}).get("fingerprint")
-        if fp != info["fingerprint"]:  # the two files are replaced one after the other
-            raise ValueError(f"{path}: reference.safetensors and reference.json come from different saves "
-                             "(fingerprints differ); save the ReferenceSet again.")
-        t = load_file(path / "reference.safetensors")
+        info, t = load_saved_pair(path / "reference", "fingerprint", "ReferenceSet")
         s = _csr(t["crow_indices"], t["col_indices"], t["values"], (len(info["prompts"]), info["d_sae"]))
         return cls(s, t["prompt_counts"], t["token_counts"], t["embeddings"], info["prompts"],
                    info["fingerprint"], info["meta"])

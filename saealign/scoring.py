@@ -5,17 +5,14 @@
 # %% ../nbs/02_scoring.ipynb #f73d8246
 from __future__ import annotations
 
-import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file
 
 from .reference import (ReferenceSet, _atomic_save_tensors, _atomic_write_json, _embed, _embedding_dim, _pad,
-                       embedder_description, latent_acts, sae_digest, tensor_digest, tokenize)
+                       embedder_description, latent_acts, load_saved_pair, sae_digest, tensor_digest, tokenize)
 
 # %% auto #0
 __all__ = ['STORY_TOPICS', 'LatentScores', 'score_latents', 'strawman_latents', 'topk_token_share', 'validation_curve',
@@ -52,12 +49,7 @@ class LatentScores:
 
     @classmethod
     def load(cls, path) -> "LatentScores":
-        path = Path(path)
-        info = json.loads((path / "scores.json").read_text())
-        with safe_open(path / "scores.safetensors", "pt") as f:
-            if (f.metadata() or {}).get("digest") != info["digest"]:
-                raise ValueError(f"{path}: scores.safetensors and scores.json come from different saves; save again.")
-        t = load_file(path / "scores.safetensors")
+        info, t = load_saved_pair(Path(path) / "scores", "digest", "LatentScores")
         return cls(t["scores"], t["g"], t["eligible"], info["topic"], info["align_texts"], info["settings"])
 
 # %% ../nbs/02_scoring.ipynb #91f6ea14
