@@ -15,8 +15,9 @@ from dataclasses import dataclass
 import ipywidgets as W
 import torch
 
+from .evaluation import make_method as evaluation_method
 from .scoring import STORY_TOPICS, LatentScores, _check_ref, _summaries_t, score_latents
-from .steering import DEFAULT_OUTPUT, OUTPUT_MODES, Clamp, Generation, Method, Swap, Weight, as_scores, generate, steer
+from .steering import DEFAULT_OUTPUT, OUTPUT_MODES, Generation, Method, as_scores, generate, steer
 
 log = logging.getLogger(__name__)
 
@@ -197,10 +198,10 @@ CUSTOM = "(custom texts)"
 
 
 def make_method(name: str, scores) -> tuple[bool, Method | None]:
-    "`(use_sae, method)` for one of `METHODS`."
+    "`(use_sae, method)` for one of `METHODS`: `Original` runs without the SAE, the rest as the evaluation names them."
     if name not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, not {name!r}.")
-    return name != "Original", {"Clamp": Clamp, "Swap": Swap, "Weight": Weight}.get(name, lambda s: None)(scores)
+    return name != "Original", None if name == "Original" else evaluation_method(name, scores)
 
 
 def _message(e: Exception) -> str:

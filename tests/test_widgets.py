@@ -158,7 +158,10 @@ def test_render_html_output_none_uses_the_widget(explorer):
 
 def test_make_method():
     s = torch.rand(512)
-    assert make_method("Original", s) == (False, None) and make_method("SAE", s) == (True, None)
+    assert make_method("Original", s) == (False, None)
+    use_sae, unchanged = make_method("SAE", s)  # spliced in, left alone, its contamination still measured
+    acts = torch.rand(3, 512)
+    assert use_sae and torch.equal(unchanged.edit(None, acts, acts), acts) and unchanged.name == "SAE"
     assert isinstance(make_method("Clamp", s)[1], Clamp) and isinstance(make_method("Weight", s)[1], Weight)
     with pytest.raises(ValueError, match="method must be one of"):
         make_method("swap", s)
