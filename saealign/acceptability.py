@@ -18,11 +18,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from .core import MINILM_SHA256, _hub_reachable, _unreachable, cache_root, load_embedder, load_texts
+from .reference import _atomic_save_tensors, _atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -117,8 +118,8 @@ class AcceptabilityClassifier:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         _save_tokenizer(self.tokenizer, path / "tokenizer")
-        _atomic_save(self.model.state_dict(), path / WEIGHTS_FILE)
-        _atomic_json({"format": FORMAT_VERSION, "kind": "mean-pool", "max_len": self.max_len,
+        _atomic_save_tensors(self.model.state_dict(), path / WEIGHTS_FILE, None)
+        _atomic_write_json({"format": FORMAT_VERSION, "kind": "mean-pool", "max_len": self.max_len,
                       "acceptable": self.acceptable, "encoder_config": self.model.encoder.config.to_dict(),
                       **self.info}, path / CONFIG_FILE)  # written last: its presence marks a complete save
         return path
@@ -138,18 +139,6 @@ class AcceptabilityClassifier:
         info = {k: v for k, v in cfg.items() if k not in ("format", "kind", "max_len", "acceptable")}
         return cls(model, AutoTokenizer.from_pretrained(path / "tokenizer"), max_len=cfg["max_len"],
                    acceptable=cfg["acceptable"], name=str(path), info=info)
-
-
-def _atomic_save(tensors: dict, path: Path, metadata: dict | None = None) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-    os.replace(tmp, path)  # a reader sees the old file or the whole new one
-
-
-def _atomic_json(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
 
 
 def _save_tokenizer(tokenizer, path: Path) -> None:
@@ -176,9 +165,9 @@ def _save_checkpoint(path: Path, model, opt, state: dict) -> None:
     opt_state = opt.state_dict()
     for i, s in opt_state["state"].items():
         tensors |= {f"opt.{i}.{k}": v for k, v in s.items()}
-    _atomic_save(tensors, path / CHECKPOINT_FILE, {"epoch": str(state["epoch"])})
+    _atomic_save_tensors(tensors, path / CHECKPOINT_FILE, {"epoch": str(state["epoch"])})
     # the JSON names the tensors' epoch, so a kill between the two writes is caught on resume
-    _atomic_json(state | {"param_groups": opt_state["param_groups"]}, path / CHECKPOINT_STATE)
+    _atomic_write_json(state | {"param_groups": opt_state["param_groups"]}, path / CHECKPOINT_STATE)
 
 
 def _load_checkpoint(path: Path, model, opt, settings: dict) -> dict | None:
