@@ -311,7 +311,7 @@ class AlignmentExplorer:
         steered = plain if not use_sae else generate(self.model, self.sae, prompt, steering, output=output,
                                                      max_new_tokens=max_new_tokens, seed=seed)[0]
         self.progress.value = 3
-        label = method if method in ("Original", "SAE") else f"{method} ({output})"
+        label = method if method == "Original" else f"{method} ({output})"
         self.columns = [Column("unsteered", "unsteered (Original)", plain, token_details(self.model, self.sae, plain, scores)),
                         Column("steered", label, steered, token_details(self.model, self.sae, steered, scores, steering))]
         self.chart = contamination_chart(self.columns)

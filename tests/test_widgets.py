@@ -143,6 +143,8 @@ def test_render_html_one_span_per_token_with_its_colour(explorer, method):
             assert s["text"].replace("↵\n", "\n") == d.piece
     assert len(spans.tokens) == len(plain.details) + len(steered.details)
     assert steered.generation.method == method
+    if method == "SAE":  # spliced in unchanged, in the default `error` mode: exactly the model
+        assert explorer.output.value == "error" and steered.generation.tokens == plain.generation.tokens
     if method == "Original":  # nothing steered: the two columns agree token for token
         assert steered.generation.tokens == plain.generation.tokens
         assert [d.contamination for d in steered.details] == [d.contamination for d in plain.details]
