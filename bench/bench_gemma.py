@@ -1,0 +1,80 @@
+"""Gemma 3 270M: load times and per-token generation cost, side by side in one run.
+
+Configurations per round: HF's own `generate`, transformer_lens as it ships, transformer_lens after
+`fast_weights`, and saealign's steered generation (Swap through an SAE at blocks.6.hook_resid_post).
+Rounds are interleaved and the best of `--repeats` is kept, so background load hits every one alike.
+Target (issue 10): steered generation per token <= 1.3x HF's plain `generate`.
+
+Run: `.venv/bin/python bench/bench_gemma.py` (part of `make bench`).
+"""
+import argparse
+import os
+import time
+
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from sae_lens import HookedSAETransformer  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+
+from saealign.core import random_sae  # noqa: E402
+from saealign.gemma import GEMMA_HUB_ID, gemma_folder, load_gemma  # noqa: E402
+from saealign.steering import Swap, generate  # noqa: E402
+
+PROMPT = "The patient was diagnosed with"
+
+
+def timed(fn):
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def gemma_sae():
+    try:
+        from saealign.core import load_sae
+        return load_sae("saealign-gemma-3-270m"), "shipped"
+    except Exception:  # before the SAEs are shipped: a random TopK SAE of the same shape costs the same
+        return random_sae("topk", 640, 4096, "blocks.6.hook_resid_post", k=32), "random"
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    torch.set_grad_enabled(False)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+
+    folder = gemma_folder()
+    load_s = timed(lambda: globals().__setitem__("model", load_gemma()))
+    hf_s = timed(lambda: globals().__setitem__("hf", AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)))
+    print(f"warm load_gemma: {load_s:.1f} s (HF from the cached folder alone: {hf_s:.1f} s)")
+    stock = HookedSAETransformer.from_pretrained_no_processing(
+        GEMMA_HUB_ID, hf_model=hf, tokenizer=AutoTokenizer.from_pretrained(folder), dtype=torch.float32).eval()
+    sae, kind = gemma_sae()
+    scores = torch.rand(sae.cfg.d_sae, generator=torch.Generator().manual_seed(0))
+    ids = model.to_tokens(PROMPT)
+    n = args.tokens
+    configs = {
+        "HF generate": lambda: hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False),
+        "TL as shipped": lambda: stock.generate(ids, max_new_tokens=n, do_sample=False, stop_at_eos=False, verbose=False),
+        "TL fast_weights": lambda: generate(model, None, PROMPT, max_new_tokens=n, do_sample=False),
+        f"Swap ({kind} SAE)": lambda: generate(model, sae, PROMPT, Swap(scores), max_new_tokens=n, do_sample=False),
+    }
+    for fn in configs.values():  # warm-up
+        fn()
+    best = {name: float("inf") for name in configs}
+    for _ in range(args.repeats):
+        for name, fn in configs.items():
+            best[name] = min(best[name], timed(fn) / n)
+    print(f"\nGemma 3 270M, {n} new tokens, greedy, batch 1, best of {args.repeats}")
+    print(f"{'config':<22} {'s/token':>8} {'÷ HF':>6}")
+    for name, t in best.items():
+        print(f"{name:<22} {t:8.3f} {t / best['HF generate']:6.2f}")
+    swap = best[f"Swap ({kind} SAE)"] / best["HF generate"]
+    print(f"steered ÷ HF generate = {swap:.2f} (target ≤ 1.3): {'met' if swap <= 1.3 else 'NOT met'}")
+
+
+if __name__ == "__main__":
+    main()
