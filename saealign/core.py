@@ -15,7 +15,6 @@ import os
 import re
 import secrets
 import struct
-import tempfile
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
