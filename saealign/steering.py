@@ -17,8 +17,8 @@ from .core import check_sae_fits
 # %% auto #0
 __all__ = ['OUTPUT_MODES', 'DEFAULT_OUTPUT', 'SUPPORTED_ARCHITECTURES', 'CLAMP_VALUE', 'check_architecture', 'activation_input',
            'apply_activation', 'encode_with_inputs', 'as_scores', 'Method', 'Swap', 'Weight', 'Clamp', 'SteeringRecord',
-           'steer', 'Generation', 'check_sampling', 'generate', 'side_by_side', 'format_side_by_side', 'layer_metrics',
-           'layer_charts']
+           'steer', 'check_sampling', 'encode_prompts', 'Generation', 'generate', 'side_by_side', 'format_side_by_side',
+           'layer_metrics', 'layer_charts']
 
 # %% ../nbs/03_steering.ipynb #7cb6fc4b
 OUTPUT_MODES = ("reconstruction", "error")
@@ -196,6 +196,32 @@ def steer(model, sae, method: Method | None = None, *, output: str = DEFAULT_OUT
          model.hooks(fwd_hooks=[(f"{hook}.hook_sae_acts_pre", read_pre), (f"{hook}.hook_sae_acts_post", edit)]):
         yield record
 
+# %% ../nbs/03_steering.ipynb #c4f0ff1b
+def _positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}.")
+
+
+def check_sampling(max_new_tokens, top_k=None, temperature=1.0) -> None:
+    "ValueError unless `max_new_tokens` is a positive int, `top_k` None or a positive int, `temperature` finite and >= 0."
+    _positive_int("max_new_tokens", max_new_tokens)
+    if top_k is not None:
+        _positive_int("top_k", top_k)
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not 0 <= temperature < math.inf:
+        raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy), got {temperature!r}.")
+
+
+def encode_prompts(model, prompts: list[str], max_new_tokens: int) -> list[list[int]]:
+    "Each prompt's token ids; ValueError unless every prompt is a string with room for `max_new_tokens` in the context."
+    if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts):
+        raise ValueError("prompts must be a string or a list of strings.")
+    encoded = [model.to_tokens(p, truncate=False)[0].tolist() for p in prompts]  # the whole prompt, to count it
+    for p, ids in zip(prompts, encoded):
+        if len(ids) + max_new_tokens > model.cfg.n_ctx:
+            raise ValueError(f"prompt {p[:40]!r}... has {len(ids)} tokens; with max_new_tokens={max_new_tokens} "
+                             f"that passes the model's context of {model.cfg.n_ctx}: shorten it or generate fewer tokens.")
+    return encoded
+
 # %% ../nbs/03_steering.ipynb #201f78b6
 @dataclass
 class Generation:
@@ -234,34 +260,14 @@ def _pieces(model, prompt_tokens: list[int], new_tokens: list[int]) -> list[str]
     return [b[len(a):] if b.startswith(a) else b for a, b in zip(texts, texts[1:])]
 
 
-def _positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}.")
-
-
-def check_sampling(max_new_tokens, top_k=None, temperature=1.0) -> None:
-    "ValueError unless `max_new_tokens` is a positive int, `top_k` None or a positive int, `temperature` finite and >= 0."
-    _positive_int("max_new_tokens", max_new_tokens)
-    if top_k is not None:
-        _positive_int("top_k", top_k)
-    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not 0 <= temperature < math.inf:
-        raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy), got {temperature!r}.")
-
-
 def generate(model, sae=None, prompts: str | list[str] = "", method: Method | None = None, *,
              output: str = DEFAULT_OUTPUT, max_new_tokens: int = 64, top_k: int | None = 5,
              temperature: float = 1.0, seed: int = 0, do_sample: bool = True) -> list[Generation]:
     "Continue each prompt, steered by `method` through `sae` (or unmodified); one `Generation` per prompt."
     _check_output(output)
     check_sampling(max_new_tokens, top_k, temperature)
-    prompts = [prompts] if isinstance(prompts, str) else list(prompts) if isinstance(prompts, (list, tuple)) else None
-    if prompts is None or not all(isinstance(p, str) for p in prompts):
-        raise ValueError("prompts must be a string or a list of strings.")
-    encoded = [model.to_tokens(p, truncate=False)[0].tolist() for p in prompts]
-    for p, ids in zip(prompts, encoded):
-        if len(ids) + max_new_tokens > model.cfg.n_ctx:
-            raise ValueError(f"prompt {p[:40]!r}... has {len(ids)} tokens; with max_new_tokens={max_new_tokens} "
-                             f"that passes the model's context of {model.cfg.n_ctx}: shorten it or generate fewer tokens.")
+    prompts = [prompts] if isinstance(prompts, str) else prompts
+    encoded = encode_prompts(model, prompts, max_new_tokens)
     groups: dict[int, list[int]] = {}
     for i, ids in enumerate(encoded):
         groups.setdefault(len(ids), []).append(i)
