@@ -25,7 +25,7 @@ from .core import (MINILM_SHA256, DamagedFileError, _hub_reachable, _unreachable
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the weights carry checksums
 DEFAULT_NAME = "minilm-cola"  # the project's default classifier, under cache_root()/acceptability/
 CONFIG_FILE, WEIGHTS_FILE = "acceptability.json", "model.safetensors"
 CHECKPOINT_FILE, CHECKPOINT_STATE = "checkpoint.safetensors", "checkpoint.json"
@@ -127,9 +127,14 @@ class AcceptabilityClassifier:
         "A classifier saved by `save`."
         from transformers import AutoConfig, AutoModel, AutoTokenizer
         path = Path(path)
-        cfg = json.loads((path / CONFIG_FILE).read_text())
+        try:
+            cfg = json.loads((path / CONFIG_FILE).read_text())
+        except ValueError as e:
+            raise DamagedFileError(f"{path / CONFIG_FILE} is damaged ({e}): delete {path} and train the classifier "
+                                   "again.") from None
         if cfg.get("format") != FORMAT_VERSION:
-            raise ValueError(f"{path / CONFIG_FILE} has format {cfg.get('format')}, this saealign reads {FORMAT_VERSION}")
+            raise ValueError(f"{path / CONFIG_FILE} has format {cfg.get('format')}, this saealign reads {FORMAT_VERSION}: "
+                             f"delete {path} and train the classifier again.")
         enc_cfg = dict(cfg.pop("encoder_config"))
         encoder = AutoModel.from_config(AutoConfig.for_model(enc_cfg.pop("model_type"), **enc_cfg))
         model = MeanPoolClassifier(encoder)

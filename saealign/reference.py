@@ -387,8 +387,9 @@ class _ChunkCache:
         manifest = self.path / "manifest.json"
         if manifest.exists():
             try:
-                json.loads(manifest.read_text())["fingerprint"]
-            except (OSError, ValueError, KeyError, TypeError) as e:
+                if "fingerprint" not in json.loads(manifest.read_text()):
+                    raise ValueError("no fingerprint")
+            except (OSError, ValueError, TypeError) as e:
                 log.warning("reference cache manifest %s is damaged (%s: %s): rebuilding it from the chunks that verify",
                             manifest, type(e).__name__, e)
         self.chunks, foreign = {}, []
@@ -516,7 +517,7 @@ def compute_reference(model, sae, prompts, embedder, *, batch_size: int = 32, ca
         sort_keys=True, default=_json_default).encode()).hexdigest()
 
     n_chunks = math.ceil(len(prompts) / chunk_size)
-    cache = _ChunkCache(cache_dir, fingerprint, len(prompts), chunk_size, sae.cfg.d_sae) if cache_dir is not None else None
+    cache = None if cache_dir is None else _ChunkCache(cache_dir, fingerprint, len(prompts), chunk_size, sae.cfg.d_sae)
     if embedding_cache is True or (embedding_cache is None and cache_dir is not None):
         embedding_cache = cache_root() / "embeddings"
     embeddings = (_EmbeddingCache(embedding_cache, embedder, emb_d)
