@@ -11,23 +11,21 @@ import logging
 import math
 import os
 import re
-import shutil
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from .core import MINILM_SHA256, _hub_reachable, _unreachable, cache_root, load_embedder, load_texts
-from .reference import _atomic_save_tensors, _atomic_write_json
+from .core import (MINILM_SHA256, DamagedFileError, _hub_reachable, _unreachable, cache_folder, cache_root,
+                           load_embedder, load_tensors, load_texts, save_tensors, write_json)
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the weights carry checksums
 DEFAULT_NAME = "minilm-cola"  # the project's default classifier, under cache_root()/acceptability/
 CONFIG_FILE, WEIGHTS_FILE = "acceptability.json", "model.safetensors"
 CHECKPOINT_FILE, CHECKPOINT_STATE = "checkpoint.safetensors", "checkpoint.json"
@@ -118,10 +116,10 @@ class AcceptabilityClassifier:
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         _save_tokenizer(self.tokenizer, path / "tokenizer")
-        _atomic_save_tensors(self.model.state_dict(), path / WEIGHTS_FILE, None)
-        _atomic_write_json({"format": FORMAT_VERSION, "kind": "mean-pool", "max_len": self.max_len,
-                      "acceptable": self.acceptable, "encoder_config": self.model.encoder.config.to_dict(),
-                      **self.info}, path / CONFIG_FILE)  # written last: its presence marks a complete save
+        save_tensors(path / WEIGHTS_FILE, self.model.state_dict())
+        write_json(path / CONFIG_FILE, {"format": FORMAT_VERSION, "kind": "mean-pool", "max_len": self.max_len,
+                                        "acceptable": self.acceptable, "encoder_config": self.model.encoder.config.to_dict(),
+                                        **self.info})  # written last: its presence marks a complete save
         return path
 
     @classmethod
@@ -129,13 +127,22 @@ class AcceptabilityClassifier:
         "A classifier saved by `save`."
         from transformers import AutoConfig, AutoModel, AutoTokenizer
         path = Path(path)
-        cfg = json.loads((path / CONFIG_FILE).read_text())
+        try:
+            cfg = json.loads((path / CONFIG_FILE).read_text())
+        except ValueError as e:
+            raise DamagedFileError(f"{path / CONFIG_FILE} is damaged ({e}): delete {path} and train the classifier "
+                                   "again.") from None
         if cfg.get("format") != FORMAT_VERSION:
-            raise ValueError(f"{path / CONFIG_FILE} has format {cfg.get('format')}, this saealign reads {FORMAT_VERSION}")
+            raise ValueError(f"{path / CONFIG_FILE} has format {cfg.get('format')}, this saealign reads {FORMAT_VERSION}: "
+                             f"delete {path} and train the classifier again.")
         enc_cfg = dict(cfg.pop("encoder_config"))
         encoder = AutoModel.from_config(AutoConfig.for_model(enc_cfg.pop("model_type"), **enc_cfg))
         model = MeanPoolClassifier(encoder)
-        model.load_state_dict(load_file(path / WEIGHTS_FILE), strict=True)
+        try:
+            weights, _ = load_tensors(path / WEIGHTS_FILE)
+        except DamagedFileError as e:
+            raise DamagedFileError(f"{e}: delete {path} and train the classifier again.") from None
+        model.load_state_dict(weights, strict=True)
         info = {k: v for k, v in cfg.items() if k not in ("format", "kind", "max_len", "acceptable")}
         return cls(model, AutoTokenizer.from_pretrained(path / "tokenizer"), max_len=cfg["max_len"],
                    acceptable=cfg["acceptable"], name=str(path), info=info)
@@ -144,8 +151,7 @@ class AcceptabilityClassifier:
 def _save_tokenizer(tokenizer, path: Path) -> None:
     if path.is_dir():  # written once per directory, whole or not at all
         return
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))  # a new, unique folder
     tokenizer.save_pretrained(tmp)
     os.replace(tmp, path)
 
@@ -165,22 +171,24 @@ def _save_checkpoint(path: Path, model, opt, state: dict) -> None:
     opt_state = opt.state_dict()
     for i, s in opt_state["state"].items():
         tensors |= {f"opt.{i}.{k}": v for k, v in s.items()}
-    _atomic_save_tensors(tensors, path / CHECKPOINT_FILE, {"epoch": str(state["epoch"])})
+    save_tensors(path / CHECKPOINT_FILE, tensors, {"epoch": state["epoch"]})
     # the JSON names the tensors' epoch, so a kill between the two writes is caught on resume
-    _atomic_write_json(state | {"param_groups": opt_state["param_groups"]}, path / CHECKPOINT_STATE)
+    write_json(path / CHECKPOINT_STATE, state | {"param_groups": opt_state["param_groups"]})
 
 
 def _load_checkpoint(path: Path, model, opt, settings: dict) -> dict | None:
     "Restore model and optimizer from `path`'s checkpoint when it was made with `settings`; its state, else None."
     if not (path / CHECKPOINT_STATE).is_file() or not (path / CHECKPOINT_FILE).is_file():
         return None
-    state = json.loads((path / CHECKPOINT_STATE).read_text())
-    with safe_open(path / CHECKPOINT_FILE, "pt") as f:
-        epoch = int((f.metadata() or {}).get("epoch", -1))
-    if state.get("settings") != settings or epoch != state.get("epoch"):
+    try:
+        state = json.loads((path / CHECKPOINT_STATE).read_text())
+        tensors, meta = load_tensors(path / CHECKPOINT_FILE)
+    except (OSError, ValueError) as e:  # a DamagedFileError, or JSON that does not parse
+        log.warning("checkpoint in %s is damaged (%s): training from scratch", path, e)
+        return None
+    if not isinstance(state, dict) or state.get("settings") != settings or meta.get("epoch") != str(state.get("epoch")):
         log.warning("checkpoint in %s was made with other settings or is incomplete: training from scratch", path)
         return None
-    tensors = load_file(path / CHECKPOINT_FILE)
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, strict=True)
     opt_state: dict = {}
     for k, v in tensors.items():
@@ -198,7 +206,8 @@ def train_acceptability(out_dir=None, *, epochs: int = 3, max_train: int | None 
     `out_dir` (default: `default_dir()`). A checkpoint at each epoch's end lets an interrupted call resume
     with the same arguments; the result is the same as an uninterrupted run. `max_train` trains on a seeded
     sample of that many sentences (for quick tests)."""
-    out_dir = Path(out_dir) if out_dir is not None else default_dir()
+    # the checkpoint is deleted at the end: train only in a folder saealign made (or a new or empty one)
+    out_dir = cache_folder(out_dir if out_dir is not None else default_dir(), "acceptability classifier")
     texts, labels = cola_split("in_domain_train")
     if max_train is not None:
         keep = np.random.default_rng(seed).permutation(len(texts))[:max_train]
@@ -211,7 +220,6 @@ def train_acceptability(out_dir=None, *, epochs: int = 3, max_train: int | None 
     y = torch.as_tensor(labels)
     steps_per_epoch = math.ceil(len(texts) / batch_size)
     total = epochs * steps_per_epoch
-    out_dir.mkdir(parents=True, exist_ok=True)
     with torch.random.fork_rng(devices=[]):  # seeds the head and dropout without touching the caller's RNG
         torch.manual_seed(seed)
         # a copy: load_embedder() is cached and shared, and fine-tuning must not change the embedder

@@ -9,19 +9,20 @@ import argparse
 import datetime
 import html
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
-from .core import DEFAULT_EMBEDDED_SAE, EMBEDDED_RELEASE, load_embedder, load_model, load_sae
-from .evaluation import (DEFAULT_TOPIC, STEERING_METHODS, SteeredText, default_grid_path, reference_for,
-                                 run_grid, steer_by_text, summary_table, torch_threads)
+from .core import DEFAULT_EMBEDDED_SAE, EMBEDDED_RELEASE, atomic_write, load_embedder, load_model, load_sae
+from .evaluation import (DEFAULT_TOPIC, STEERING_METHODS, SteeredText, default_grid_path, read_rows,
+                                 reference_for, run_grid, steer_by_text, summary_table, torch_threads)
 from .scoring import STORY_TOPICS
-from .steering import DEFAULT_OUTPUT, OUTPUT_MODES, format_side_by_side
+from .steering import DEFAULT_OUTPUT, OUTPUT_MODES, check_sampling, encode_prompts, format_side_by_side
 from .widgets import Column, chart_svg, columns_html, contamination_chart, inspector_html, token_details
 
 # %% auto #0
-__all__ = ['read_topic_file', 'scores_chart', 'report_html', 'align', 'demo', 'grid', 'main']
+__all__ = ['read_topic_file', 'scores_chart', 'report_html', 'check_report_path', 'align', 'demo', 'grid', 'main']
 
 # %% ../nbs/06_cli.ipynb #19e6df66
 def read_topic_file(path) -> list[str]:
@@ -96,13 +97,36 @@ def _token_line(generation, width: int = 100) -> str:
     return "\n".join(lines + [line])
 
 
+def check_report_path(report) -> Path | None:
+    "The report's path, checked before the run: not a folder, in a folder that exists and takes new files."
+    if not report:
+        return None
+    path = Path(report).expanduser()
+    if path.is_dir():
+        raise ValueError(f"the report path {report} is a folder: give a file path, e.g. {path / 'saealign-report.html'}.")
+    if not path.parent.is_dir():
+        raise ValueError(f"the report path {report} is in {path.parent}, which is not an existing folder: create it "
+                         "or give another path.")
+    if not os.access(path.parent, os.W_OK | os.X_OK):  # the report replaces the file by a rename in that folder
+        raise ValueError(f"the report path {report} cannot be written: {path.parent} is not writable.")
+    return path
+
+
 def align(align_texts: list[str], prompt: str, *, model_name: str = "stories260K", sae_name: str | None = None,
           topic: str = "topic", method: str = "Swap", output: str = DEFAULT_OUTPUT, max_new_tokens: int = 64,
-          seed: int = 0, report: str | None = "saealign-report.html", top: int = 5) -> SteeredText:
+          seed: int = 0, report: str | None = "saealign-report.html", top: int = 5,
+          allow_pickle: bool = False) -> SteeredText:
     """Score the latents for `align_texts`, print the unsteered and steered continuations of `prompt` side by side
-    with per-token contamination, and write the HTML report to `report` (None: no report)."""
+    with per-token contamination, and write the HTML report to `report` (None: no report). Settings and the
+    report's path are checked before anything is loaded."""
     start = time.perf_counter()
-    model = load_model(model_name)
+    check_sampling(max_new_tokens)
+    if method not in STEERING_METHODS or output not in OUTPUT_MODES:
+        raise ValueError(f"method must be one of {', '.join(STEERING_METHODS)} and output one of {', '.join(OUTPUT_MODES)}"
+                         f" (got {method!r}, {output!r}).")
+    report = check_report_path(report)
+    model = load_model(model_name, allow_pickle=allow_pickle)
+    encode_prompts(model, [prompt], max_new_tokens)  # a prompt too long for the context, before the reference pass
     if sae_name is None or "/" not in sae_name:
         if model_name != "stories260K":
             raise ValueError("--sae is required for a model other than stories260K: give RELEASE/SAE_ID, "
@@ -136,8 +160,8 @@ def align(align_texts: list[str], prompt: str, *, model_name: str = "stories260K
                     "reference prompts": reference.n_prompts, "seconds": f"{done - start:.1f}"}
         page = report_html(result, model=model, sae=sae, reference=reference,
                            title=f"saealign: {method} towards {topic!r}", settings=settings)
-        Path(report).write_text(page, encoding="utf-8")
-        print(f"\nreport: {Path(report).resolve()}  ({len(page) / 1024:.0f} KiB)")
+        atomic_write(report, page)
+        print(f"\nreport: {report.resolve()}  ({len(page) / 1024:.0f} KiB)")
     return result
 
 
@@ -152,6 +176,10 @@ def demo(topic: str = DEFAULT_TOPIC, prompt: str = "Once upon a time", *, max_ne
 def grid(out: str | None = None, *, seeds: int = 3, max_new_tokens: int = 64, classifier: str | None = None) -> None:
     "Run or resume the full evaluation grid into `out` (default: `default_grid_path()`); acceptability from `classifier` ('none' to skip)."
     out = out or default_grid_path()
+    if seeds < 1:
+        raise ValueError(f"--seeds must be at least 1, got {seeds}.")
+    check_sampling(max_new_tokens)
+    read_rows(out)  # a file that is not a grid file is refused now, not after the classifier is loaded
     acceptability = None
     if classifier != "none":
         from saealign.acceptability import load_acceptability
@@ -181,6 +209,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--sae", default=None, help="RELEASE/SAE_ID (sae_lens), or an embedded SAE id for stories260K")
     p.add_argument("--method", default="Swap", choices=sorted(STEERING_METHODS))
     p.add_argument("--output", default=DEFAULT_OUTPUT, choices=OUTPUT_MODES)
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="load a transformer_lens model whose weights are a pickle (runs code from the file: trust it)")
     generation_options(p)
     p = sub.add_parser("grid", help="run or resume the full evaluation grid")
     p.add_argument("--out", default=None, help="JSON-lines file (default: the cache's evaluation/grid.jsonl)")
@@ -201,7 +231,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "align":
             align(read_topic_file(args.topic_file), args.prompt, model_name=args.model, sae_name=args.sae,
                   topic=Path(args.topic_file).stem, method=args.method, output=args.output,
-                  max_new_tokens=args.max_new_tokens, seed=args.seed, report=args.report or None)
+                  max_new_tokens=args.max_new_tokens, seed=args.seed, report=args.report or None,
+                  allow_pickle=args.allow_pickle)
         elif args.command == "grid":
             grid(args.out, seeds=args.seeds, max_new_tokens=args.max_new_tokens, classifier=args.classifier)
         elif args.command == "train-saes":

