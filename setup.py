@@ -21,8 +21,8 @@ setuptools.setup(
     keywords=cfg["keywords"].split(),
     python_requires=">=" + cfg["min_python"],
     packages=setuptools.find_packages(include=["saealign", "saealign.*"]),
-    # the embedded SAEs ship inside the package (sae_lens save format: cfg.json + safetensors)
-    package_data={"saealign": ["saes/*/*.json", "saes/*/*/*.json", "saes/*/*/*.safetensors"]},
+    # the shipped SAEs (sae_lens save format: cfg.json + safetensors) and the topic texts
+    package_data={"saealign": ["saes/*/*.json", "saes/*/*/*.json", "saes/*/*/*.safetensors", "topics/*.json"]},
     install_requires=cfg["requirements"].split(),
     extras_require={"dev": cfg["dev_requirements"].split()},
     entry_points={

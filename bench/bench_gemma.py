@@ -18,7 +18,7 @@ from sae_lens import HookedSAETransformer  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
 from saealign.core import random_sae  # noqa: E402
-from saealign.gemma import GEMMA_HUB_ID, gemma_folder, load_gemma  # noqa: E402
+from saealign.models import GEMMA_HUB_ID, gemma_folder, load_gemma  # noqa: E402
 from saealign.steering import Swap, generate  # noqa: E402
 
 PROMPT = "The patient was diagnosed with"
@@ -32,7 +32,7 @@ def timed(fn):
 
 def gemma_sae():
     try:
-        from saealign.core import load_sae
+        from saealign.saes import load_sae
         return load_sae("saealign-gemma-3-270m"), "shipped"
     except Exception:  # before the SAEs are shipped: a random TopK SAE of the same shape costs the same
         return random_sae("topk", 640, 4096, "blocks.6.hook_resid_post", k=32), "random"

@@ -20,8 +20,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .core import (MINILM_SHA256, DamagedFileError, _hub_reachable, _unreachable, cache_folder, cache_root,
-                           load_embedder, load_tensors, load_texts, save_tensors, write_json)
+from .core import (DamagedFileError, MINILM_SHA256, _hub_reachable, _unreachable, cache_folder, cache_root, load_embedder, load_tensors, load_texts, save_tensors, write_json)
 
 log = logging.getLogger(__name__)
 

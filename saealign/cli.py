@@ -14,10 +14,13 @@ import sys
 import time
 from pathlib import Path
 
-from .core import DEFAULT_EMBEDDED_SAE, EMBEDDED_RELEASE, atomic_write, load_embedder, load_model, load_sae
-from .evaluation import (DEFAULT_TOPIC, STEERING_METHODS, SteeredText, default_grid_path, read_rows,
-                                 reference_for, run_grid, steer_by_text, summary_table, torch_threads)
-from .scoring import STORY_TOPICS
+from .core import atomic_write, load_embedder
+from .models import DEFAULT_MODEL, MODEL_SPECS, load_model, model_spec
+from .saes import load_sae
+from .evaluation import (STEERING_METHODS, SteeredText, default_grid_path, read_rows, run_grid, steer_by_text,
+                                 summary_table, torch_threads)
+from .reference import default_reference
+from .scoring import TOPIC_NAMES, topic_texts
 from .steering import DEFAULT_OUTPUT, OUTPUT_MODES, check_sampling, encode_prompts, format_side_by_side
 from .widgets import Column, chart_svg, columns_html, contamination_chart, inspector_html, token_details
 
@@ -112,7 +115,7 @@ def check_report_path(report) -> Path | None:
     return path
 
 
-def align(align_texts: list[str], prompt: str, *, model_name: str = "stories260K", sae_name: str | None = None,
+def align(align_texts: list[str], prompt: str, *, model_name: str = DEFAULT_MODEL, sae_name: str | None = None,
           topic: str = "topic", method: str = "Swap", output: str = DEFAULT_OUTPUT, max_new_tokens: int = 64,
           seed: int = 0, report: str | None = "saealign-report.html", top: int = 5,
           allow_pickle: bool = False) -> SteeredText:
@@ -128,17 +131,18 @@ def align(align_texts: list[str], prompt: str, *, model_name: str = "stories260K
     model = load_model(model_name, allow_pickle=allow_pickle)
     encode_prompts(model, [prompt], max_new_tokens)  # a prompt too long for the context, before the reference pass
     if sae_name is None or "/" not in sae_name:
-        if model_name != "stories260K":
-            raise ValueError("--sae is required for a model other than stories260K: give RELEASE/SAE_ID, "
+        spec = model_spec(model)
+        if spec.sae_release is None:
+            raise ValueError(f"--sae is required for {model_name}, which has no default SAE: give RELEASE/SAE_ID, "
                              "e.g. gpt2-small-res-jb/blocks.8.hook_resid_pre.")
-        release, sae_id = EMBEDDED_RELEASE, sae_name or DEFAULT_EMBEDDED_SAE
+        release, sae_id = spec.sae_release, sae_name or spec.sae_id
     else:
         release, sae_id = sae_name.split("/", 1)
     sae = load_sae(release, sae_id, model=model)
     embedder = load_embedder()
     loaded = time.perf_counter()
     with torch_threads(model):
-        reference = reference_for(model, sae, embedder)
+        reference = default_reference(model, sae, embedder)
         referenced = time.perf_counter()
         result = steer_by_text(align_texts, prompt, model=model, sae=sae, embedder=embedder, reference=reference,
                                method=method, output=output, max_new_tokens=max_new_tokens, seed=seed)
@@ -165,12 +169,13 @@ def align(align_texts: list[str], prompt: str, *, model_name: str = "stories260K
     return result
 
 
-def demo(topic: str = DEFAULT_TOPIC, prompt: str = "Once upon a time", *, max_new_tokens: int = 64, seed: int = 0,
-         report: str | None = "saealign-report.html") -> SteeredText:
-    "The main job on the embedded default: a built-in story topic, stories260K and its default SAE, Swap."
-    if topic not in STORY_TOPICS:
-        raise ValueError(f"unknown demo topic {topic!r}: use one of {', '.join(STORY_TOPICS)}, or `saealign align`.")
-    return align(STORY_TOPICS[topic], prompt, topic=topic, max_new_tokens=max_new_tokens, seed=seed, report=report)
+def demo(topic: str | None = None, prompt: str | None = None, *, model_name: str = DEFAULT_MODEL,
+         max_new_tokens: int = 64, seed: int = 0, report: str | None = "saealign-report.html") -> SteeredText:
+    "The main job: a named topic (default: the model's demo topic), the model's default SAE, Swap."
+    spec = model_spec(model_name)
+    topic, prompt = topic or spec.demo_topic, prompt or spec.demo_prompt
+    return align(topic_texts(topic), prompt, model_name=model_name, topic=topic, max_new_tokens=max_new_tokens,
+                 seed=seed, report=report)
 
 # %% ../nbs/06_cli.ipynb #ac290a21
 def grid(out: str | None = None, *, seeds: int = 3, max_new_tokens: int = 64, classifier: str | None = None) -> None:
@@ -198,15 +203,16 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--report", default="saealign-report.html", help="HTML report to write ('' for none)")
 
-    p = sub.add_parser("demo", help="the main job on the embedded default (stories260K, a built-in story topic)")
-    p.add_argument("--topic", default=DEFAULT_TOPIC, choices=sorted(STORY_TOPICS))
-    p.add_argument("--prompt", default="Once upon a time")
+    p = sub.add_parser("demo", help="the main job on a named topic (default: Gemma 3 270M, medical)")
+    p.add_argument("--topic", default=None, choices=TOPIC_NAMES, help="default: the model's demo topic")
+    p.add_argument("--prompt", default=None, help="default: the model's demo prompt")
+    p.add_argument("--model", default=DEFAULT_MODEL, choices=sorted(MODEL_SPECS))
     generation_options(p)
     p = sub.add_parser("align", help="the main job for any topic, model and SAE")
     p.add_argument("--topic-file", required=True, help="alignment texts: one per line, or a .json list of strings")
     p.add_argument("--prompt", required=True)
-    p.add_argument("--model", default="stories260K", help="stories260K, gpt2-small-random or a transformer_lens name")
-    p.add_argument("--sae", default=None, help="RELEASE/SAE_ID (sae_lens), or an embedded SAE id for stories260K")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"{', '.join(MODEL_SPECS)} or a transformer_lens name")
+    p.add_argument("--sae", default=None, help="RELEASE/SAE_ID (sae_lens), or an id of the model's shipped SAEs")
     p.add_argument("--method", default="Swap", choices=sorted(STEERING_METHODS))
     p.add_argument("--output", default=DEFAULT_OUTPUT, choices=OUTPUT_MODES)
     p.add_argument("--allow-pickle", action="store_true",
@@ -218,7 +224,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--classifier", default=None,
                    help="acceptability classifier: a saved directory, a hub id, 'none' (default: the project's CoLA model)")
-    p = sub.add_parser("train-saes", help="retrain the embedded stories260K SAEs shipped in the package")
+    p = sub.add_parser("train-saes", help="retrain the SAEs shipped in the package (resumes an interrupted run)")
+    p.add_argument("--model", default=DEFAULT_MODEL, choices=("gemma-3-270m", "stories260K"))
     p.add_argument("--out", default=None, help="directory to write to (default: the package's saes/ folder)")
     return parser
 
@@ -227,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "demo":
-            demo(args.topic, args.prompt, max_new_tokens=args.max_new_tokens, seed=args.seed, report=args.report or None)
+            demo(args.topic, args.prompt, model_name=args.model, max_new_tokens=args.max_new_tokens, seed=args.seed, report=args.report or None)
         elif args.command == "align":
             align(read_topic_file(args.topic_file), args.prompt, model_name=args.model, sae_name=args.sae,
                   topic=Path(args.topic_file).stem, method=args.method, output=args.output,
@@ -236,8 +243,12 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "grid":
             grid(args.out, seeds=args.seeds, max_new_tokens=args.max_new_tokens, classifier=args.classifier)
         elif args.command == "train-saes":
-            from saealign.embedded import train_embedded_saes
-            train_embedded_saes(args.out)
+            if args.model == "stories260K":
+                from saealign.embedded import train_embedded_saes
+                train_embedded_saes(args.out)
+            else:
+                from saealign.gemma_saes import GEMMA_SAE_DIR, train_and_ship_gemma_saes
+                train_and_ship_gemma_saes(dest=Path(args.out) if args.out else GEMMA_SAE_DIR)
     except (ValueError, FileNotFoundError, ConnectionError) as e:  # errors meant for the user, not a traceback
         print(f"saealign: error: {e}", file=sys.stderr)
         return 1

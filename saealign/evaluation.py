@@ -25,8 +25,9 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from .core import (DEFAULT_EMBEDDED_SAE, EMBEDDED_RELEASE, atomic_write, cache_root, embedded_sae_ids,
-                           load_embedder, load_model, load_sae, load_texts)
+from .core import atomic_write, cache_root, load_embedder, load_texts
+from .models import DEFAULT_MODEL, load_model, model_spec
+from .saes import load_sae, shipped_sae_ids
 from .reference import (ReferenceSet, _embed, build_reference_prompts, compute_reference, default_reference,
                                 sae_digest, tensor_digest)
 from .scoring import STORY_TOPICS, LatentScores, score_latents
@@ -34,12 +35,12 @@ from .steering import (DEFAULT_OUTPUT, OUTPUT_MODES, Clamp, Generation, Method, 
                                generate)
 
 # %% auto #0
-__all__ = ['METAPHOR_PROMPTS', 'NEUTRAL_PROMPTS', 'METRICS', 'PAPER_CLAMP', 'STEERING_METHODS', 'METHODS', 'GRID_HEADER',
-           'UNIT_KEY', 'GRID_SAMPLING', 'DEFAULT_TOPIC', 'evaluation_prompts', 'evaluation_topics', 'perplexity',
-           'alignment_distances', 'words', 'topic_words', 'topic_word_rate', 'fine_tune', 'Unchanged', 'make_method',
-           'default_grid_path', 'read_rows', 'grid_units', 'unit_key', 'measure', 'torch_threads', 'run_grid',
-           'clamp_sweep', 'summary_table', 'compare', 'verdict_table', 'overview_table', 'seed_noise', 'metric_chart',
-           'topic_chart', 'cost_table', 'reference_for', 'SteeredText', 'steer_by_text']
+__all__ = ['METAPHOR_PROMPTS', 'METRICS', 'PAPER_CLAMP', 'STEERING_METHODS', 'METHODS', 'GRID_HEADER', 'UNIT_KEY',
+           'GRID_SAMPLING', 'evaluation_prompts', 'evaluation_topics', 'perplexity', 'alignment_distances', 'words',
+           'topic_words', 'topic_word_rate', 'fine_tune', 'Unchanged', 'make_method', 'default_grid_path', 'read_rows',
+           'grid_units', 'unit_key', 'measure', 'torch_threads', 'run_grid', 'clamp_sweep', 'summary_table', 'compare',
+           'verdict_table', 'overview_table', 'seed_noise', 'metric_chart', 'topic_chart', 'cost_table', 'SteeredText',
+           'steer_by_text']
 
 # %% ../nbs/04_evaluation.ipynb #3223b367
 METAPHOR_PROMPTS = [
@@ -47,12 +48,11 @@ METAPHOR_PROMPTS = [
     "What should I do about tough skin", "How should I keep someone on their toes", "Should I shoulder the blame for",
     "Can I foot the bill", "Do I have an eye for", "My rule of thumb is", "My heart is broken so I should",
     "I have a cold so I should", "I have a stiff upper lip so", "I have butterflies in my stomach so I should"]
-NEUTRAL_PROMPTS = ["Once upon a time", "One day, a little girl", "Tom and his mom went", "The dog saw"]
-
-
-def evaluation_prompts(n_metaphor: int | None = None, n_neutral: int | None = None) -> dict[str, str]:
-    "Prompt -> kind (`metaphor` or `neutral`): the paper's 12 medical metaphors and our neutral openings."
-    return {**{p: "metaphor" for p in METAPHOR_PROMPTS[:n_metaphor]}, **{p: "neutral" for p in NEUTRAL_PROMPTS[:n_neutral]}}
+def evaluation_prompts(n_metaphor: int | None = None, n_neutral: int | None = None, *,
+                       model: str = DEFAULT_MODEL) -> dict[str, str]:
+    "Prompt -> kind (`metaphor` or `neutral`): the paper's 12 medical metaphors and the model's neutral prompts."
+    neutral = model_spec(model).neutral_prompts[:n_neutral]
+    return {**{p: "metaphor" for p in METAPHOR_PROMPTS[:n_metaphor]}, **{p: "neutral" for p in neutral}}
 
 
 def evaluation_topics(sizes=(20, 6), medquad_size: int = 200, seed: int = 0) -> dict[str, list[str]]:
@@ -252,7 +252,7 @@ def _layer(sae_id: str) -> int:
     return next((int(p) for p in sae_id.split(".")[1:2] if p.isdigit()), -1)
 
 
-def grid_units(topics, methods=METHODS, sae_ids=(DEFAULT_EMBEDDED_SAE,), outputs=(DEFAULT_OUTPUT,)) -> list[tuple]:
+def grid_units(topics, methods=METHODS, sae_ids=("",), outputs=(DEFAULT_OUTPUT,)) -> list[tuple]:
     "The (topic, method, sae, output) units of a grid, in the order they run."
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
@@ -373,10 +373,11 @@ def run_grid(path, *, model=None, embedder=None, saes: dict | None = None, refer
     topics, prompts, seeds = _check_grid_args(topics, prompts, seeds, methods, outputs, max_new_tokens)
     rows = read_rows(path)  # refuses a file that is not a grid file before anything is loaded or written
     path.parent.mkdir(parents=True, exist_ok=True)
-    model = model or load_model("stories260K")
+    model = model or load_model()
     embedder = embedder or load_embedder()
     if saes is None:
-        saes = {i: load_sae(EMBEDDED_RELEASE, i, model=model) for i in embedded_sae_ids()}
+        release = model_spec(model).sae_release
+        saes = {i: load_sae(release, i, model=model) for i in shipped_sae_ids(release)}
     references = references or {i: default_reference(model, s, embedder, progress=progress) for i, s in saes.items()}
     missing = set(saes) - set(references)
     if missing:
@@ -599,17 +600,6 @@ def cost_table(model, sae, embedder, align_texts: list[str], *, n_reference: int
     return pd.DataFrame(rows)
 
 # %% ../nbs/04_evaluation.ipynb #e533707a
-DEFAULT_TOPIC = "sea"
-
-
-def reference_for(model, sae, embedder, *, n: int = 2048, progress: bool = True) -> ReferenceSet:
-    "The cached reference set for `model` + `sae`: the embedded one for stories260K, else P3-built prompts."
-    if model.cfg.model_name == "stories260K":
-        return default_reference(model, sae, embedder, n=n, progress=progress)
-    cache_dir = cache_root() / "reference" / f"{model.cfg.model_name}-{sae.cfg.metadata.hook_name}-{n}"
-    return compute_reference(model, sae, build_reference_prompts(n), embedder, cache_dir=cache_dir, progress=progress)
-
-
 @dataclasses.dataclass
 class SteeredText:
     "What `steer_by_text` returns: the latent scores, the method built on them, the unsteered and the steered generation."
@@ -623,11 +613,11 @@ def steer_by_text(align_texts: list[str], prompt: str, *, model=None, sae=None, 
                   reference: ReferenceSet | None = None, method: str = "Swap", output: str = DEFAULT_OUTPUT,
                   max_new_tokens: int = 64, seed: int = 0, progress: bool = False, **method_options) -> SteeredText:
     """Score the SAE's latents against `align_texts` and continue `prompt` unsteered and steered by `method`
-    (Swap, Weight, Clamp or SAE). Defaults: the embedded model, its default SAE and MiniLM."""
-    model = model or load_model("stories260K")
-    sae = sae or load_sae(EMBEDDED_RELEASE, DEFAULT_EMBEDDED_SAE, model=model)
+    (Swap, Weight, Clamp or SAE). Defaults: the default model, its default SAE and MiniLM."""
+    model = model or load_model()
+    sae = sae or load_sae(model=model)
     embedder = embedder or load_embedder()
-    reference = reference or reference_for(model, sae, embedder, progress=progress)
+    reference = reference or default_reference(model, sae, embedder, progress=progress)
     scores = score_latents(reference, align_texts, embedder, model=model, sae=sae)
     steering = make_method(method, scores, **method_options)
     plain = generate(model, None, prompt, max_new_tokens=max_new_tokens, seed=seed)[0]

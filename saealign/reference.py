@@ -18,8 +18,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .core import (DamagedFileError, atomic_write, cache_folder, cache_root, check_sae_fits, load_tensors,
-                           load_texts, save_tensors, write_json)
+from .core import (DamagedFileError, atomic_write, cache_folder, cache_root, load_tensors, load_texts, save_tensors, write_json)
+from .models import model_spec
+from .saes import check_sae_fits
 
 log = logging.getLogger(__name__)
 # torch warns once per process that sparse CSR is "beta"; we only use its stable core (construction, mm, csc)
@@ -28,10 +29,10 @@ warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta"
 FORMAT_VERSION = 2  # 2: every saved file carries checksums
 
 # %% auto #0
-__all__ = ['log', 'FORMAT_VERSION', 'ENCODE_TOKENS', 'EMBED_BATCH', 'BOS_ID', 'build_reference_prompts', 'tokenize',
-           'hook_activations', 'latent_acts', 'summarize_batch', 'tensor_digest', 'sae_digest', 'save_pair',
-           'load_saved_pair', 'ReferenceSet', 'embedder_description', 'compute_reference', 'embedder_key',
-           'coverage_curve', 'coverage_chart', 'model_stories', 'embedded_reference_prompts', 'default_reference']
+__all__ = ['log', 'FORMAT_VERSION', 'ENCODE_TOKENS', 'EMBED_BATCH', 'build_reference_prompts', 'tokenize', 'hook_activations',
+           'latent_acts', 'summarize_batch', 'tensor_digest', 'sae_digest', 'save_pair', 'load_saved_pair',
+           'ReferenceSet', 'embedder_description', 'compute_reference', 'embedder_key', 'coverage_curve',
+           'coverage_chart', 'model_stories', 'default_reference_prompts', 'default_reference']
 
 # %% ../nbs/01_reference.ipynb #c6e42448
 def build_reference_prompts(n: int, *, seed: int = 0, sources=("p3",), extra=None, model=None) -> list[str]:
@@ -653,9 +654,6 @@ def coverage_chart(rows):
     return (band + line).properties(title="Latent coverage vs. reference set size", width=400, height=250)
 
 # %% ../nbs/01_reference.ipynb #f42eb2c7
-BOS_ID = 1  # llama2.c's BOS, which also ends a story
-
-
 def model_stories(model, n: int, *, length: int = 64, seed: int = 0) -> list[str]:
     """`n` distinct stories the model writes itself (temperature 1, varied openings), each cut at its end.
     The sampled tokens are cached under `cache_root()`, keyed by the model's weights: sampling is the slow
@@ -666,21 +664,23 @@ def model_stories(model, n: int, *, length: int = 64, seed: int = 0) -> list[str
                    lambda: sample_stories(model, n, length=length, seed=seed))
     stories = []
     for row in rows.tolist():
-        ends = [i for i, t in enumerate(row[1:], 1) if t == BOS_ID]  # a new story starts after BOS
+        ends = [i for i, t in enumerate(row[1:], 1) if t == model.tokenizer.bos_token_id]  # llama2.c: BOS starts the next story
         stories.append(model.tokenizer.decode(row[:ends[0]] if ends else row, skip_special_tokens=True))
     return list(dict.fromkeys(s for s in stories if s.strip()))
 
 
-def embedded_reference_prompts(model, n: int = 2048, *, story_share: float = 0.5, seed: int = 0) -> list[str]:
-    "P_ref for stories260K: P3 prompts (stratified by template) plus the model's own stories."
-    stories = model_stories(model, int(n * story_share * 1.05) + 8, seed=seed + 1)[:int(n * story_share)]
+def default_reference_prompts(model, n: int = 2048, *, seed: int = 0) -> list[str]:
+    """P_ref for `model`: P3 prompts stratified by template, plus the share of stories the model writes itself that
+    its `ModelSpec` asks for (stories260K: half, since P3 holds no children's stories)."""
+    k = int(n * model_spec(model).story_share)
+    stories = model_stories(model, int(k * 1.05) + 8, seed=seed + 1)[:k] if k else []
     return build_reference_prompts(n - len(stories), seed=seed) + stories
 
 
 def default_reference(model, sae, embedder, *, n: int = 2048, max_tokens: int = 128, seed: int = 0,
                       cache_dir=None, progress: bool = True) -> ReferenceSet:
-    "The embedded default's reference set, cached under `cache_root()` (computed once, then loaded)."
+    "The reference set of `model` + `sae` from `default_reference_prompts`, cached under `cache_root()`."
     cache_dir = cache_dir or cache_root() / "reference" / f"{model.cfg.model_name}-{sae.cfg.metadata.hook_name}-{n}"
-    prompts = embedded_reference_prompts(model, n, seed=seed)
+    prompts = default_reference_prompts(model, n, seed=seed)
     return compute_reference(model, sae, prompts, embedder, max_tokens=max_tokens, cache_dir=cache_dir,
                              progress=progress)

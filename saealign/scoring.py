@@ -5,18 +5,24 @@
 # %% ../nbs/02_scoring.ipynb #f73d8246
 from __future__ import annotations
 
+import functools
+import importlib.resources
+import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from .core import load_texts
+from .models import model_spec
 from .reference import (ReferenceSet, _embed, _embedding_dim, _pad, embedder_description, latent_acts,
                                 load_saved_pair, sae_digest, save_pair, tensor_digest, tokenize)
 
 # %% auto #0
-__all__ = ['STORY_TOPICS', 'LatentScores', 'score_latents', 'strawman_latents', 'topk_token_share', 'validation_curve',
-           'validation_chart', 'top_latent_tokens', 'kendall_tau', 'score_violin', 'topic_distance_table']
+__all__ = ['STORY_TOPICS', 'TOPICS_DIR', 'TOPIC_NAMES', 'LatentScores', 'score_latents', 'strawman_latents', 'topk_token_share',
+           'validation_curve', 'validation_chart', 'top_latent_tokens', 'kendall_tau', 'score_violin',
+           'topic_distance_table', 'topic_file', 'topic_texts', 'model_topics']
 
 # %% ../nbs/02_scoring.ipynb #d1bc882f
 @dataclass(eq=False)
@@ -357,3 +363,37 @@ STORY_TOPICS = {
         "A squirrel hid nuts for the winter.", "The pig rolled in the mud.",
         "The fox ran into the forest.", "Lily fed carrots to the rabbit."],
 }
+
+# %% ../nbs/02_scoring.ipynb #b0fb64fe
+TOPICS_DIR = Path(str(importlib.resources.files("saealign"))) / "topics"
+
+
+@functools.lru_cache(maxsize=None)
+def topic_file(name: str = "general") -> dict[str, dict]:
+    "Topic -> {description, align, heldout} from `saealign/topics/<name>.json`."
+    data = json.loads((TOPICS_DIR / f"{name}.json").read_text())
+    if data.get("format") != 1:
+        raise ValueError(f"{TOPICS_DIR / f'{name}.json'} has format {data.get('format')!r}, not 1: reinstall saealign.")
+    return data["topics"]
+
+
+TOPIC_NAMES = ("medical", *topic_file("general"), *STORY_TOPICS)
+
+
+def topic_texts(name: str, split: str = "align") -> list[str]:
+    "The texts of a named topic: `split` 'align' (the alignment texts) or 'heldout' (general topics only)."
+    if name == "medical" and split == "align":
+        return list(load_texts("wiki_medical_terms")["text"])
+    if name in STORY_TOPICS and split == "align":
+        return list(STORY_TOPICS[name])
+    if name in (general := topic_file("general")) and split in ("align", "heldout"):
+        return list(general[name][split])
+    raise ValueError(f"no {split!r} texts for topic {name!r}; topics: {', '.join(TOPIC_NAMES)} "
+                     "(held-out texts: the general topics only).")
+
+
+def model_topics(model) -> dict[str, list[str]]:
+    "The named topics that suit `model` (its `ModelSpec.topics`): the story topics, or medical + the general ones."
+    if model_spec(model).topics == "stories":
+        return {t: list(v) for t, v in STORY_TOPICS.items()}
+    return {t: topic_texts(t) for t in ("medical", *topic_file("general"))}

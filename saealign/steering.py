@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .core import check_sae_fits
+from .models import model_spec
+from .saes import check_sae_fits
 
 # %% auto #0
 __all__ = ['OUTPUT_MODES', 'DEFAULT_OUTPUT', 'SUPPORTED_ARCHITECTURES', 'CLAMP_VALUE', 'check_architecture', 'activation_input',
@@ -247,10 +248,7 @@ class Generation:
 
 
 def _stop_ids(model) -> set[int]:
-    tok = model.tokenizer
-    # llama2.c models delimit stories with BOS; other tokenizers end with EOS
-    return {i for i in (tok.eos_token_id, tok.bos_token_id if tok.bos_token_id != tok.eos_token_id else None)
-            if i is not None}
+    return model_spec(model).stop_ids(model.tokenizer)
 
 
 def _pieces(model, prompt_tokens: list[int], new_tokens: list[int]) -> list[str]:

@@ -16,7 +16,7 @@ import ipywidgets as W
 import torch
 
 from .evaluation import make_method as evaluation_method
-from .scoring import STORY_TOPICS, LatentScores, _check_ref, _summaries_t, score_latents
+from .scoring import LatentScores, _check_ref, _summaries_t, model_topics, score_latents
 from .steering import DEFAULT_OUTPUT, OUTPUT_MODES, Generation, Method, as_scores, generate, steer
 
 log = logging.getLogger(__name__)
@@ -217,7 +217,7 @@ class AlignmentExplorer:
                  prompt: str = "Once upon a time", n_latents: int = 10, n_prompts: int = 3):
         _check_ref(reference, embedder, model, sae)  # once: scoring then skips the weight digests
         self.model, self.sae, self.reference, self.embedder = model, sae, reference, embedder
-        self.topics = dict(STORY_TOPICS if topics is None else topics)
+        self.topics = dict(model_topics(model) if topics is None else topics)
         self.n_latents, self.n_prompts = n_latents, n_prompts
         self.scores: LatentScores | None = None
         self.columns: list[Column] = []

@@ -20,7 +20,7 @@ def stories():
     "stories260K, shared by every test module (loading it is cheap, but not free)."
     if not HAS_MIRROR:
         pytest.skip("no asset mirror: set SAEALIGN_ASSETS")
-    from saealign.core import load_model
+    from saealign.models import load_model
     return load_model("stories260K")
 
 
@@ -31,7 +31,7 @@ def model(stories):
 
 @pytest.fixture(scope="module")
 def sae(model):
-    from saealign.core import load_sae
+    from saealign.saes import load_sae
     return load_sae(model=model)
 
 
@@ -43,3 +43,10 @@ def embedder():
 if HAS_MIRROR:  # module-scoped fixtures load models at collection time
     os.environ.setdefault("SAEALIGN_ASSETS", str(SHARED))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def gemma():
+    "Gemma 3 270M, loaded once for every test that needs a real model (its conversion is cached after the first)."
+    from saealign.models import load_model
+    return load_model("gemma-3-270m")

@@ -16,7 +16,7 @@ def run(args, cwd):
 
 @needs_mirror
 def test_demo_writes_a_self_contained_report(tmp_path):
-    done = run(["demo", "--max-new-tokens", "24", "--report", "out.html"], tmp_path)
+    done = run(["demo", "--model", "stories260K", "--max-new-tokens", "24", "--report", "out.html"], tmp_path)
     assert done.returncode == 0, done.stderr
     assert "Swap (error), contamination" in done.stdout and "per-token contamination" in done.stdout
     page = (tmp_path / "out.html").read_text()

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from conftest import SHARED, needs_mirror
-from saealign.core import (check_sae_fits, gpt2_tokenizer, load_embedder, load_model, load_sae,
-                           read_llama2c_checkpoint)
+from saealign.core import load_embedder
+from saealign.models import gpt2_tokenizer, load_model, read_llama2c_checkpoint
+from saealign.saes import check_sae_fits, load_sae
 
 pytestmark = needs_mirror
 CKPT = SHARED / "models/stories260K/stories260K.bin"
@@ -144,7 +145,7 @@ def test_embedded_sae_fits_and_reconstructs(stories):
 def test_sae_for_another_model_is_refused(mirror):
     gpt2 = load_model("gpt2-small-random")
     with pytest.raises(ValueError, match="expects d_in=64 but gpt2-small-random has 768"):
-        load_sae(model=gpt2)
+        load_sae("saealign-stories260K", model=gpt2)
 
 
 def test_embedder_default_is_minilm():

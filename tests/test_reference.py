@@ -10,7 +10,8 @@ import torch
 from saealign import reference as R
 from saealign.reference import (ReferenceSet, build_reference_prompts, compute_reference, coverage_chart, coverage_curve,
                        summarize_batch, tensor_digest, tokenize)
-from saealign.core import load_sae, load_texts
+from saealign.core import load_texts
+from saealign.saes import load_sae
 
 MAX_TOKENS = 24  # short prompts keep the pass cheap on a shared 2-core machine
 
@@ -263,8 +264,8 @@ class CountingEmbedder:
 @pytest.fixture(scope="module")
 def sae2(model, sae):
     "The other shipped SAE: same model, another layer."
-    from saealign.core import embedded_sae_ids
-    (other,) = [i for i in embedded_sae_ids() if i != sae.cfg.metadata.hook_name]
+    from saealign.saes import shipped_sae_ids
+    (other,) = [i for i in shipped_sae_ids("saealign-stories260K") if i != sae.cfg.metadata.hook_name]
     return load_sae(sae_id=other, model=model)
 
 

@@ -13,9 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from saealign import core
+from saealign import core, models
 from saealign import reference as R
-from saealign.core import DamagedFileError, atomic_write, cache_folder, cache_root, load_embedder, load_model
+from saealign.core import DamagedFileError, atomic_write, cache_folder, cache_root, load_embedder
+from saealign.models import load_model
 from saealign.reference import ReferenceSet, build_reference_prompts, compute_reference
 from saealign.scoring import STORY_TOPICS, LatentScores, score_latents
 from saealign.steering import Clamp, Swap, generate
@@ -193,8 +194,8 @@ def test_chunk_of_another_run_reports_its_own_fingerprint(model, sae, embedder, 
 
 @pytest.fixture
 def tiny_grid(model, sae, embedder, ref):
-    from saealign.core import DEFAULT_EMBEDDED_SAE
-    return dict(model=model, embedder=embedder, saes={DEFAULT_EMBEDDED_SAE: sae}, references={DEFAULT_EMBEDDED_SAE: ref},
+    sae_id = sae.cfg.metadata.hook_name
+    return dict(model=model, embedder=embedder, saes={sae_id: sae}, references={sae_id: ref},
                 topics={"sea": STORY_TOPICS["sea"][:6]}, prompts={"Once upon a time": "neutral"}, seeds=(0,),
                 methods=("Original", "Clamp"), outputs=("error",), max_new_tokens=8, progress=False)
 
@@ -418,17 +419,18 @@ def test_pickle_prefixes_match_transformer_lens():
     source = inspect.getsource(lfp.get_pretrained_state_dict)
     assert "weights_only=False" in inspect.getsource(lfp.utils.download_file_from_hf)
     branch = source[:source.index("download_file_from_hf")]
-    assert set(re.findall(r'official_model_name\.startswith\("(\w+)"\)', branch)) == set(core.PICKLE_CHECKPOINT_PREFIXES)
+    assert set(re.findall(r'official_model_name\.startswith\("(\w+)"\)', branch)) == set(models.PICKLE_CHECKPOINT_PREFIXES)
 
 
 def test_pickled_checkpoints_are_refused_before_any_download(monkeypatch):
     from sae_lens import HookedSAETransformer
     from transformer_lens.loading_from_pretrained import OFFICIAL_MODEL_NAMES
     loaded = []
-    monkeypatch.setattr(core, "_hub_reachable", lambda: True)
+    monkeypatch.setattr(models, "_hub_reachable", lambda: True)
+    monkeypatch.setattr(models, "fast_weights", lambda model: model)  # the stand-in below has no weights
     monkeypatch.setattr(HookedSAETransformer, "from_pretrained",
                         classmethod(lambda cls, name, **k: loaded.append(name) or torch.nn.Identity()))
-    pickled = [n for n in OFFICIAL_MODEL_NAMES if n.startswith(core.PICKLE_CHECKPOINT_PREFIXES)]
+    pickled = [n for n in OFFICIAL_MODEL_NAMES if n.startswith(models.PICKLE_CHECKPOINT_PREFIXES)]
     assert "NeelNanda/SoLU_1L512W_C4_Code" in pickled
     for name in pickled + ["solu-1l", "attn-only-2l"]:
         with pytest.raises(ValueError, match="from a pickle.*allow_pickle=True"):

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from conftest import SHARED
-from saealign.core import llama2c_tokenizer, read_llama2c_vocab
+from saealign.models import llama2c_tokenizer, read_llama2c_vocab
 
 TOK_BIN = SHARED / "models/stories260K/tok512.bin"
 COLA = SHARED / "data/cola/in_domain_train.tsv"

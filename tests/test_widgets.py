@@ -245,7 +245,7 @@ def test_errors_show_as_messages(explorer, monkeypatch, caplog):
 
 
 def test_reference_from_another_sae_is_refused(model, ref, embedder):
-    from saealign.core import load_sae
+    from saealign.saes import load_sae
     other = load_sae("saealign-stories260K", "blocks.0.hook_resid_post", model=model)
     with pytest.raises(ValueError, match="another SAE"):
         AlignmentExplorer(model, other, ref, embedder)

