@@ -17,8 +17,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from sae_lens import HookedSAETransformer  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
-from saealign.core import random_sae  # noqa: E402
 from saealign.models import GEMMA_HUB_ID, gemma_folder, load_gemma  # noqa: E402
+from saealign.saes import load_sae  # noqa: E402
 from saealign.steering import Swap, generate  # noqa: E402
 
 PROMPT = "The patient was diagnosed with"
@@ -28,14 +28,6 @@ def timed(fn):
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
-
-
-def gemma_sae():
-    try:
-        from saealign.saes import load_sae
-        return load_sae("saealign-gemma-3-270m"), "shipped"
-    except Exception:  # before the SAEs are shipped: a random TopK SAE of the same shape costs the same
-        return random_sae("topk", 640, 4096, "blocks.6.hook_resid_post", k=32), "random"
 
 
 def main():
@@ -52,7 +44,7 @@ def main():
     print(f"warm load_gemma: {load_s:.1f} s (HF from the cached folder alone: {hf_s:.1f} s)")
     stock = HookedSAETransformer.from_pretrained_no_processing(
         GEMMA_HUB_ID, hf_model=hf, tokenizer=AutoTokenizer.from_pretrained(folder), dtype=torch.float32).eval()
-    sae, kind = gemma_sae()
+    sae = load_sae(model=model)  # the default SAE: TopK 4,096 latents at blocks.6.hook_resid_post
     scores = torch.rand(sae.cfg.d_sae, generator=torch.Generator().manual_seed(0))
     ids = model.to_tokens(PROMPT)
     n = args.tokens
@@ -60,7 +52,7 @@ def main():
         "HF generate": lambda: hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False),
         "TL as shipped": lambda: stock.generate(ids, max_new_tokens=n, do_sample=False, stop_at_eos=False, verbose=False),
         "TL fast_weights": lambda: generate(model, None, PROMPT, max_new_tokens=n, do_sample=False),
-        f"Swap ({kind} SAE)": lambda: generate(model, sae, PROMPT, Swap(scores), max_new_tokens=n, do_sample=False),
+        "Swap (SAE at layer 6)": lambda: generate(model, sae, PROMPT, Swap(scores), max_new_tokens=n, do_sample=False),
     }
     for fn in configs.values():  # warm-up
         fn()
@@ -72,7 +64,7 @@ def main():
     print(f"{'config':<22} {'s/token':>8} {'÷ HF':>6}")
     for name, t in best.items():
         print(f"{name:<22} {t:8.3f} {t / best['HF generate']:6.2f}")
-    swap = best[f"Swap ({kind} SAE)"] / best["HF generate"]
+    swap = best["Swap (SAE at layer 6)"] / best["HF generate"]
     print(f"steered ÷ HF generate = {swap:.2f} (target ≤ 1.3): {'met' if swap <= 1.3 else 'NOT met'}")
 
 

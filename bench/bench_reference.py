@@ -12,9 +12,9 @@ import torch
 from sae_lens import StandardSAE, StandardSAEConfig
 from sae_lens.saes.sae import SAEMetadata
 
-from saealign.reference import ReferenceSet, _pad, _rows_to_csr, build_reference_prompts, compute_reference, tokenize
 from saealign.core import load_embedder, load_texts
 from saealign.models import load_model
+from saealign.reference import ReferenceSet, _pad, _rows_to_csr, build_reference_prompts, compute_reference, tokenize
 from saealign.scoring import _summaries_t, score_latents
 
 HOOK, D_SAE, N_PROMPTS, N_TOKENS, BATCH = "blocks.6.hook_resid_pre", 24576, 64, 128, 32

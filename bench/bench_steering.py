@@ -10,9 +10,8 @@ import time
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-from saealign.core import random_sae  # noqa: E402
-from saealign.models import load_model
-from saealign.saes import load_sae
+from saealign.models import load_model  # noqa: E402
+from saealign.saes import load_sae, random_sae  # noqa: E402
 from saealign.steering import Clamp, Swap, generate  # noqa: E402
 
 PAPER_S_PER_64_TOKENS = 6.263  # Swap, paper Table 3 (V100, no KV cache: the whole sequence re-run per token)
