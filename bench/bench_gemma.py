@@ -17,7 +17,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from sae_lens import HookedSAETransformer  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
-from saealign.models import GEMMA_HUB_ID, gemma_folder, load_gemma  # noqa: E402
+from saealign.models import GEMMA_HUB_ID, gemma_folder, load_model  # noqa: E402
 from saealign.saes import load_sae  # noqa: E402
 from saealign.steering import Swap, generate  # noqa: E402
 
@@ -39,9 +39,9 @@ def main():
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
 
     folder = gemma_folder()
-    load_s = timed(lambda: globals().__setitem__("model", load_gemma()))
+    load_s = timed(lambda: globals().__setitem__("model", load_model("gemma-3-270m")))
     hf_s = timed(lambda: globals().__setitem__("hf", AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)))
-    print(f"warm load_gemma: {load_s:.1f} s (HF from the cached folder alone: {hf_s:.1f} s)")
+    print(f"warm load_model: {load_s:.1f} s (HF from the cached folder alone: {hf_s:.1f} s)")
     stock = HookedSAETransformer.from_pretrained_no_processing(
         GEMMA_HUB_ID, hf_model=hf, tokenizer=AutoTokenizer.from_pretrained(folder), dtype=torch.float32).eval()
     sae = load_sae(model=model)  # the default SAE: TopK 4,096 latents at blocks.6.hook_resid_post

@@ -385,6 +385,8 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "cpu", *, allow_pickle: 
     A model whose weights transformer_lens would unpickle is refused unless `allow_pickle`."""
     if not isinstance(name, str) or not name:
         raise ValueError(f"the model name must be a string such as 'gemma-3-270m' or 'gpt2', not {name!r}.")
+    if device == "cpu":  # denormal floats in Gemma's attention made CPU generation ~10x slower (1.1 vs 0.11 s/token)
+        torch.set_flush_denormal(True)
     if (spec := model_spec(name)).load is not None:
         return fast_weights(spec.load(device=device)).eval()
     from sae_lens import HookedSAETransformer
