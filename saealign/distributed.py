@@ -8,11 +8,11 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from functools import partial
 from typing import Callable
 
 import numpy as np
 import torch
+from safetensors.torch import load as tensors_from_bytes, save as tensors_to_bytes
 from tqdm.auto import tqdm
 
 from .core import cache_folder, load_embedder
@@ -86,57 +86,52 @@ class _ChunkWorker:
                            if embedding_cache is not None and self.embedder is not None else None)
 
     def __call__(self, batch: dict) -> dict:
-        from safetensors.torch import save
-        out = [save(_compute_chunk(self.model, self.sae, [str(t) for t in texts], self.embedder, self.batch_size,
-                                   self.plan["max_tokens"], tqdm(disable=True), self.embeddings))
-               for texts in batch["prompts"]]
+        chunks = [_compute_chunk(self.model, self.sae, [str(t) for t in texts], self.embedder, self.batch_size,
+                                 self.plan["max_tokens"], tqdm(disable=True), self.embeddings)
+                  for texts in batch["prompts"]]
         # safetensors bytes: the tensors cross the object store as data, never as a pickle
-        return {"chunk": batch["chunk"], "tensors": np.array(out, dtype=object)}
+        return {"chunk": batch["chunk"], "tensors": np.array([tensors_to_bytes(c) for c in chunks], dtype=object)}
 
 # %% ../nbs/01b_distributed.ipynb #b9aaece0
 def compute_reference_ray(recipe: Recipe, prompts, *, workers: int = 2, num_gpus: float = 0, num_cpus: int = 1,
                           batch_size: int = 32, cache_dir=None, chunk_size: int = 512, max_tokens: int | None = None,
-                          progress: bool = True, embedding_cache=None, max_retries: int = 3) -> ReferenceSet:
+                          progress: bool = True, embedding_cache=None) -> ReferenceSet:
     """`compute_reference` on Ray: the same chunks of `chunk_size` prompts, computed by `workers` Ray Data actors
     that each build `recipe`'s model, SAE and embedder once (`num_gpus` and `num_cpus` per actor; torch uses
     `num_cpus` threads), merged into the same `ReferenceSet`. The driver writes each chunk that arrives to
     `cache_dir` as `compute_reference` does (same files, same fingerprint), so a rerun after the driver dies reuses
-    them and either engine reuses the other's cache. An actor that dies is restarted and its chunk retried, up to
-    `max_retries` times (-1: without end). `embedding_cache` as in `compute_reference`; the workers read and write
-    it, so on a cluster give a folder every node sees, or False. Ray runs where `ray.init` pointed it."""
+    them and either engine reuses the other's cache. An actor that dies is restarted and its chunk retried (Ray
+    Data's policy). `embedding_cache` as in `compute_reference`; the workers read and write it, so on a cluster
+    give a folder every node sees, or False. Ray runs where `ray.init` pointed it (a local instance by default)."""
     ray = _ray()
-    from safetensors.torch import load
     prompts = _check_prompts(prompts)
     for name, value in (("batch_size", batch_size), ("workers", workers), ("num_cpus", num_cpus)):
         _positive(name, value)
-    device, digest, resources = "cuda" if num_gpus else "cpu", _prompts_digest(prompts), {"num_cpus": num_cpus,
-                                                                                         "num_gpus": num_gpus}
-    plan = ray.get(ray.remote(_plan).options(max_retries=max_retries, **resources).remote(
-        recipe, device, digest, chunk_size, max_tokens))
+    device, digest = "cuda" if num_gpus else "cpu", _prompts_digest(prompts)
+    resources = {"num_cpus": num_cpus, "num_gpus": num_gpus}
+    plan = ray.get(ray.remote(_plan).options(**resources).remote(recipe, device, digest, chunk_size, max_tokens))
     n_chunks = math.ceil(len(prompts) / chunk_size)
     cache = (None if cache_dir is None else
              _ChunkCache(cache_dir, plan["fingerprint"], len(prompts), chunk_size, plan["meta"]["d_sae"]))
     chunks = {c: cache.load(c) for c in range(n_chunks)} if cache is not None else {}
-    todo = [c for c in range(n_chunks) if chunks.get(c) is None]
     embedding_cache = _embedding_cache_dir(embedding_cache, cache_dir)
     if embedding_cache is not None and plan["embedder"] is not None:
         embedding_cache = str(cache_folder(embedding_cache, "embeddings"))  # made here: workers never race to make it
-    rows = [{"chunk": c, "prompts": prompts[c * chunk_size:(c + 1) * chunk_size]} for c in todo]
+    rows = [{"chunk": c, "prompts": prompts[c * chunk_size:(c + 1) * chunk_size]}
+            for c in range(n_chunks) if chunks.get(c) is None]
     with tqdm(total=len(prompts), disable=not progress, desc="reference pass (ray)", unit="prompt") as bar:
         bar.update(len(prompts) - sum(len(r["prompts"]) for r in rows))
         if rows:
             log.info("computing %d of %d chunks on %d Ray workers (%d reused from %s)", len(rows), n_chunks,
                      min(workers, len(rows)), n_chunks - len(rows), cache_dir)
             ds = ray.data.from_items(rows, override_num_blocks=len(rows))  # a block per chunk: a retry redoes one chunk
-            ds.context.enable_progress_bars = False  # the bar above counts prompts across the workers
-            ds = ds.map_batches(_ChunkWorker, batch_size=1, compute=ray.data.ActorPoolStrategy(size=min(workers, len(rows))),
-                                fn_constructor_kwargs=dict(recipe=recipe, device=device, plan=plan, prompts_digest=digest,
-                                                           chunk_size=chunk_size, batch_size=batch_size,
-                                                           threads=num_cpus, embedding_cache=embedding_cache),
-                                ray_remote_args_fn=partial(dict, max_restarts=max_retries, max_task_retries=max_retries),
-                                **resources)
+            ds.context.enable_progress_bars = False  # this dataset's own context; the bar above counts prompts
+            pool = ray.data.ActorPoolStrategy(size=min(workers, len(rows)))
+            ds = ds.map_batches(_ChunkWorker, batch_size=1, compute=pool, **resources, fn_constructor_kwargs=dict(
+                recipe=recipe, device=device, plan=plan, prompts_digest=digest, chunk_size=chunk_size,
+                batch_size=batch_size, threads=num_cpus, embedding_cache=embedding_cache))
             for row in ds.iter_rows():
-                c, chunk = int(row["chunk"]), load(row["tensors"])
+                c, chunk = int(row["chunk"]), tensors_from_bytes(row["tensors"])
                 if cache is not None:
                     cache.save(c, chunk)
                 chunks[c] = chunk
