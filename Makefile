@@ -24,8 +24,9 @@ $(VENV)/.installed: $(BIN)/python settings.ini setup.py
 	$(BIN)/pip install -q -e .
 	touch $@
 
+# the tests run the Ray engine too, so the dev install includes the ray extra
 $(VENV)/.installed-dev: $(VENV)/.installed
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q -e ".[dev,ray]" $(TORCH)
 	touch $@
 
 install: $(VENV)/.installed

@@ -437,6 +437,62 @@ class _ChunkCache:
         self.chunks[i] = chunk
         self._write_manifest()
 
+# %% ../nbs/01_reference.ipynb #97daa88f
+# What a pass decides without running the model, in functions of their own so the Ray engine
+# (`saealign.distributed`) shares them: one fingerprint and one merge, so either engine reuses the other's cache.
+def _check_prompts(prompts) -> list[str]:
+    if isinstance(prompts, str):
+        raise ValueError(f"prompts is a single string: pass a list of prompts, e.g. [{prompts[:30]!r}].")
+    prompts = list(prompts)
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ValueError("prompts must be a non-empty list of strings (see build_reference_prompts)")
+    return prompts
+
+
+def _prompts_digest(prompts: list[str]) -> str:
+    return hashlib.sha256(json.dumps(prompts).encode()).hexdigest()
+
+
+def _reference_plan(model, sae, embedder, prompts_digest: str, chunk_size: int, max_tokens: int | None) -> dict:
+    """A pass's checked `max_tokens`, its fingerprint, the embedder's description and the `ReferenceSet`'s meta
+    (all but `n_truncated`), from the loaded model, SAE and embedder and the digest of the prompt list."""
+    _check_no_saes(model)  # first: with an SAE spliced in, the hook is gone and check_sae_fits would mislead
+    check_sae_fits(model, sae)
+    _positive("chunk_size", chunk_size)
+    max_tokens = model.cfg.n_ctx if max_tokens is None else _positive("max_tokens", max_tokens)
+    if max_tokens > model.cfg.n_ctx:
+        raise ValueError(f"max_tokens={max_tokens} exceeds {model.cfg.model_name}'s context of {model.cfg.n_ctx} "
+                         "tokens: give at most that, or None for the whole context.")
+    hook = sae.cfg.metadata.hook_name
+    # batch_size is not a setting: results do not depend on it (to float rounding, see the tests)
+    settings = {"max_tokens": max_tokens, "chunk_size": chunk_size, "special_tokens": "excluded",
+                "embeddings": "L2-normalised"}
+    model_d, sae_d, emb_d = _model_description(model), _sae_description(sae), embedder_description(embedder)
+    fingerprint = hashlib.sha256(json.dumps(
+        {"model": model.cfg.model_name, "model_d": model_d, "sae": sae_d, "hook": hook, "embedder": emb_d,
+         "settings": settings, "prompts": prompts_digest}, sort_keys=True, default=_json_default).encode()).hexdigest()
+    meta = {"model": model.cfg.model_name, "hook": hook, "d_sae": sae.cfg.d_sae, "d_in": sae.cfg.d_in,
+            "sae_architecture": sae.cfg.architecture(), "sae_weights": sae_d["weights"],
+            "model_weights_sample": model_d["weights_sample"], "embedder": emb_d, "settings": settings}
+    return {"fingerprint": fingerprint, "max_tokens": max_tokens, "embedder": emb_d, "meta": meta}
+
+
+def _embedding_cache_dir(embedding_cache, cache_dir):
+    "`compute_reference`'s `embedding_cache` argument as a folder, or None for no cache."
+    if embedding_cache is True or (embedding_cache is None and cache_dir is not None):
+        return cache_root() / "embeddings"
+    return None if embedding_cache in (None, False) else embedding_cache
+
+
+def _merge_chunks(chunks: list[dict], prompts: list[str], plan: dict) -> ReferenceSet:
+    "The `ReferenceSet` of a pass from its chunks, in order."
+    d_sae = plan["meta"]["d_sae"]
+    s = _cat_csr([_csr(c["crow_indices"], c["col_indices"], c["values"], (len(c["token_counts"]), d_sae))
+                  for c in chunks], d_sae)
+    meta = plan["meta"] | {"n_truncated": int(sum(int(c["n_truncated"][0]) for c in chunks))}
+    return ReferenceSet(s, _prompt_counts(s), torch.cat([c["token_counts"] for c in chunks]),
+                        torch.cat([c["embeddings"] for c in chunks]), prompts, plan["fingerprint"], meta)
+
 # %% ../nbs/01_reference.ipynb #6974ed76
 def _compute_chunk(model, sae, prompts, embedder, batch_size, max_tokens, bar, embeddings=None) -> dict:
     "One chunk's summaries, token counts and embeddings (`embeddings`: an `_EmbeddingCache` to take them from)."
@@ -494,35 +550,16 @@ def compute_reference(model, sae, prompts, embedder, *, batch_size: int = 32, ca
     embedder and the chunk's texts, so the reference of another SAE on the same prompts does not embed again.
     `embedding_cache`: a directory; None (default): `cache_root()/"embeddings"` when `cache_dir` is given, else
     no cache; True: `cache_root()/"embeddings"` always; False: never."""
-    _check_no_saes(model)  # first: with an SAE spliced in, the hook is gone and check_sae_fits would mislead
-    check_sae_fits(model, sae)
-    if isinstance(prompts, str):
-        raise ValueError(f"prompts is a single string: pass a list of prompts, e.g. [{prompts[:30]!r}].")
-    prompts = list(prompts)
-    if not prompts or not all(isinstance(p, str) for p in prompts):
-        raise ValueError("prompts must be a non-empty list of strings (see build_reference_prompts)")
-    for name, value in (("batch_size", batch_size), ("chunk_size", chunk_size)):
-        _positive(name, value)
-    max_tokens = model.cfg.n_ctx if max_tokens is None else _positive("max_tokens", max_tokens)
-    if max_tokens > model.cfg.n_ctx:
-        raise ValueError(f"max_tokens={max_tokens} exceeds {model.cfg.model_name}'s context of {model.cfg.n_ctx} "
-                         "tokens: give at most that, or None for the whole context.")
-    hook = sae.cfg.metadata.hook_name
-    # batch_size is not a setting: results do not depend on it (to float rounding, see the tests)
-    settings = {"max_tokens": max_tokens, "chunk_size": chunk_size, "special_tokens": "excluded",
-                "embeddings": "L2-normalised"}
-    model_d, sae_d, emb_d = _model_description(model), _sae_description(sae), embedder_description(embedder)
-    fingerprint = hashlib.sha256(json.dumps(
-        {"model": model.cfg.model_name, "model_d": model_d, "sae": sae_d, "hook": hook, "embedder": emb_d,
-         "settings": settings, "prompts": hashlib.sha256(json.dumps(prompts).encode()).hexdigest()},
-        sort_keys=True, default=_json_default).encode()).hexdigest()
+    prompts = _check_prompts(prompts)
+    _positive("batch_size", batch_size)
+    plan = _reference_plan(model, sae, embedder, _prompts_digest(prompts), chunk_size, max_tokens)
+    fingerprint, max_tokens = plan["fingerprint"], plan["max_tokens"]
 
     n_chunks = math.ceil(len(prompts) / chunk_size)
     cache = None if cache_dir is None else _ChunkCache(cache_dir, fingerprint, len(prompts), chunk_size, sae.cfg.d_sae)
-    if embedding_cache is True or (embedding_cache is None and cache_dir is not None):
-        embedding_cache = cache_root() / "embeddings"
-    embeddings = (_EmbeddingCache(embedding_cache, embedder, emb_d)
-                  if embedder is not None and embedding_cache not in (None, False) else None)
+    embedding_cache = _embedding_cache_dir(embedding_cache, cache_dir)
+    embeddings = (_EmbeddingCache(embedding_cache, embedder, plan["embedder"])
+                  if embedder is not None and embedding_cache is not None else None)
     chunks, reused = [], 0
     with tqdm(total=len(prompts), disable=not progress, desc="reference pass", unit="prompt") as bar:
         for c in range(n_chunks):
@@ -539,15 +576,7 @@ def compute_reference(model, sae, prompts, embedder, *, batch_size: int = 32, ca
     if reused:
         log.info("reused %d of %d cached chunks from %s", reused, n_chunks, cache_dir)
 
-    d_sae = sae.cfg.d_sae
-    s = _cat_csr([_csr(c["crow_indices"], c["col_indices"], c["values"], (len(c["token_counts"]), d_sae))
-                  for c in chunks], d_sae)
-    meta = {"model": model.cfg.model_name, "hook": hook, "d_sae": d_sae, "d_in": sae.cfg.d_in,
-            "sae_architecture": sae.cfg.architecture(), "sae_weights": sae_d["weights"],
-            "model_weights_sample": model_d["weights_sample"], "embedder": emb_d,
-            "n_truncated": int(sum(int(c["n_truncated"][0]) for c in chunks)), "settings": settings}
-    return ReferenceSet(s, _prompt_counts(s), torch.cat([c["token_counts"] for c in chunks]),
-                        torch.cat([c["embeddings"] for c in chunks]), prompts, fingerprint, meta)
+    return _merge_chunks(chunks, prompts, plan)
 
 # %% ../nbs/01_reference.ipynb #5b3872f9
 EMBED_BATCH = 64  # texts per encode call; in the embeddings key, as batching can change the last bits
