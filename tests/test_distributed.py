@@ -122,7 +122,12 @@ def test_single_process_reuses_the_ray_cache(ray_run, model, sae, embedder, base
 
 def test_ray_reuses_the_single_process_cache(ray_local, model, sae, embedder, base, prompts, tmp_path, monkeypatch,
                                              caplog):
-    compute_reference(model, sae, prompts, embedder, cache_dir=tmp_path, embedding_cache=False, progress=False, **RUN)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as `base` and every actor: the floats of one thread
+    try:
+        compute_reference(model, sae, prompts, embedder, cache_dir=tmp_path, embedding_cache=False, progress=False, **RUN)
+    finally:
+        torch.set_num_threads(threads)
     updates = []
     monkeypatch.setattr(D, "tqdm", Bar(updates))
     with caplog.at_level(logging.INFO, logger="saealign.distributed"):
