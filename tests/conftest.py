@@ -35,6 +35,16 @@ def sae(model):
     return load_sae(model=model)
 
 
+@pytest.fixture(scope="module")
+def padded_prompts():
+    "15 P3 prompts (longer than the tests' 24-token cut) interleaved with 6 short ones, so batches need padding."
+    from saealign.reference import build_reference_prompts
+    short = ["Once upon a time", "Lily saw a big dog.", "The sun was hot.", "Tom had a red ball and a cat.",
+             "She was sad.", "They played in the park all day."]
+    long = build_reference_prompts(15, seed=1)
+    return [x for i in range(5) for x in long[3 * i:3 * i + 3] + [short[i]]] + short[5:]
+
+
 @pytest.fixture(scope="session")
 def embedder():
     from saealign.core import load_embedder

@@ -15,7 +15,7 @@ import torch
 from saealign import distributed as D
 from saealign import reference as R
 from saealign.distributed import RAY_INSTALL, Recipe, compute_reference_ray
-from saealign.reference import build_reference_prompts, compute_reference
+from saealign.reference import compute_reference
 
 MAX_TOKENS, CHUNK, BATCH = 24, 8, 4  # 21 prompts: chunks of 8, 8 and 5, two batches per full chunk
 RUN = dict(max_tokens=MAX_TOKENS, chunk_size=CHUNK, batch_size=BATCH)
@@ -32,12 +32,8 @@ def ray_local():
 
 
 @pytest.fixture(scope="module")
-def prompts():
-    "15 P3 prompts (longer than MAX_TOKENS) interleaved with 6 short ones, so batches need padding."
-    short = ["Once upon a time", "Lily saw a big dog.", "The sun was hot.", "Tom had a red ball and a cat.",
-             "She was sad.", "They played in the park all day."]
-    long = build_reference_prompts(15, seed=1)
-    return [x for i in range(5) for x in long[3 * i:3 * i + 3] + [short[i]]] + short[5:]
+def prompts(padded_prompts):
+    return padded_prompts
 
 
 @pytest.fixture(scope="module")

@@ -25,12 +25,8 @@ def private_cache(tmp_path_factory, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def prompts():
-    "15 P3 prompts (all longer than MAX_TOKENS) interleaved with 6 short ones, so batches need padding."
-    short = ["Once upon a time", "Lily saw a big dog.", "The sun was hot.", "Tom had a red ball and a cat.",
-             "She was sad.", "They played in the park all day."]
-    long = build_reference_prompts(15, seed=1)
-    return [x for i in range(5) for x in long[3 * i:3 * i + 3] + [short[i]]] + short[5:]
+def prompts(padded_prompts):
+    return padded_prompts
 
 
 @pytest.fixture(scope="module")
