@@ -72,11 +72,12 @@ def sample_stories(model, n: int, length: int = 256, seed: int = 0, openings=OPE
     return out
 
 
-def pack_texts(texts, tokenizer, n_rows: int, length: int = 256) -> torch.Tensor:
+def pack_texts(texts, tokenizer, n_rows: int, length: int = 256, *, strict: bool = True) -> torch.Tensor:
     """Tokenize texts (each BOS-prefixed) and pack them greedily into `n_rows` rows of `length`.
 
     Every row starts at a document's BOS; a document that does not fit is cut at the row's end
     (long P3 prompts thus contribute their first `length` tokens). Short CoLA sentences share rows.
+    Too few texts for `n_rows` raise, unless `strict` is False: then the rows they fill are returned.
     """
     rows, cur = [], []
     for t in texts:
@@ -85,9 +86,9 @@ def pack_texts(texts, tokenizer, n_rows: int, length: int = 256) -> torch.Tensor
             rows.append(cur[:length]); cur = []
         if len(rows) >= n_rows:
             break
-    if len(rows) < n_rows:
+    if strict and len(rows) < n_rows:
         raise ValueError(f"only {len(rows)} rows of {length} tokens from the texts, {n_rows} asked")
-    return torch.tensor(rows[:n_rows])
+    return torch.tensor(rows[:n_rows], dtype=torch.long).reshape(-1, length)
 
 
 def mirror_rows(tokenizer, n: int, length: int = 256, seed: int = 0, split: str = "train") -> torch.Tensor:
@@ -265,9 +266,10 @@ def latent_acts(model, sae, tokens: torch.Tensor, batch: int = 32):
 
 
 @torch.no_grad()
-def sae_quality(model, sae, tokens: torch.Tensor, ce: bool = True, acts=None) -> dict:
+def sae_quality(model, sae, tokens: torch.Tensor, ce: bool = True, acts=None, ce_batch: int = 32) -> dict:
     """Explained variance (pooled over non-special positions), mean L0, fraction of latents that never
-    fire on `tokens`; with `ce`, the next-token loss of the model with and without the SAE spliced in."""
+    fire on `tokens`; with `ce`, the next-token loss of the model with and without the SAE spliced in, `ce_batch`
+    rows at a time (keep it small for a large vocabulary: the logits of a batch are rows x length x d_vocab)."""
     x, z, _, _ = acts or latent_acts(model, sae, tokens)
     xr = torch.cat([sae.decode(z[s:s + 8192]) for s in range(0, len(z), 8192)])
     out = dict(explained_variance=float(1 - ((x - xr) ** 2).sum() / ((x - x.mean(0)) ** 2).sum()),
@@ -276,8 +278,8 @@ def sae_quality(model, sae, tokens: torch.Tensor, ce: bool = True, acts=None) ->
                n_tokens=len(x))
     if ce:
         ce_clean, ce_sae = 0.0, 0.0
-        for s in range(0, len(tokens), 32):
-            t = tokens[s:s + 32]
+        for s in range(0, len(tokens), ce_batch):
+            t = tokens[s:s + ce_batch]
             ce_clean += float(model(t, return_type="loss")) * len(t)
             ce_sae += float(model.run_with_saes(t, saes=[sae], return_type="loss")) * len(t)
         out |= dict(ce_clean=ce_clean / len(tokens), ce_spliced=ce_sae / len(tokens))

@@ -14,16 +14,15 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .core import load_texts
-from .embedded import _inference
+from .embedded import _inference, pack_texts
 from .models import model_spec
 from .saes import SAE_DIR, ship_sae
 
 # %% auto #0
 __all__ = ['CORPUS_SHARES', 'GEMMA_SPECS', 'GEMMA_TRAINING', 'DOMAINS', 'GEMMA_SAE_DIR', 'corpus_documents', 'gemma_corpus',
            'save_state', 'load_state', 'safe_trainer_state', 'hook_statistics', 'init_b_dec_at_mean',
-           'init_threshold_at_target', 'gemma_sae_config', 'latest_checkpoint', 'train_gemma_saes', 'spliced_loss',
-           'quality_table', 'domain_concentration', 'inference_from_checkpoint', 'ship_gemma_saes',
-           'train_and_ship_gemma_saes']
+           'init_threshold_at_target', 'gemma_sae_config', 'latest_checkpoint', 'train_gemma_saes', 'quality_table',
+           'domain_concentration', 'inference_from_checkpoint', 'ship_gemma_saes', 'train_and_ship_gemma_saes']
 
 # %% ../nbs/00d_gemma_saes.ipynb #540e77da
 CORPUS_SHARES = {"p3": 0.55, "medquad": 0.2, "cola": 0.1, "pubmedqa": 0.06, "instructions": 0.05, "amazon": 0.04}
@@ -54,18 +53,6 @@ def corpus_documents(split: str = "train") -> dict[str, list[str]]:
     return out
 
 # %% ../nbs/00d_gemma_saes.ipynb #03a34070
-def _pack(texts, tokenizer, max_rows: int, context: int) -> torch.Tensor:
-    "Like `embedded.pack_texts`, but returns the rows the texts fill (at most `max_rows`) instead of raising."
-    rows, cur = [], []
-    for ids in tokenizer(texts)["input_ids"]:
-        cur = cur + ids[:context]
-        if len(cur) >= context:
-            rows.append(cur[:context]); cur = []
-        if len(rows) == max_rows:
-            break
-    return torch.tensor(rows, dtype=torch.long).reshape(-1, context)
-
-
 def gemma_corpus(tokenizer, n_rows: int, *, context: int = 128, split: str = "train", seed: int = 0,
                  with_sources: bool = False):
     """`n_rows` rows of `context` tokens, BOS-started documents packed per source in `CORPUS_SHARES`
@@ -77,7 +64,7 @@ def gemma_corpus(tokenizer, n_rows: int, *, context: int = 128, split: str = "tr
     for name in sorted(CORPUS_SHARES, key=lambda n: n == "p3"):  # P3 last: it fills the remainder
         d = [docs[name][i] for i in torch.randperm(len(docs[name]), generator=g).tolist()]
         want = n_rows - filled if name == "p3" else round(n_rows * CORPUS_SHARES[name])
-        parts.append(_pack(d, tokenizer, want, context))
+        parts.append(pack_texts(d, tokenizer, want, context, strict=False))  # a small source gives what it has
         filled += len(parts[-1])
     if filled < n_rows:
         raise ValueError(f"the {split} corpus fills only {filled} rows of {context} tokens; {n_rows} asked")
@@ -274,28 +261,18 @@ def train_gemma_saes(model, out: Path, specs: dict | None = None, *, n_checkpoin
     return {n: _inference(sae, out / n) for n, sae in trained.items()}
 
 # %% ../nbs/00d_gemma_saes.ipynb #41683846
-@torch.no_grad()
-def spliced_loss(model, sae, tokens: torch.Tensor, batch: int = 4) -> tuple[float, float]:
-    "Mean next-token loss of the model on `tokens`, alone and with `sae` spliced in (small batches: 262K logits)."
-    clean = spliced = 0.0
-    for s in range(0, len(tokens), batch):
-        t = tokens[s:s + batch]
-        clean += float(model(t, return_type="loss")) * len(t)
-        spliced += float(model.run_with_saes(t, saes=[sae], return_type="loss")) * len(t)
-    return clean / len(tokens), spliced / len(tokens)
-
-
 def quality_table(model, saes: dict, tokens: torch.Tensor, *, loss_rows: int = 16):
     "EV, L0, never-firing share and the spliced loss increase per SAE on held-out `tokens`."
     import pandas as pd
-    from saealign.embedded import latent_acts, sae_quality
+    from saealign.embedded import sae_quality
     rows = []
     for name, sae in saes.items():
-        q = sae_quality(model, sae, tokens, ce=False, acts=latent_acts(model, sae, tokens))
-        clean, spliced = spliced_loss(model, sae, tokens[:loss_rows])
+        q = sae_quality(model, sae, tokens, ce=False)
+        loss = sae_quality(model, sae, tokens[:loss_rows], ce_batch=4)  # 262K-token logits: small batches
         rows.append(dict(sae=name, architecture=sae.cfg.architecture(), d_sae=sae.cfg.d_sae,
                          explained_variance=q["explained_variance"], l0=q["l0"], never_fired=q["dead_fraction"],
-                         loss=clean, loss_spliced=spliced, loss_increase=spliced - clean))
+                         loss=loss["ce_clean"], loss_spliced=loss["ce_spliced"],
+                         loss_increase=loss["ce_spliced"] - loss["ce_clean"]))
     return pd.DataFrame(rows).set_index("sae").round(4)
 
 # %% ../nbs/00d_gemma_saes.ipynb #aa7ee346
