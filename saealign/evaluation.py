@@ -30,7 +30,7 @@ from .models import DEFAULT_MODEL, load_model, model_spec
 from .saes import load_sae, shipped_sae_ids
 from .reference import (ReferenceSet, _embed, build_reference_prompts, compute_reference, default_reference,
                                 sae_digest, tensor_digest)
-from .scoring import STORY_TOPICS, LatentScores, score_latents
+from .scoring import STORY_TOPICS, LatentScores, model_topics, score_latents
 from .steering import (DEFAULT_OUTPUT, OUTPUT_MODES, Clamp, Generation, Method, Swap, Weight, check_sampling,
                                generate)
 
@@ -55,20 +55,24 @@ def evaluation_prompts(n_metaphor: int | None = None, n_neutral: int | None = No
     return {**{p: "metaphor" for p in METAPHOR_PROMPTS[:n_metaphor]}, **{p: "neutral" for p in neutral}}
 
 
-def evaluation_topics(sizes=(20, 6), medquad_size: int = 200, seed: int = 0) -> dict[str, list[str]]:
+def evaluation_topics(sizes=(20, 6), medquad_size: int = 200, seed: int = 0, *,
+                      model: str = DEFAULT_MODEL) -> dict[str, list[str]]:
     """The grid's topics, `name-size` -> alignment texts: medical (the paper's 20 wiki_medical_terms texts and
-    subsets), MedQuAD definitions (a larger medical set), sycophancy (CAA), Amazon reviews and the story topics."""
+    subsets), MedQuAD definitions (a larger medical set), sycophancy (CAA), Amazon reviews, and the topics that
+    suit `model`: the story topics for story models, the team's general topics for the others."""
     rng = np.random.default_rng(seed)
     sample = lambda texts, n: [texts[i] for i in sorted(rng.choice(len(texts), size=min(n, len(texts)), replace=False))]
+    fixed = {t: v for t, v in model_topics(model).items() if t != "medical"}
     pools = {"medical": load_texts("wiki_medical_terms")["text"], "sycophancy": load_texts("sycophancy")["text"],
-             "amazon": load_texts("amazon")["text"], **STORY_TOPICS}
+             "amazon": load_texts("amazon")["text"], **fixed}
     topics = {}
     for name, texts in pools.items():
         # the first texts, in order: the 6-text variant is a subset of the 20-text one, as in the paper
-        fixed = texts if name in ("medical", *STORY_TOPICS) else sample(texts, max(sizes))
-        topics.update({f"{name}-{n}": fixed[:n] for n in sizes})
+        texts = texts if name == "medical" or name in fixed else sample(texts, max(sizes))
+        topics.update({f"{name}-{n}": texts[:n] for n in sizes})
     topics[f"medquad-{medquad_size}"] = sample(load_texts("medquad")["text"], medquad_size)
     return topics
+
 
 # %% ../nbs/04_evaluation.ipynb #2a987d82
 METRICS = {  # name -> True when higher is better
@@ -132,11 +136,14 @@ def topic_word_rate(texts: list[str], vocabulary: set[str]) -> np.ndarray:
 
 # %% ../nbs/04_evaluation.ipynb #3910060d
 def fine_tune(model, texts: list[str], *, epochs: int = 5, lr: float = 1e-3, batch_size: int = 8,
-              row_tokens: int | None = None, seed: int = 0, progress: bool = False):
+              row_tokens: int | None = None, max_rows: int | None = None, seed: int = 0, progress: bool = False):
     """A copy of `model` fine-tuned on `texts` (next-token loss, AdamW); returns (model, info) where info has
-    `seconds`, `steps`, `loss_first` and `loss_last` (mean loss of the first and last epoch)."""
+    `seconds`, `steps`, `loss_first` and `loss_last` (mean loss of the first and last epoch). `max_rows` trains on
+    that many rows of `row_tokens`, drawn at random: it bounds the cost of long texts on a large model."""
     if not texts:
         raise ValueError("fine_tune needs at least one text.")
+    if max_rows is not None and (isinstance(max_rows, bool) or not isinstance(max_rows, numbers.Integral) or max_rows < 1):
+        raise ValueError(f"max_rows must be a positive int or None, got {max_rows!r}.")
     start = time.perf_counter()
     row_tokens = row_tokens or min(model.cfg.n_ctx, 128)
     ids = []
@@ -144,9 +151,12 @@ def fine_tune(model, texts: list[str], *, epochs: int = 5, lr: float = 1e-3, bat
         ids += model.to_tokens(t)[0].tolist()
     n_rows = max(1, len(ids) // row_tokens)
     rows = torch.tensor((ids * (1 + row_tokens // max(len(ids), 1)))[:n_rows * row_tokens]).view(n_rows, row_tokens)
+    generator = torch.Generator().manual_seed(seed)
+    if max_rows is not None:
+        rows = rows[torch.randperm(n_rows, generator=generator)[:max_rows]]
+        n_rows = len(rows)
     tuned = copy.deepcopy(model).train()
     optimiser = torch.optim.AdamW(tuned.parameters(), lr=lr)
-    generator = torch.Generator().manual_seed(seed)
     losses, steps = [], 0
     for _ in tqdm(range(epochs), desc="fine-tuning", disable=not progress):
         epoch = []
@@ -416,13 +426,13 @@ def _run_unit(path, unit, key, model, embedder, saes, state, prompts, seeds, max
         tuned, info = state.tuned
         extra = {"fine_tune_seconds": info["seconds"]}
         run = lambda s: [dataclasses.replace(g, method="FT")
-                         for g in generate(tuned, None, prompt_list, max_new_tokens=max_new_tokens, seed=s)]
+                         for g in generate(tuned, None, prompt_list, max_new_tokens=max_new_tokens, seed=s, pad_batch=True)]
     elif method == "Original":
-        run = lambda s: generate(model, None, prompt_list, max_new_tokens=max_new_tokens, seed=s)
+        run = lambda s: generate(model, None, prompt_list, max_new_tokens=max_new_tokens, seed=s, pad_batch=True)
     else:
         steering = make_method(method, state.scores(sae_id), **((clamp_options or {}) if method == "Clamp" else {}))
         run = lambda s: generate(model, saes[sae_id], prompt_list, steering, output=output,
-                                 max_new_tokens=max_new_tokens, seed=s)
+                                 max_new_tokens=max_new_tokens, seed=s, pad_batch=True)
     start = time.perf_counter()
     gens = [(s, g) for s in seeds for g in run(s)]
     seconds = time.perf_counter() - start

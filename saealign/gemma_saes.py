@@ -19,10 +19,11 @@ from .models import model_spec
 from .saes import SAE_DIR, ship_sae
 
 # %% auto #0
-__all__ = ['CORPUS_SHARES', 'GEMMA_SPECS', 'GEMMA_TRAINING', 'DOMAINS', 'GEMMA_SAE_DIR', 'corpus_documents', 'gemma_corpus',
-           'save_state', 'load_state', 'safe_trainer_state', 'hook_statistics', 'init_b_dec_at_mean',
-           'init_threshold_at_target', 'gemma_sae_config', 'latest_checkpoint', 'train_gemma_saes', 'quality_table',
-           'domain_concentration', 'inference_from_checkpoint', 'ship_gemma_saes', 'train_and_ship_gemma_saes']
+__all__ = ['CORPUS_SHARES', 'GEMMA_SPECS', 'GEMMA_TRAINING', 'GEMMA_SWEEP', 'SWEEP_TOKENS', 'DOMAINS', 'GEMMA_SAE_DIR',
+           'corpus_documents', 'gemma_corpus', 'save_state', 'load_state', 'safe_trainer_state', 'hook_statistics',
+           'init_b_dec_at_mean', 'init_threshold_at_target', 'gemma_sae_config', 'latest_checkpoint',
+           'train_gemma_saes', 'quality_table', 'domain_concentration', 'inference_from_checkpoint', 'ship_gemma_saes',
+           'train_and_ship_gemma_saes']
 
 # %% ../nbs/00d_gemma_saes.ipynb #540e77da
 CORPUS_SHARES = {"p3": 0.55, "medquad": 0.2, "cola": 0.1, "pubmedqa": 0.06, "instructions": 0.05, "amazon": 0.04}
@@ -188,6 +189,12 @@ GEMMA_SPECS = {
     "blocks.6.hook_resid_post.jumprelu": dict(layer=6, d_sae=4096, architecture="jumprelu", target_l0=32),
 }
 GEMMA_TRAINING = dict(training_tokens=1_048_576, batch_tokens=1024, context=128, lr=2e-3, seed=0)
+# the width / k trade-off at layer 6, and JumpReLU with sae_lens's pre-activation loss on dead latents
+# (Anthropic's; sae_lens suggests 3e-6 for Anthropic's loss scale, ours is set by inputs of norm √640)
+GEMMA_SWEEP = {f"topk-{d}-k{k}": dict(layer=6, d_sae=d, architecture="topk", k=k) for d in (4096, 8192) for k in (16, 32)}
+GEMMA_SWEEP |= {f"jumprelu-4096-preact{c:g}": dict(layer=6, d_sae=4096, architecture="jumprelu", target_l0=32, pre_act_loss=c)
+                for c in (1e-4, 1e-3)}
+SWEEP_TOKENS = 393_216
 
 
 def gemma_sae_config(d_in: int, spec: dict, steps: int):
@@ -200,7 +207,8 @@ def gemma_sae_config(d_in: int, spec: dict, steps: int):
     if spec["architecture"] == "jumprelu":
         return JumpReLUTrainingSAEConfig(jumprelu_sparsity_loss_mode="quadratic", target_l0=spec["target_l0"],
                                          l0_coefficient=spec.get("l0_coefficient", 1.0),
-                                         l0_warm_up_steps=steps // 10, **common)
+                                         l0_warm_up_steps=steps // 10,
+                                         pre_act_loss_coefficient=spec.get("pre_act_loss"), **common)
     raise ValueError(f"architecture must be 'topk' or 'jumprelu', not {spec['architecture']!r}")
 
 # %% ../nbs/00d_gemma_saes.ipynb #9cbf2c2b
