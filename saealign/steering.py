@@ -82,7 +82,7 @@ def as_scores(scores, d_sae: int | None = None) -> torch.Tensor:
 
 
 class Method:
-    "A steering method: turns the SAE's activations into edited ones, given latent scores."
+    "A steering method: turns the SAE's activations into edited ones, given latent scores; may add a residual vector."
     name = "Method"
 
     def __init__(self, scores):
@@ -94,6 +94,10 @@ class Method:
     def edit(self, sae, h: torch.Tensor, acts: torch.Tensor) -> torch.Tensor:
         "Edited activations from the activation inputs `h` and the SAE's activations `acts` = σ(h)."
         raise NotImplementedError
+
+    def residual_delta(self, sae) -> torch.Tensor | None:
+        "A vector [d_in] that `steer` adds to the SAE's output wherever the SAE is spliced in; None adds nothing."
+        return None
 
     def contamination(self, acts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         "Raw Σᵢ zᵢ(1 − scoreᵢ) and its share of Σᵢ zᵢ (NaN where no latent is active), per token."
@@ -173,15 +177,30 @@ def _check_output(output: str) -> None:
         raise ValueError(f"output must be one of {OUTPUT_MODES}, not {output!r}.")
 
 
+def _checked_delta(sae, delta) -> torch.Tensor | None:
+    if delta is None:
+        return None
+    delta = torch.as_tensor(delta).detach()
+    if tuple(delta.shape) != (sae.cfg.d_in,) or not torch.isfinite(delta).all():
+        raise ValueError(f"a residual vector must be finite with shape ({sae.cfg.d_in},) (the SAE's d_in), "
+                         f"got shape {tuple(delta.shape)}.")
+    if sae.cfg.normalize_activations not in (None, "none"):
+        # the vector is added before the SAE's output normalisation, which would rescale it
+        raise ValueError(f"residual vectors need an SAE without activation normalisation; this one uses "
+                         f"{sae.cfg.normalize_activations!r}: fold the normalisation into its weights first.")
+    return delta
+
+
 @contextlib.contextmanager
 def steer(model, sae, method: Method | None = None, *, output: str = DEFAULT_OUTPUT,
           exclude_special_tokens: bool = True):
-    "Attach `sae` to `model` with `method` editing its latents; yields the `SteeringRecord`."
+    "Attach `sae` to `model` with `method` editing its latents and adding its residual vector; yields the `SteeringRecord`."
     _check_output(output)
     check_sae_fits(model, sae)
     check_architecture(sae)
     if method is not None:
         method.check(sae)
+    delta = None if method is None else _checked_delta(sae, method.residual_delta(sae))
     record, stash = SteeringRecord(), {}
     hook = sae.cfg.metadata.hook_name
 
@@ -193,8 +212,14 @@ def steer(model, sae, method: Method | None = None, *, output: str = DEFAULT_OUT
         record.add(method, acts, edited)
         return edited
 
+    hooks = [(f"{hook}.hook_sae_acts_pre", read_pre), (f"{hook}.hook_sae_acts_post", edit)]
+    if delta is not None:
+        # hook_sae_recons holds D(z') before sae_lens adds the error term (computed with hooks off) and before it
+        # restores the original activation at excluded special tokens: the vector reaches exactly the positions
+        # the latent edits reach, and in "error" mode with unchanged latents the output is x + delta
+        hooks.append((f"{hook}.hook_sae_recons", lambda recons, hook: recons + delta.to(recons)))
     with model.saes(saes=[sae], use_error_term=output == "error", exclude_special_tokens=exclude_special_tokens), \
-         model.hooks(fwd_hooks=[(f"{hook}.hook_sae_acts_pre", read_pre), (f"{hook}.hook_sae_acts_post", edit)]):
+         model.hooks(fwd_hooks=hooks):
         yield record
 
 # %% ../nbs/03_steering.ipynb #c4f0ff1b
