@@ -38,9 +38,9 @@ from .steering import (DEFAULT_OUTPUT, OUTPUT_MODES, Clamp, Generation, Method, 
 __all__ = ['METAPHOR_PROMPTS', 'METRICS', 'PAPER_CLAMP', 'STEERING_METHODS', 'METHODS', 'GRID_HEADER', 'UNIT_KEY',
            'GRID_SAMPLING', 'evaluation_prompts', 'evaluation_topics', 'perplexity', 'alignment_distances', 'words',
            'topic_words', 'topic_word_rate', 'fine_tune', 'Unchanged', 'make_method', 'default_grid_path', 'read_rows',
-           'grid_units', 'unit_key', 'measure', 'torch_threads', 'run_grid', 'clamp_sweep', 'summary_table', 'compare',
-           'verdict_table', 'overview_table', 'seed_noise', 'metric_chart', 'topic_chart', 'cost_table', 'SteeredText',
-           'steer_by_text']
+           'grid_units', 'unit_key', 'relevance', 'measure', 'torch_threads', 'run_grid', 'clamp_sweep',
+           'summary_table', 'compare', 'verdict_table', 'overview_table', 'seed_noise', 'metric_chart', 'topic_chart',
+           'cost_table', 'SteeredText', 'steer_by_text']
 
 # %% ../nbs/04_evaluation.ipynb #3223b367
 METAPHOR_PROMPTS = [
@@ -77,7 +77,7 @@ def evaluation_topics(sizes=(20, 6), medquad_size: int = 200, seed: int = 0, *,
 # %% ../nbs/04_evaluation.ipynb #2a987d82
 METRICS = {  # name -> True when higher is better
     "perplexity": False, "acceptability": True, "distance": False, "centroid_cosine": True,
-    "topic_word_rate": True, "contamination": False}
+    "topic_word_rate": True, "relevance": True, "contamination": False}
 
 
 @torch.no_grad()
@@ -340,6 +340,13 @@ class _TopicState:
         return self._scores[sae_id]
 
 
+def relevance(embedder, generations: list[Generation]) -> np.ndarray:
+    "Cosine similarity between each prompt and its continuation (AxBench's 'instruction relevance', by embedding)."
+    prompts = _embed(embedder, [g.prompt for g in generations])
+    continuations = _embed(embedder, [g.continuation or " " for g in generations])
+    return torch.nn.functional.cosine_similarity(prompts, continuations, dim=-1).numpy()
+
+
 def measure(model, embedder, generations: list[Generation], align_texts, *, align_embeddings=None,
             vocabulary: set[str] | None = None, acceptability=None) -> list[dict]:
     "Every metric of each generation (perplexity under `model`, unsteered); acceptability NaN without a classifier."
@@ -348,10 +355,11 @@ def measure(model, embedder, generations: list[Generation], align_texts, *, alig
     accept = (np.asarray(acceptability([g.text for g in generations]), dtype=float) if acceptability is not None
               else np.full(len(generations), np.nan))
     rate = topic_word_rate(continuations, vocabulary if vocabulary is not None else set())
-    ppl = perplexity(model, generations)
+    ppl, related = perplexity(model, generations), relevance(embedder, generations)
     return [dict(n_tokens=len(g.tokens), perplexity=ppl[i], acceptability=float(accept[i]),
                  distance=float(dist["distance"][i]), centroid_cosine=float(dist["centroid_cosine"][i]),
-                 topic_word_rate=float(rate[i]), contamination=g.mean_contamination) for i, g in enumerate(generations)]
+                 topic_word_rate=float(rate[i]), relevance=float(related[i]), contamination=g.mean_contamination)
+            for i, g in enumerate(generations)]
 
 
 @contextlib.contextmanager

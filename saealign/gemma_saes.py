@@ -188,7 +188,8 @@ GEMMA_SPECS = {
     "blocks.9.hook_resid_post": dict(layer=9, d_sae=4096, architecture="topk", k=32),
     "blocks.6.hook_resid_post.jumprelu": dict(layer=6, d_sae=4096, architecture="jumprelu", target_l0=32),
 }
-GEMMA_TRAINING = dict(training_tokens=1_048_576, batch_tokens=1024, context=128, lr=2e-3, seed=0)
+# norm_batches: sae_lens estimates the input norm once per SAE, each from its own model batches of 4,096 tokens
+GEMMA_TRAINING = dict(training_tokens=1_048_576, batch_tokens=1024, context=128, lr=2e-3, seed=0, norm_batches=16)
 # the width / k trade-off at layer 6, and JumpReLU with sae_lens's pre-activation loss on dead latents
 # (Anthropic's; sae_lens suggests 3e-6 for Anthropic's loss scale, ours is set by inputs of norm √640)
 GEMMA_SWEEP = {f"topk-{d}-k{k}": dict(layer=6, d_sae=d, architecture="topk", k=k) for d in (4096, 8192) for k in (16, 32)}
@@ -220,7 +221,7 @@ def latest_checkpoint(folder: Path) -> Path | None:
 
 
 def _runner_config(specs: dict, model, out: Path, *, training_tokens: int, batch_tokens: int, context: int,
-                   lr: float, seed: int, n_checkpoints: int, resume: Path | None):
+                   lr: float, seed: int, norm_batches: int, n_checkpoints: int, resume: Path | None):
     from sae_lens import LoggingConfig, MultiSAETrainingRunnerConfig
     steps = training_tokens // batch_tokens
     store_prompts = 32
@@ -233,7 +234,7 @@ def _runner_config(specs: dict, model, out: Path, *, training_tokens: int, batch
         n_batches_in_buffer=max(16, -(-2 * batch_tokens // (store_prompts * context))),
         lr=lr, lr_warm_up_steps=max(1, steps // 20), lr_decay_steps=steps // 5,
         dead_feature_window=max(1, 100_000 // batch_tokens), feature_sampling_window=max(1, steps // 4),
-        n_batches_for_norm_estimate=16, n_eval_batches=1, eval_batch_size_prompts=8,
+        n_batches_for_norm_estimate=norm_batches, n_eval_batches=1, eval_batch_size_prompts=8,
         logger=LoggingConfig(log_to_wandb=False), device="cpu", seed=seed,
         n_checkpoints=n_checkpoints, checkpoint_path=str(out / "checkpoints"), output_path=None,
         resume_from_checkpoint=None if resume is None else str(resume), model_from_pretrained_kwargs={})
