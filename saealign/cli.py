@@ -17,11 +17,12 @@ from pathlib import Path
 from .core import atomic_write, load_embedder
 from .models import DEFAULT_MODEL, MODEL_SPECS, load_model, model_spec
 from .saes import load_sae
-from .evaluation import (STEERING_METHODS, SteeredText, default_grid_path, read_rows, run_grid, steer_by_text,
-                                 summary_table, torch_threads)
+from .evaluation import (SteeredText, default_grid_path, read_rows, run_grid, steer_by_text, summary_table,
+                                 torch_threads)
 from .reference import default_reference
 from .scoring import TOPIC_NAMES, topic_texts
-from .steering import DEFAULT_OUTPUT, OUTPUT_MODES, check_sampling, encode_prompts, format_side_by_side
+from .steering import (DEFAULT_OUTPUT, OUTPUT_MODES, check_sampling, encode_prompts, format_side_by_side,
+                               method_names)
 from .widgets import Column, chart_svg, columns_html, contamination_chart, inspector_html, token_details
 
 # %% auto #0
@@ -124,8 +125,8 @@ def align(align_texts: list[str], prompt: str, *, model_name: str = DEFAULT_MODE
     report's path are checked before anything is loaded."""
     start = time.perf_counter()
     check_sampling(max_new_tokens)
-    if method not in STEERING_METHODS or output not in OUTPUT_MODES:
-        raise ValueError(f"method must be one of {', '.join(STEERING_METHODS)} and output one of {', '.join(OUTPUT_MODES)}"
+    if method not in method_names() or output not in OUTPUT_MODES:
+        raise ValueError(f"method must be one of {', '.join(method_names())} and output one of {', '.join(OUTPUT_MODES)}"
                          f" (got {method!r}, {output!r}).")
     report = check_report_path(report)
     model = load_model(model_name, allow_pickle=allow_pickle)
@@ -213,7 +214,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True)
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"{', '.join(MODEL_SPECS)} or a transformer_lens name")
     p.add_argument("--sae", default=None, help="RELEASE/SAE_ID (sae_lens), or an id of the model's shipped SAEs")
-    p.add_argument("--method", default="Swap", choices=sorted(STEERING_METHODS))
+    p.add_argument("--method", default="Swap", choices=sorted(method_names()))
     p.add_argument("--output", default=DEFAULT_OUTPUT, choices=OUTPUT_MODES)
     p.add_argument("--allow-pickle", action="store_true",
                    help="load a transformer_lens model whose weights are a pickle (runs code from the file: trust it)")

@@ -31,16 +31,15 @@ from .saes import load_sae, shipped_sae_ids
 from .reference import (ReferenceSet, _embed, build_reference_prompts, compute_reference, default_reference,
                                 sae_digest, tensor_digest)
 from .scoring import STORY_TOPICS, LatentScores, score_latents
-from .steering import (DEFAULT_OUTPUT, OUTPUT_MODES, Clamp, Generation, Method, Swap, Weight, check_sampling,
-                               generate)
+from .steering import (DEFAULT_OUTPUT, ORIGINAL, OUTPUT_MODES, PAPER_CLAMP, Clamp, Generation, Method, Swap,
+                               Weight, check_sampling, generate, make_method, method_names)
 
 # %% auto #0
-__all__ = ['METAPHOR_PROMPTS', 'METRICS', 'PAPER_CLAMP', 'STEERING_METHODS', 'METHODS', 'GRID_HEADER', 'UNIT_KEY',
-           'GRID_SAMPLING', 'evaluation_prompts', 'evaluation_topics', 'perplexity', 'alignment_distances', 'words',
-           'topic_words', 'topic_word_rate', 'fine_tune', 'Unchanged', 'make_method', 'default_grid_path', 'read_rows',
-           'grid_units', 'unit_key', 'measure', 'torch_threads', 'run_grid', 'clamp_sweep', 'summary_table', 'compare',
-           'verdict_table', 'overview_table', 'seed_noise', 'metric_chart', 'topic_chart', 'cost_table', 'SteeredText',
-           'steer_by_text']
+__all__ = ['METAPHOR_PROMPTS', 'METRICS', 'METHODS', 'GRID_HEADER', 'UNIT_KEY', 'GRID_SAMPLING', 'evaluation_prompts',
+           'evaluation_topics', 'perplexity', 'alignment_distances', 'words', 'topic_words', 'topic_word_rate',
+           'fine_tune', 'default_grid_path', 'read_rows', 'grid_units', 'unit_key', 'measure', 'torch_threads',
+           'run_grid', 'clamp_sweep', 'summary_table', 'compare', 'verdict_table', 'overview_table', 'seed_noise',
+           'metric_chart', 'topic_chart', 'cost_table', 'SteeredText', 'steer_by_text']
 
 # %% ../nbs/04_evaluation.ipynb #3223b367
 METAPHOR_PROMPTS = [
@@ -162,24 +161,7 @@ def fine_tune(model, texts: list[str], *, epochs: int = 5, lr: float = 1e-3, bat
                           "loss_last": losses[-1]}
 
 # %% ../nbs/04_evaluation.ipynb #da78f0d5
-class Unchanged(Method):
-    "The SAE spliced in and left alone; with scores, so that the unmodified output's contamination is measured."
-    name = "SAE"
-
-    def edit(self, sae, h, acts):
-        return acts
-
-
-PAPER_CLAMP = {"value": 10.0, "mode": "multiply"}  # the paper's Clamp (its text), used by the grid
-STEERING_METHODS = {"SAE": Unchanged, "Clamp": Clamp, "Swap": Swap, "Weight": Weight}
-METHODS = ("Original", "FT", *STEERING_METHODS)
-
-
-def make_method(name: str, scores, **options) -> Method:
-    "The steering method called `name` (SAE, Clamp, Swap, Weight) for `scores`; `options` go to its constructor."
-    if name not in STEERING_METHODS:
-        raise ValueError(f"unknown steering method {name!r}: use one of {', '.join(STEERING_METHODS)}.")
-    return STEERING_METHODS[name](scores, **options)
+METHODS = (ORIGINAL, "FT", "SAE", "Clamp", "Swap", "Weight")  # the grid's methods unless told otherwise
 
 # %% ../nbs/04_evaluation.ipynb #0f3b196f
 GRID_HEADER = {"saealign": "evaluation grid", "format": 2}  # the first line of every grid file
@@ -254,13 +236,14 @@ def _layer(sae_id: str) -> int:
 
 def grid_units(topics, methods=METHODS, sae_ids=("",), outputs=(DEFAULT_OUTPUT,)) -> list[tuple]:
     "The (topic, method, sae, output) units of a grid, in the order they run."
-    unknown = [m for m in methods if m not in METHODS]
+    known = (ORIGINAL, "FT", *method_names())
+    unknown = [m for m in methods if m not in known]
     if unknown:
-        raise ValueError(f"unknown methods {unknown}: use some of {', '.join(METHODS)}.")
+        raise ValueError(f"unknown methods {unknown}: use some of {', '.join(known)}.")
     units = []
     for topic in topics:
         units += [(topic, m, "", "") for m in methods if m in ("Original", "FT")]
-        units += [(topic, m, s, o) for s in sae_ids for o in outputs for m in methods if m in STEERING_METHODS]
+        units += [(topic, m, s, o) for s in sae_ids for o in outputs for m in methods if m in method_names()]
     return units
 
 

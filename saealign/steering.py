@@ -9,6 +9,7 @@ import contextlib
 import math
 import numbers
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -16,8 +17,9 @@ from .models import model_spec
 from .saes import check_sae_fits
 
 # %% auto #0
-__all__ = ['OUTPUT_MODES', 'DEFAULT_OUTPUT', 'SUPPORTED_ARCHITECTURES', 'CLAMP_VALUE', 'check_architecture', 'activation_input',
-           'apply_activation', 'encode_with_inputs', 'as_scores', 'Method', 'Swap', 'Weight', 'Clamp', 'SteeringRecord',
+__all__ = ['OUTPUT_MODES', 'DEFAULT_OUTPUT', 'SUPPORTED_ARCHITECTURES', 'CLAMP_VALUE', 'ORIGINAL', 'PAPER_CLAMP',
+           'check_architecture', 'activation_input', 'apply_activation', 'encode_with_inputs', 'as_scores', 'Method',
+           'Swap', 'Weight', 'Clamp', 'Unchanged', 'register_method', 'method_names', 'make_method', 'SteeringRecord',
            'steer', 'check_sampling', 'encode_prompts', 'Generation', 'generate', 'side_by_side', 'format_side_by_side',
            'layer_metrics', 'layer_charts']
 
@@ -152,6 +154,51 @@ class Clamp(Method):
     def __repr__(self):
         return f"Clamp(top_n={self.top_n}, value={self.value}, mode={self.mode!r})"
 
+# %% ../nbs/03_steering.ipynb #b3bfb510
+ORIGINAL = "Original"  # the unmodified model: the name of "no SAE", never a registered method
+
+
+class Unchanged(Method):
+    "The SAE spliced in and left alone; with scores, so that the unmodified output's contamination is measured."
+    name = "SAE"
+
+    def edit(self, sae, h, acts):
+        return acts
+
+
+PAPER_CLAMP = {"value": 10.0, "mode": "multiply"}  # the paper's Clamp (its text), which the evaluation grid runs
+_FACTORIES: dict[str, Callable[..., Method]] = {}
+
+
+def register_method(name: str, factory: Callable[..., Method]) -> None:
+    "Let `make_method(name, scores, **options)` return `factory(scores, **options)`; a name registered again is replaced."
+    if not isinstance(name, str) or not name.strip() or name == ORIGINAL:
+        raise ValueError(f"a method's name is a non-empty string other than {ORIGINAL!r} (no SAE), not {name!r}.")
+    if not callable(factory):
+        raise TypeError(f"the factory of {name!r} must be callable (a Method class or a function), not {factory!r}.")
+    _FACTORIES[name] = factory
+
+
+def method_names() -> tuple[str, ...]:
+    "The registered methods' names, in the order they were registered."
+    return tuple(_FACTORIES)
+
+
+def make_method(name: str, scores, **options) -> Method:
+    "The method registered as `name`, built for `scores`; `options` go to its factory."
+    if name not in _FACTORIES:
+        raise ValueError(f"unknown steering method {name!r}: use one of {', '.join(_FACTORIES)}.")
+    method = _FACTORIES[name](scores, **options)
+    if not isinstance(method, Method):
+        raise TypeError(f"the factory of {name!r} returned {type(method).__name__}, not a Method.")
+    return method
+
+
+register_method("SAE", Unchanged)
+register_method("Clamp", Clamp)
+register_method("Swap", Swap)
+register_method("Weight", Weight)
+
 # %% ../nbs/03_steering.ipynb #8ce15651
 @dataclass
 class SteeringRecord:
@@ -270,7 +317,7 @@ def generate(model, sae=None, prompts: str | list[str] = "", method: Method | No
     for i, ids in enumerate(encoded):
         groups.setdefault(len(ids), []).append(i)
     stops, results = _stop_ids(model), [None] * len(prompts)
-    label = "Original" if sae is None else (method.name if method is not None else "SAE")
+    label = ORIGINAL if sae is None else (method.name if method is not None else "SAE")
     for length, rows in groups.items():
         batch = torch.tensor([encoded[i] for i in rows], device=model.cfg.device)
         torch.manual_seed(seed)

@@ -15,16 +15,16 @@ from dataclasses import dataclass
 import ipywidgets as W
 import torch
 
-from .evaluation import make_method as evaluation_method
 from .scoring import LatentScores, _check_ref, _summaries_t, model_topics, score_latents
-from .steering import DEFAULT_OUTPUT, OUTPUT_MODES, Generation, Method, as_scores, generate, steer
+from .steering import (DEFAULT_OUTPUT, ORIGINAL, OUTPUT_MODES, Generation, Method, as_scores, generate,
+                               make_method, method_names, steer)
 
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'COLOUR_STOPS', 'NEUTRAL', 'STYLE', 'METHODS', 'CUSTOM', 'contamination_colour', 'legend_html', 'TokenDetail',
+__all__ = ['log', 'COLOUR_STOPS', 'NEUTRAL', 'STYLE', 'CUSTOM', 'contamination_colour', 'legend_html', 'TokenDetail',
            'token_details', 'tokens_html', 'Column', 'columns_html', 'top_prompts', 'inspector_html',
-           'contamination_chart', 'chart_svg', 'make_method', 'AlignmentExplorer']
+           'contamination_chart', 'chart_svg', 'sae_and_method', 'AlignmentExplorer']
 
 # %% ../nbs/05_widgets.ipynb #5e064a84
 COLOUR_STOPS = ((0.0, (217, 240, 211)), (0.5, (254, 224, 139)), (1.0, (244, 109, 67)))
@@ -193,15 +193,12 @@ def chart_svg(chart) -> str:
     return buf.getvalue()
 
 # %% ../nbs/05_widgets.ipynb #9b38ef9f
-METHODS = ("Original", "SAE", "Clamp", "Swap", "Weight")
 CUSTOM = "(custom texts)"
 
 
-def make_method(name: str, scores) -> tuple[bool, Method | None]:
-    "`(use_sae, method)` for one of `METHODS`: `Original` runs without the SAE, the rest as the evaluation names them."
-    if name not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, not {name!r}.")
-    return name != "Original", None if name == "Original" else evaluation_method(name, scores)
+def sae_and_method(name: str, scores) -> tuple[bool, Method | None]:
+    "`(use_sae, method)` for the method called `name`: `Original` runs without the SAE, the rest through it."
+    return (False, None) if name == ORIGINAL else (True, make_method(name, scores))
 
 
 def _message(e: Exception) -> str:
@@ -228,7 +225,7 @@ class AlignmentExplorer:
         self.topic = W.Dropdown(options=[CUSTOM, *self.topics], value=first, description="topic")
         self.texts = W.Textarea(value="\n".join(self.topics.get(first, [])), rows=8, continuous_update=False,
                                 placeholder="alignment texts, one per line", layout=W.Layout(width="100%"))
-        self.method = W.Dropdown(options=METHODS, value="Swap", description="method")
+        self.method = W.Dropdown(options=[ORIGINAL, *method_names()], value="Swap", description="method")
         self.output = W.Dropdown(options=OUTPUT_MODES, value=DEFAULT_OUTPUT, description="output")
         self.max_new_tokens = W.BoundedIntText(value=48, min=1, max=model.cfg.n_ctx, description="new tokens")
         self.seed = W.IntText(value=0, description="seed")
@@ -304,14 +301,14 @@ class AlignmentExplorer:
         the widget's output mode. Keeps the columns in `self.columns` and their chart in `self.chart`."""
         output = self.output.value if output is None else output
         scores = self.score(align_texts)
-        use_sae, steering = make_method(method, scores)
+        use_sae, steering = sae_and_method(method, scores)
         self.progress.value = 1
         plain = generate(self.model, None, prompt, max_new_tokens=max_new_tokens, seed=seed)[0]
         self.progress.value = 2
         steered = plain if not use_sae else generate(self.model, self.sae, prompt, steering, output=output,
                                                      max_new_tokens=max_new_tokens, seed=seed)[0]
         self.progress.value = 3
-        label = method if method == "Original" else f"{method} ({output})"
+        label = method if method == ORIGINAL else f"{method} ({output})"
         self.columns = [Column("unsteered", "unsteered (Original)", plain, token_details(self.model, self.sae, plain, scores)),
                         Column("steered", label, steered, token_details(self.model, self.sae, steered, scores, steering))]
         self.chart = contamination_chart(self.columns)
