@@ -17,8 +17,8 @@ from pathlib import Path
 from .core import atomic_write, load_embedder
 from .models import DEFAULT_MODEL, MODEL_SPECS, load_model, model_spec
 from .saes import load_sae
-from .evaluation import (SteeredText, default_grid_path, read_rows, run_grid, steer_by_text, summary_table,
-                                 torch_threads)
+from .align import SteeredText, steer_by_text
+from .evaluation import default_grid_path, read_rows, run_grid, summary_table, torch_threads
 from .reference import default_reference
 from .scoring import TOPIC_NAMES, topic_texts
 from .steering import (DEFAULT_OUTPUT, OUTPUT_MODES, check_sampling, encode_prompts, format_side_by_side,

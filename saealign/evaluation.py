@@ -28,18 +28,18 @@ from tqdm.auto import tqdm
 from .core import atomic_write, cache_root, load_embedder, load_texts
 from .models import DEFAULT_MODEL, load_model, model_spec
 from .saes import load_sae, shipped_sae_ids
-from .reference import (ReferenceSet, _embed, build_reference_prompts, compute_reference, default_reference,
-                                sae_digest, tensor_digest)
-from .scoring import STORY_TOPICS, LatentScores, score_latents
-from .steering import (DEFAULT_OUTPUT, ORIGINAL, OUTPUT_MODES, PAPER_CLAMP, Clamp, Generation, Method, Swap,
-                               Weight, check_sampling, generate, make_method, method_names)
+from .reference import (_embed, build_reference_prompts, compute_reference, default_reference, sae_digest,
+                                tensor_digest)
+from .scoring import STORY_TOPICS, score_latents
+from .steering import (DEFAULT_OUTPUT, ORIGINAL, OUTPUT_MODES, PAPER_CLAMP, Clamp, Generation, Swap, Weight,
+                               check_sampling, generate, make_method, method_names)
 
 # %% auto #0
 __all__ = ['METAPHOR_PROMPTS', 'METRICS', 'METHODS', 'GRID_HEADER', 'UNIT_KEY', 'GRID_SAMPLING', 'evaluation_prompts',
            'evaluation_topics', 'perplexity', 'alignment_distances', 'words', 'topic_words', 'topic_word_rate',
            'fine_tune', 'default_grid_path', 'read_rows', 'grid_units', 'unit_key', 'measure', 'torch_threads',
            'run_grid', 'clamp_sweep', 'summary_table', 'compare', 'verdict_table', 'overview_table', 'seed_noise',
-           'metric_chart', 'topic_chart', 'cost_table', 'SteeredText', 'steer_by_text']
+           'metric_chart', 'topic_chart', 'cost_table']
 
 # %% ../nbs/04_evaluation.ipynb #3223b367
 METAPHOR_PROMPTS = [
@@ -581,28 +581,3 @@ def cost_table(model, sae, embedder, align_texts: list[str], *, n_reference: int
         rows.append(dict(stage=f"{max_new_tokens} tokens", kind="inference", method=name, seconds=mean, std=std,
                          per_token=mean / max(len(gens[0].tokens), 1)))
     return pd.DataFrame(rows)
-
-# %% ../nbs/04_evaluation.ipynb #e533707a
-@dataclasses.dataclass
-class SteeredText:
-    "What `steer_by_text` returns: the latent scores, the method built on them, the unsteered and the steered generation."
-    scores: LatentScores
-    method: Method
-    plain: Generation
-    steered: Generation
-
-
-def steer_by_text(align_texts: list[str], prompt: str, *, model=None, sae=None, embedder=None,
-                  reference: ReferenceSet | None = None, method: str = "Swap", output: str = DEFAULT_OUTPUT,
-                  max_new_tokens: int = 64, seed: int = 0, progress: bool = False, **method_options) -> SteeredText:
-    """Score the SAE's latents against `align_texts` and continue `prompt` unsteered and steered by `method`
-    (Swap, Weight, Clamp or SAE). Defaults: the default model, its default SAE and MiniLM."""
-    model = model or load_model()
-    sae = sae or load_sae(model=model)
-    embedder = embedder or load_embedder()
-    reference = reference or default_reference(model, sae, embedder, progress=progress)
-    scores = score_latents(reference, align_texts, embedder, model=model, sae=sae)
-    steering = make_method(method, scores, **method_options)
-    plain = generate(model, None, prompt, max_new_tokens=max_new_tokens, seed=seed)[0]
-    steered = generate(model, sae, prompt, steering, output=output, max_new_tokens=max_new_tokens, seed=seed)[0]
-    return SteeredText(scores, steering, plain, steered)
