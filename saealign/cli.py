@@ -23,7 +23,7 @@ from .reference import default_reference
 from .scoring import TOPIC_NAMES, topic_texts
 from .steering import (DEFAULT_OUTPUT, OUTPUT_MODES, check_sampling, encode_prompts, format_side_by_side,
                                method_names)
-from .widgets import Column, chart_svg, columns_html, contamination_chart, inspector_html, token_details
+from .render import chart_svg, columns_html, comparison_columns, contamination_chart, inspector_html
 
 # %% auto #0
 __all__ = ['read_topic_file', 'scores_chart', 'report_html', 'check_report_path', 'align', 'demo', 'grid', 'main']
@@ -62,10 +62,7 @@ def scores_chart(scores):
 
 def report_html(result: SteeredText, *, model, sae, reference, title: str, settings: dict) -> str:
     "A self-contained HTML page: settings, coloured continuations, contamination and score charts, latent inspector."
-    columns = [Column("unsteered", "unsteered (Original)", result.plain,
-                      token_details(model, sae, result.plain, result.scores)),
-               Column("steered", f"{result.steered.method} ({result.steered.output})", result.steered,
-                      token_details(model, sae, result.steered, result.scores, result.method))]
+    columns = comparison_columns(model, sae, result.plain, result.steered, result.scores, result.method)
     rows = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>" for k, v in settings.items())
     texts = "".join(f"<li>{html.escape(t)}</li>" for t in result.scores.align_texts)
     return f"""<!DOCTYPE html>

@@ -14,8 +14,8 @@ import saealign.widgets as Wd
 from saealign.reference import ReferenceSet, build_reference_prompts, compute_reference
 from saealign.scoring import STORY_TOPICS
 from saealign.steering import Clamp, Swap, Weight, generate
-from saealign.widgets import (CUSTOM, NEUTRAL, AlignmentExplorer, TokenDetail, contamination_colour, sae_and_method,
-                              token_details, tokens_html, top_prompts)
+from saealign.render import NEUTRAL, TokenDetail, contamination_colour, token_details, tokens_html, top_prompts
+from saealign.widgets import CUSTOM, AlignmentExplorer, sae_and_method
 
 SEA, FOOD = STORY_TOPICS["sea"], STORY_TOPICS["food"]
 
