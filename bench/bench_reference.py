@@ -3,10 +3,9 @@ blocks.6.hook_resid_pre): the reference pass against its floor, the naive per-pr
 then score_latents on a synthetic 8,192-prompt reference set. Run: `.venv/bin/python bench/bench_reference.py`
 (with SAEALIGN_ASSETS pointing at the asset mirror)."""
 
-import os
 import time
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from benchlib import best_of, interleaved_best_of
 
 import torch
 from sae_lens import StandardSAE, StandardSAEConfig
@@ -19,24 +18,6 @@ from saealign.scoring import _summaries_t, score_latents
 
 HOOK, D_SAE, N_PROMPTS, N_TOKENS, BATCH = "blocks.6.hook_resid_pre", 24576, 64, 128, 32
 TARGET_L0 = 30  # active latents per token: sets the encoder bias
-
-
-def best_of(fn, n=3):
-    times = []
-    for _ in range(n):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
-
-
-def interleaved_best_of(fns: dict, n=3) -> dict:
-    "Best of n per function, taking the functions in turn each round, so a busy neighbour process slows all alike."
-    best = {k: float("inf") for k in fns}
-    for _ in range(n):
-        for k, fn in fns.items():
-            best[k] = min(best[k], best_of(fn, 1))
-    return best
 
 
 class PrecomputedEmbedder:
