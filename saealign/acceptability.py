@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .core import (DamagedFileError, MINILM_SHA256, _hub_reachable, _unreachable, cache_folder, cache_root, load_embedder, load_tensors, load_texts, save_tensors, write_json)
+from .core import (DamagedFileError, MINILM_SHA256, hub_reachable, unreachable_error, cache_folder, cache_root, load_embedder, load_tensors, load_texts, save_tensors, write_json)
 
 log = logging.getLogger(__name__)
 
@@ -263,14 +263,14 @@ def _load_transformers(name: str, *, max_len: int, acceptable: int | None) -> Ac
     "A transformers sequence classifier from a local directory or the hub."
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     local = Path(name).is_dir()
-    online = local or _hub_reachable()
+    online = local or hub_reachable()
     try:  # offline, a copy in the HF cache still serves
         model = AutoModelForSequenceClassification.from_pretrained(name, local_files_only=not online)
         tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=not online)
     except OSError as e:
         if online:
             raise
-        raise _unreachable(f"acceptability classifier {name!r} (no such local directory, so read as a hub id)") from e
+        raise unreachable_error(f"acceptability classifier {name!r} (no such local directory, so read as a hub id)") from e
     if model.config.num_labels != 2:
         raise ValueError(f"{name!r} has {model.config.num_labels} labels; a CoLA classifier has 2")
     if acceptable is None:  # a label literally named "acceptable" decides; else CoLA's order (1 = acceptable)

@@ -13,6 +13,7 @@ import torch
 
 from .core import DamagedFileError, cache_folder, cache_root, load_tensors, load_texts, save_tensors
 from .models import model_spec
+from .reference import latent_acts
 from .saes import SAE_DIR, ship_sae
 
 log = logging.getLogger(__name__)
@@ -22,7 +23,7 @@ STORIES_SAE_DIR = SAE_DIR / "stories260K"
 # %% auto #0
 __all__ = ['log', 'STORIES_SAE_DIR', 'OPENINGS', 'EMBEDDED_SPECS', 'EMBEDDED_CORPUS', 'EMBEDDED_TRAINING_TOKENS',
            'sample_stories', 'pack_texts', 'mirror_rows', 'corpus_tokens', 'training_corpus', 'heldout_tokens',
-           'sae_config', 'train_sae', 'train_saes_together', 'latent_acts', 'sae_quality', 'latent_token_purity',
+           'sae_config', 'inference_sae', 'train_sae', 'train_saes_together', 'sae_quality', 'latent_token_purity',
            'token_determinism', 'context_dependence', 'top_tokens', 'train_embedded_saes']
 
 # %% ../nbs/00c_embedded_saes.ipynb #67123f8f
@@ -187,7 +188,7 @@ def _runner_kwargs(model, corpus, training_tokens: int, seed: int, lr: float, ba
         model_from_pretrained_kwargs={})  # the model is passed in, not loaded: no loading options to record
 
 
-def _inference(training_sae, path=None):
+def inference_sae(training_sae, path=None):
     """The trained SAE as sae_lens's inference `SAE`, through its own save format (so what we return is
     exactly what `SAE.load_from_disk` gives back later). Saved to `path`, else to a temporary folder."""
     import tempfile
@@ -217,7 +218,7 @@ def train_sae(model, corpus: datasets.Dataset, *, layer: int, d_sae: int, k: int
         **_runner_kwargs(model, corpus, training_tokens, seed, lr, batch_tokens, dead_window_tokens, output_path))
     torch.manual_seed(seed)  # sae_lens 6.54 does not seed torch from cfg.seed; initialisation would vary
     sae = LanguageModelSAETrainingRunner(cfg, override_dataset=corpus, override_model=model).run()
-    return _inference(sae, output_path)
+    return inference_sae(sae, output_path)
 
 
 def train_saes_together(model, corpus: datasets.Dataset, specs: dict[str, dict], *, training_tokens: int = 1_000_000,
@@ -241,30 +242,9 @@ def train_saes_together(model, corpus: datasets.Dataset, specs: dict[str, dict],
         **_runner_kwargs(model, corpus, training_tokens, seed, lr, batch_tokens, dead_window_tokens, output_path))
     torch.manual_seed(seed)  # sae_lens 6.54 does not seed torch from cfg.seed; initialisation would vary
     trained = MultiSAETrainingRunner(cfg, override_dataset=corpus, override_model=model).run()
-    return {n: _inference(sae, None if output_path is None else Path(output_path) / n) for n, sae in trained.items()}
+    return {n: inference_sae(sae, None if output_path is None else Path(output_path) / n) for n, sae in trained.items()}
 
 # %% ../nbs/00c_embedded_saes.ipynb #65b84c37
-@torch.no_grad()
-def latent_acts(model, sae, tokens: torch.Tensor, batch: int = 32):
-    """Hook activations x, SAE latents z and token ids for every non-special position of `tokens`.
-
-    Runs the model only up to the SAE's layer (the later layers cannot change the hook's value).
-    Returns (x [N, d_in], z [N, d_sae], ids [N], pos [N, 2] = (row, col)); the functions below take it
-    as `acts=` so one pass serves them all.
-    """
-    hook = sae.cfg.metadata.hook_name
-    layer = int(hook.split(".")[1])
-    xs = []
-    for s in range(0, len(tokens), batch):
-        _, cache = model.run_with_cache(tokens[s:s + batch], names_filter=hook, stop_at_layer=layer + 1)
-        xs.append(cache[hook])
-    x = torch.cat(xs)                                            # [rows, pos, d_in]
-    keep = ~torch.isin(tokens, torch.tensor(model_spec(model).special_ids(model.tokenizer)))
-    x = x[keep]
-    z = torch.cat([sae.encode(x[s:s + 8192]) for s in range(0, len(x), 8192)])
-    return x, z, tokens[keep], keep.nonzero()
-
-
 @torch.no_grad()
 def sae_quality(model, sae, tokens: torch.Tensor, ce: bool = True, acts=None, ce_batch: int = 32) -> dict:
     """Explained variance (pooled over non-special positions), mean L0, fraction of latents that never

@@ -25,10 +25,11 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from ._utils import hook_layer
 from .core import atomic_write, cache_root, load_embedder, load_texts
 from .models import DEFAULT_MODEL, load_model, model_spec
 from .saes import load_sae, shipped_sae_ids
-from .reference import (_embed, build_reference_prompts, compute_reference, default_reference, sae_digest,
+from .reference import (embed_texts, build_reference_prompts, compute_reference, default_reference, sae_digest,
                                 tensor_digest)
 from .scoring import STORY_TOPICS, score_latents
 from .steering import (DEFAULT_OUTPUT, ORIGINAL, OUTPUT_MODES, PAPER_CLAMP, Clamp, Generation, Swap, Weight,
@@ -97,8 +98,8 @@ def perplexity(model, generations: list[Generation], *, batch_size: int = 32) ->
 def alignment_distances(embedder, texts: list[str], align_texts: list[str], *, align_embeddings=None) -> dict[str, np.ndarray]:
     """Per text: `distance` (min distance to an alignment text, on unit embeddings as in scoring) and
     `centroid_cosine`. `align_embeddings`: the alignment texts' unit embeddings, when already computed."""
-    a = _embed(embedder, align_texts) if align_embeddings is None else align_embeddings
-    e = _embed(embedder, texts)
+    a = embed_texts(embedder, align_texts) if align_embeddings is None else align_embeddings
+    e = embed_texts(embedder, texts)
     d2 = (2 - 2 * e @ a.T).clamp_min(0)  # unit vectors: |x - y|^2 = 2 - 2 x.y
     centroid = torch.nn.functional.normalize(a.mean(0), dim=0)
     return {"distance": d2.min(1).values.sqrt().numpy(), "centroid_cosine": (e @ centroid).numpy()}
@@ -230,10 +231,6 @@ def _complete_units(path: Path, rows: list[dict]) -> set[str]:
     return {r["unit"] for r in kept}
 
 # %% ../nbs/04_evaluation.ipynb #74a38be9
-def _layer(sae_id: str) -> int:
-    return next((int(p) for p in sae_id.split(".")[1:2] if p.isdigit()), -1)
-
-
 def grid_units(topics, methods=METHODS, sae_ids=("",), outputs=(DEFAULT_OUTPUT,)) -> list[tuple]:
     "The (topic, method, sae, output) units of a grid, in the order they run."
     known = (ORIGINAL, "FT", *method_names())
@@ -297,7 +294,7 @@ class _TopicState:
 
     @functools.cached_property
     def embeddings(self):
-        return _embed(self.embedder, self.texts)
+        return embed_texts(self.embedder, self.texts)
 
     @functools.cached_property
     def vocabulary(self):
@@ -413,7 +410,7 @@ def _run_unit(path, unit, key, model, embedder, saes, state, prompts, seeds, max
                       vocabulary=state.vocabulary, acceptability=acceptability)
     n_tokens = sum(len(g.tokens) for _, g in gens) or 1
     _append_rows(path, [dict(unit=key, unit_rows=len(gens), topic=topic, method=method, sae=sae_id, output=output,
-                             layer=_layer(sae_id) if sae_id else -1, n_align=len(state.texts), prompt=g.prompt,
+                             layer=hook_layer(sae_id, default=-1), n_align=len(state.texts), prompt=g.prompt,
                              prompt_kind=prompts[g.prompt], seed=s, continuation=g.continuation, **m,
                              seconds_per_token=seconds / n_tokens, **extra)
                         for (s, g), m in zip(gens, metrics)])
@@ -560,7 +557,7 @@ def cost_table(model, sae, embedder, align_texts: list[str], *, n_reference: int
                                                                   progress=False))
     ref, full_s, _ = _timed(lambda: compute_reference(model, sae, prompts, embedder, max_tokens=max_tokens, progress=False))
     n_tokens, embed_s = int(latents_only.token_counts.sum()), max(full_s - latents_s, 0.0)
-    _, align_s, _ = _timed(lambda: _embed(embedder, align_texts), repeats)
+    _, align_s, _ = _timed(lambda: embed_texts(embedder, align_texts), repeats)
     scores, score_s, _ = _timed(lambda: score_latents(ref, align_texts, embedder), repeats)
     tuned, info = fine_tune(model, align_texts, **(fine_tune_options or {}))
     rows = [dict(stage="reference latents", kind="set-up", method="SAE methods", seconds=latents_s, std=0.0,

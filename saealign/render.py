@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .scoring import LatentScores, _summaries_t
+from .scoring import LatentScores, summaries_by_latent
 from .steering import ORIGINAL, Generation, Method, as_scores, steer
 
 # %% auto #0
@@ -148,7 +148,7 @@ def comparison_columns(model, sae, plain: Generation, steered: Generation, score
 # %% ../nbs/04c_render.ipynb #de61680d
 def top_prompts(ref, latent: int, k: int = 3) -> list[tuple[str, float]]:
     "The `k` reference prompts with the largest share of their activation mass on `latent`, with that share."
-    st = _summaries_t(ref)
+    st = summaries_by_latent(ref)
     start, end = int(st.crow_indices()[latent]), int(st.crow_indices()[latent + 1])
     values, cols = st.values()[start:end], st.col_indices()[start:end]
     best = values.topk(min(k, len(values)))

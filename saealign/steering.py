@@ -13,6 +13,7 @@ from typing import Callable
 
 import torch
 
+from ._utils import check_positive_int, hook_layer
 from .models import model_spec
 from .saes import check_sae_fits
 
@@ -245,16 +246,11 @@ def steer(model, sae, method: Method | None = None, *, output: str = DEFAULT_OUT
         yield record
 
 # %% ../nbs/03_steering.ipynb #c4f0ff1b
-def _positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}.")
-
-
 def check_sampling(max_new_tokens, top_k=None, temperature=1.0) -> None:
     "ValueError unless `max_new_tokens` is a positive int, `top_k` None or a positive int, `temperature` finite and >= 0."
-    _positive_int("max_new_tokens", max_new_tokens)
+    check_positive_int("max_new_tokens", max_new_tokens)
     if top_k is not None:
-        _positive_int("top_k", top_k)
+        check_positive_int("top_k", top_k)
     if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not 0 <= temperature < math.inf:
         raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy), got {temperature!r}.")
 
@@ -363,7 +359,7 @@ def layer_metrics(model, sae, methods: dict[str, Method], texts: list[str], *, l
     "One row per (method, text, token): latents changed, reconstruction error difference, contamination."
     check_sae_fits(model, sae)
     hook = sae.cfg.metadata.hook_name
-    layer = next((int(p) for p in hook.split(".")[1:2] if p.isdigit()), None)
+    layer = hook_layer(hook)
     special = {model.tokenizer.bos_token_id, model.tokenizer.eos_token_id, model.tokenizer.pad_token_id}
     rows = []
     for t, text in enumerate(texts):

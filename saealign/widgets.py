@@ -12,7 +12,7 @@ import time
 import ipywidgets as W
 
 from .render import Column, chart_svg, columns_html, comparison_columns, contamination_chart, inspector_html
-from .scoring import LatentScores, _check_ref, model_topics, score_latents
+from .scoring import LatentScores, check_reference, model_topics, score_latents
 from .steering import DEFAULT_OUTPUT, ORIGINAL, OUTPUT_MODES, Method, generate, make_method, method_names
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ class AlignmentExplorer:
 
     def __init__(self, model, sae, reference, embedder, *, topics: dict[str, list[str]] | None = None,
                  prompt: str = "Once upon a time", n_latents: int = 10, n_prompts: int = 3):
-        _check_ref(reference, embedder, model, sae)  # once: scoring then skips the weight digests
+        check_reference(reference, embedder, model, sae)  # once: scoring then skips the weight digests
         self.model, self.sae, self.reference, self.embedder = model, sae, reference, embedder
         self.topics = dict(model_topics(model) if topics is None else topics)
         self.n_latents, self.n_prompts = n_latents, n_prompts
