@@ -24,7 +24,7 @@ STORIES_SAE_DIR = SAE_DIR / "stories260K"
 __all__ = ['log', 'STORIES_SAE_DIR', 'OPENINGS', 'EMBEDDED_SPECS', 'EMBEDDED_CORPUS', 'EMBEDDED_TRAINING_TOKENS',
            'sample_stories', 'pack_texts', 'mirror_rows', 'corpus_tokens', 'training_corpus', 'heldout_tokens',
            'sae_config', 'inference_sae', 'train_sae', 'train_saes_together', 'sae_quality', 'latent_token_purity',
-           'token_determinism', 'context_dependence', 'top_tokens', 'train_embedded_saes']
+           'token_determinism', 'top_tokens', 'train_embedded_saes']
 
 # %% ../nbs/00c_embedded_saes.ipynb #67123f8f
 # Varied openings: the model's stories start from BOS; these spread the samples over characters,
@@ -292,46 +292,6 @@ def token_determinism(model, sae, tokens: torch.Tensor, acts=None) -> torch.Tens
     between = (s1 ** 2 / n.clamp(min=1)).sum(0) - s1.sum(0) ** 2 / len(z)
     total = (z ** 2).sum(0) - s1.sum(0) ** 2 / len(z)
     return between / total
-
-
-def _ngram_keys(tokens: torch.Tensor, pos: torch.Tensor, n: int, vocab: int) -> torch.Tensor:
-    "One integer per position for the n tokens ending there (a 'before the row' id fills the start)."
-    r, c = pos[:, 0], pos[:, 1]
-    key = torch.zeros(len(pos), dtype=torch.long)
-    for j in range(n):
-        t = torch.where(c - j >= 0, tokens[r, (c - j).clamp(min=0)], torch.full_like(c, vocab))
-        key = key * (vocab + 1) + t
-    return key
-
-
-@torch.no_grad()
-def context_dependence(model, sae, tokens: torch.Tensor, max_n: int = 3, acts=None) -> torch.Tensor:
-    """Per latent, how much of its activation the last n tokens predict: cross-fitted R², [max_n, d_sae].
-
-    Row n-1 holds R² of predicting a latent's activation by its mean over the same n-gram (current token
-    and the n-1 before it), fitted on half of the rows and scored on the other half (then swapped);
-    unseen n-grams back off to the (n-1)-gram. With a 512-token vocab, words are 1-3 tokens, so
-      R²_1 high            -> a token detector,
-      R²_1 low, R²_3 high  -> a word (or short-phrase) detector: the token counts only inside one word,
-      R²_3 low             -> context / topic: the local n-gram does not explain it.
-    Cross-fitting keeps rare n-grams from explaining a latent by memorising it. NaN for dead latents.
-    """
-    _, z, _, pos = acts or latent_acts(model, sae, tokens)
-    V = model.cfg.d_vocab
-    keys = [_ngram_keys(tokens, pos, n, V) for n in range(1, max_n + 1)]
-    fold = pos[:, 0] % 2 == 0
-    sse, sst = torch.zeros(max_n, z.shape[1]), torch.zeros(z.shape[1])
-    for test in (fold, ~fold):
-        z_tr, z_te = z[~test], z[test]
-        pred = z_tr.mean(0).expand_as(z_te)
-        for n in range(max_n):
-            u, inv = keys[n][~test].unique(return_inverse=True)
-            means = torch.zeros(len(u), z.shape[1]).index_add_(0, inv, z_tr) / torch.bincount(inv)[:, None]
-            idx = torch.searchsorted(u, keys[n][test]).clamp(max=len(u) - 1)
-            pred = torch.where((u[idx] == keys[n][test])[:, None], means[idx], pred)
-            sse[n] += ((z_te - pred) ** 2).sum(0)
-        sst += ((z_te - z_te.mean(0)) ** 2).sum(0)
-    return torch.where(sst > 0, 1 - sse / sst, torch.nan)
 
 
 @torch.no_grad()
