@@ -71,7 +71,7 @@ class MeanPoolClassifier(nn.Module):
         m = attention_mask.unsqueeze(-1).to(h.dtype)
         return self.head(self.dropout((h * m).sum(1) / m.sum(1).clamp(min=1)))
 
-
+# %% ../nbs/04a_acceptability.ipynb #2bd157e3
 class AcceptabilityClassifier:
     """P(acceptable) for texts, from a sequence classifier and its tokenizer. `model(input_ids=, attention_mask=)`
     returns logits (or an output with `.logits`) over labels; `acceptable` is the index of the acceptable label."""
@@ -197,7 +197,7 @@ def _load_checkpoint(path: Path, model, opt, settings: dict) -> dict | None:
     opt.load_state_dict({"state": opt_state, "param_groups": state.pop("param_groups")})
     return state
 
-
+# %% ../nbs/04a_acceptability.ipynb #28fac4fa
 def train_acceptability(out_dir=None, *, epochs: int = 3, max_train: int | None = None, max_len: int = 64,
                         batch_size: int = 32, lr: float = 5e-5, seed: int = 0,
                         progress: bool = True) -> AcceptabilityClassifier:

@@ -112,7 +112,7 @@ def check_report_path(report) -> Path | None:
         raise ValueError(f"the report path {report} cannot be written: {path.parent} is not writable.")
     return path
 
-
+# %% ../nbs/06_cli.ipynb #34ab0874
 def align(align_texts: list[str], prompt: str, *, model_name: str = DEFAULT_MODEL, sae_name: str | None = None,
           topic: str = "topic", method: str = "Swap", output: str = DEFAULT_OUTPUT, max_new_tokens: int = 64,
           seed: int = 0, report: str | None = "saealign-report.html", top: int = 5,

@@ -161,7 +161,7 @@ def _p3_hub(split: str) -> datasets.Dataset:
             rows.append({"text": r["inputs_pretokenized"], "template": config, "completion": r["targets_pretokenized"]})
     return datasets.Dataset.from_list(rows)
 
-
+# %% ../nbs/00_core.ipynb #4d6fb7f8
 def _pubmedqa_mirror(path: Path, split: str) -> datasets.Dataset:
     # {pubid: {"QUESTION", "CONTEXTS", ...}}: lower-cased keys match the hub's flattened columns
     rows = [{"pubid": int(k), **{key.lower(): v for key, v in rec.items()}} for k, rec in _records(path).items()]
@@ -207,7 +207,7 @@ def _cola_hub(split: str) -> datasets.Dataset:
 def _hub_simple(path, name=None, text="text"):
     return lambda split: _text_first(hub_dataset(path, name, split=split), text)
 
-
+# %% ../nbs/00_core.ipynb #f59a13e5
 @dataclass(frozen=True)
 class TextSource:
     files: dict[str, str]                                  # split -> mirror path; the first is the default

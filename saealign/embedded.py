@@ -72,7 +72,7 @@ def sample_stories(model, n: int, length: int = 256, seed: int = 0, openings=OPE
             out[idx] = gen[:, :length].cpu()
     return out
 
-
+# %% ../nbs/00c_embedded_saes.ipynb #db59f3d7
 def pack_texts(texts, tokenizer, n_rows: int, length: int = 256, *, strict: bool = True) -> torch.Tensor:
     """Tokenize texts (each BOS-prefixed) and pack them greedily into `n_rows` rows of `length`.
 
@@ -111,7 +111,7 @@ def mirror_rows(tokenizer, n: int, length: int = 256, seed: int = 0, split: str 
         parts.append(pack_texts(cola, tokenizer, n - n_p3, length))
     return torch.cat(parts)
 
-
+# %% ../nbs/00c_embedded_saes.ipynb #169a26c3
 def _cached(path: Path, make):
     """Tensor 'tokens' from a checksummed file in a saealign cache folder, or made and saved there atomically
     (sampling is the slow part); a damaged file is made again, with a warning."""
@@ -187,7 +187,7 @@ def _runner_kwargs(model, corpus, training_tokens: int, seed: int, lr: float, ba
         checkpoint_path=None, n_checkpoints=0, output_path=None if output_path is None else str(output_path),
         model_from_pretrained_kwargs={})  # the model is passed in, not loaded: no loading options to record
 
-
+# %% ../nbs/00c_embedded_saes.ipynb #67d3b51e
 def inference_sae(training_sae, path=None):
     """The trained SAE as sae_lens's inference `SAE`, through its own save format (so what we return is
     exactly what `SAE.load_from_disk` gives back later). Saved to `path`, else to a temporary folder."""

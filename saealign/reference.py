@@ -282,6 +282,11 @@ def load_saved_pair(stem: Path, what: str) -> tuple[dict, dict]:
     return json.loads(body), tensors
 
 
+def _prompt_counts(s: torch.Tensor) -> torch.Tensor:
+    # each row holds a column at most once, and only latents that fired are stored
+    return torch.bincount(s.col_indices().long(), minlength=s.shape[1])
+
+# %% ../nbs/01_reference.ipynb #778a74a4
 @dataclass(eq=False)  # tensors have no single truth value: compare fields explicitly
 class ReferenceSet:
     """The reference stage's output. `embeddings` are L2-normalised (unit rows), so the Euclidean distance
@@ -365,11 +370,6 @@ class ReferenceSet:
                          path / "reference.safetensors")
         return cls(s, t["prompt_counts"], t["token_counts"], t["embeddings"], info["prompts"],
                    info["fingerprint"], info["meta"])
-
-
-def _prompt_counts(s: torch.Tensor) -> torch.Tensor:
-    # each row holds a column at most once, and only latents that fired are stored
-    return torch.bincount(s.col_indices().long(), minlength=s.shape[1])
 
 # %% ../nbs/01_reference.ipynb #fdf6fea1
 _CHUNK_NAME = re.compile(r"chunk_(\d{5})\.safetensors")
@@ -493,6 +493,26 @@ def _merge_chunks(chunks: list[dict], prompts: list[str], plan: dict) -> Referen
                         torch.cat([c["embeddings"] for c in chunks]), prompts, plan["fingerprint"], meta)
 
 # %% ../nbs/01_reference.ipynb #6974ed76
+def embed_texts(embedder, texts) -> torch.Tensor:
+    if embedder is None:
+        return torch.zeros(len(texts), 0)
+    # normalize_embeddings: unit rows for any embedder (all-MiniLM-L6-v2 already ends in Normalize)
+    return embedder.encode(list(texts), batch_size=EMBED_BATCH, convert_to_tensor=True, normalize_embeddings=True,
+                           show_progress_bar=False).float().cpu()
+
+
+def embedding_dim(embedder) -> int:
+    # sentence-transformers >= 5 renamed get_sentence_embedding_dimension (which now warns)
+    get = getattr(embedder, "get_embedding_dimension", None) or embedder.get_sentence_embedding_dimension
+    return get()
+
+
+def embedder_description(embedder) -> dict | None:
+    if embedder is None:
+        return None
+    return {"dim": embedding_dim(embedder), "weights_sample": tensor_digest(embedder, sample=4096)}
+
+# %% ../nbs/01_reference.ipynb #d7d4cb1e
 def _compute_chunk(model, sae, prompts, embedder, batch_size, max_tokens, bar, embeddings=None) -> dict:
     "One chunk's summaries, token counts and embeddings (`embeddings`: an `_EmbeddingCache` to take them from)."
     ids, n_trunc = tokenize(model, prompts, max_tokens)
@@ -513,26 +533,6 @@ def _compute_chunk(model, sae, prompts, embedder, batch_size, max_tokens, bar, e
     emb = embed_texts(embedder, prompts) if embeddings is None else embeddings.embed(prompts)[0]
     return {"crow_indices": s.crow_indices(), "col_indices": s.col_indices(), "values": s.values(),
             "token_counts": token_counts, "embeddings": emb, "n_truncated": torch.tensor([n_trunc])}
-
-
-def embed_texts(embedder, texts) -> torch.Tensor:
-    if embedder is None:
-        return torch.zeros(len(texts), 0)
-    # normalize_embeddings: unit rows for any embedder (all-MiniLM-L6-v2 already ends in Normalize)
-    return embedder.encode(list(texts), batch_size=EMBED_BATCH, convert_to_tensor=True, normalize_embeddings=True,
-                           show_progress_bar=False).float().cpu()
-
-
-def embedding_dim(embedder) -> int:
-    # sentence-transformers >= 5 renamed get_sentence_embedding_dimension (which now warns)
-    get = getattr(embedder, "get_embedding_dimension", None) or embedder.get_sentence_embedding_dimension
-    return get()
-
-
-def embedder_description(embedder) -> dict | None:
-    if embedder is None:
-        return None
-    return {"dim": embedding_dim(embedder), "weights_sample": tensor_digest(embedder, sample=4096)}
 
 
 def compute_reference(model, sae, prompts, embedder, *, batch_size: int = 32, cache_dir=None,

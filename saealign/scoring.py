@@ -104,7 +104,7 @@ def summaries_by_latent(ref: ReferenceSet) -> torch.Tensor:
                                                             check_invariants=False)
     return ref._cache["summaries_t"]
 
-
+# %% ../nbs/02_scoring.ipynb #e7299de6
 def _min_distances(ref: ReferenceSet, embedder, topics: dict[str, list[str]]) -> torch.Tensor:
     "dist(p) = min_a ||e(p) - e(a)||_2, one column per topic: [n_prompts, n_topics]."
     a = embed_texts(embedder, [t for texts in topics.values() for t in texts]).double()
@@ -208,7 +208,7 @@ def strawman_latents(model, sae, align_texts, *, batch_size: int = 16):
                        "mass": mass[fired].numpy(), "share": (mass[fired] / mass.sum()).numpy()})
     return df.sort_values(["mass", "latent"], ascending=[False, True], ignore_index=True)
 
-
+# %% ../nbs/02_scoring.ipynb #c220a9da
 def topk_token_share(model, sae, scores, texts, ks, *, batch_size: int = 16) -> dict[int, float]:
     """For each k in `ks`: the share of the (non-special) tokens of `texts` on which at least one of the k
     best-scored eligible latents fires (paper §4.1)."""
@@ -245,7 +245,7 @@ def validation_chart(df):
         color=alt.Color("texts:N", title=None), tooltip=["k", "texts", alt.Tooltip("share:Q", format=".3f")],
     ).properties(title="Top-k latents: aligned vs unaligned text", width=400, height=250)
 
-
+# %% ../nbs/02_scoring.ipynb #46b1f7ac
 def top_latent_tokens(model, sae, scores, texts, n_latents: int = 10, n_tokens: int = 5, *, batch_size: int = 16):
     """The tokens of `texts` that fire each of the `n_latents` best-scored latents most (by summed activation):
     a DataFrame rank, latent, score, token (vocabulary piece), text (decoded), count, mass."""

@@ -34,8 +34,53 @@ def _message(e: Exception) -> str:
     text = lines[0] if len(lines[0]) <= 300 else lines[0][:299] + "…"
     return text if isinstance(e, ValueError) else f"{type(e).__name__}: {text}"
 
+# %% ../nbs/05_widgets.ipynb #7196f4b7
+class _LiveScoring:
+    """The explorer's scoring half: the texts' scores, recomputed whenever the texts change, and the status
+    line. `AlignmentExplorer` builds the widgets it reads (`texts`, `topic`, `inspector`, `status`)."""
 
-class AlignmentExplorer:
+    @property
+    def align_texts(self) -> list[str]:
+        "The text area's lines, stripped, blank lines left out."
+        return [line.strip() for line in self.texts.value.splitlines() if line.strip()]
+
+    def score(self, align_texts) -> LatentScores:
+        "The latents' scores for `align_texts`, from the cached reference (remembered per list of texts)."
+        key = (align_texts,) if isinstance(align_texts, str) else tuple(align_texts)
+        if key not in self._scored:
+            self._scored[key] = score_latents(self.reference, align_texts, self.embedder)
+        return self._scored[key]
+
+    def _say(self, text: str) -> None:
+        self.status.value = f'<span class="saealign-note">{html.escape(text)}</span>'
+
+    def _error(self, e: Exception) -> None:
+        if not isinstance(e, ValueError):
+            log.exception("AlignmentExplorer")
+        self.status.value = f'<span class="saealign-error">⚠ {html.escape(_message(e))}</span>'
+
+    def _on_topic(self, change) -> None:
+        if change.new != CUSTOM:
+            self.texts.value = "\n".join(self.topics[change.new])
+
+    def _on_texts(self, change) -> None:
+        texts = self.align_texts
+        self.topic.value = next((name for name, t in self.topics.items() if list(t) == texts), CUSTOM)
+        self._rescore()
+
+    def _rescore(self) -> None:
+        start = time.perf_counter()
+        try:
+            self.scores = self.score(self.align_texts)
+            self.inspector.value = inspector_html(self.reference, self.scores, self.n_latents, self.n_prompts)
+            self._say(f"scored {len(self.scores.scores)} latents for {len(self.align_texts)} texts "
+                      f"in {time.perf_counter() - start:.2f} s")
+        except Exception as e:
+            self.scores, self.inspector.value = None, ""
+            self._error(e)
+
+# %% ../nbs/05_widgets.ipynb #03c92d12
+class AlignmentExplorer(_LiveScoring):
     "A JupyterLab widget: alignment texts → scores → unsteered and steered continuations, highlighted by contamination."
 
     def __init__(self, model, sae, reference, embedder, *, topics: dict[str, list[str]] | None = None,
@@ -81,46 +126,6 @@ class AlignmentExplorer:
 
     def _repr_mimebundle_(self, **kwargs):
         return self.widget._repr_mimebundle_(**kwargs)
-
-    @property
-    def align_texts(self) -> list[str]:
-        "The text area's lines, stripped, blank lines left out."
-        return [line.strip() for line in self.texts.value.splitlines() if line.strip()]
-
-    def score(self, align_texts) -> LatentScores:
-        "The latents' scores for `align_texts`, from the cached reference (remembered per list of texts)."
-        key = (align_texts,) if isinstance(align_texts, str) else tuple(align_texts)
-        if key not in self._scored:
-            self._scored[key] = score_latents(self.reference, align_texts, self.embedder)
-        return self._scored[key]
-
-    def _say(self, text: str) -> None:
-        self.status.value = f'<span class="saealign-note">{html.escape(text)}</span>'
-
-    def _error(self, e: Exception) -> None:
-        if not isinstance(e, ValueError):
-            log.exception("AlignmentExplorer")
-        self.status.value = f'<span class="saealign-error">⚠ {html.escape(_message(e))}</span>'
-
-    def _on_topic(self, change) -> None:
-        if change.new != CUSTOM:
-            self.texts.value = "\n".join(self.topics[change.new])
-
-    def _on_texts(self, change) -> None:
-        texts = self.align_texts
-        self.topic.value = next((name for name, t in self.topics.items() if list(t) == texts), CUSTOM)
-        self._rescore()
-
-    def _rescore(self) -> None:
-        start = time.perf_counter()
-        try:
-            self.scores = self.score(self.align_texts)
-            self.inspector.value = inspector_html(self.reference, self.scores, self.n_latents, self.n_prompts)
-            self._say(f"scored {len(self.scores.scores)} latents for {len(self.align_texts)} texts "
-                      f"in {time.perf_counter() - start:.2f} s")
-        except Exception as e:
-            self.scores, self.inspector.value = None, ""
-            self._error(e)
 
     def render_html(self, prompt: str, align_texts, *, method: str = "Swap", output: str | None = None,
                     max_new_tokens: int = 64, seed: int = 0) -> str:
