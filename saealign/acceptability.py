@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .core import (DamagedFileError, MINILM_SHA256, hub_reachable, unreachable_error, cache_folder, cache_root, load_embedder, load_tensors, load_texts, save_tensors, write_json)
+from .core import (DamagedFileError, MINILM_SHA256, cache_folder, cache_root, hub_reachable, load_embedder, load_tensors, load_texts, save_tensors, unreachable_error, write_json)
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ from ._utils import hook_layer
 from .core import atomic_write, cache_root, load_embedder, load_texts
 from .models import DEFAULT_MODEL, load_model, model_spec
 from .saes import load_sae, shipped_sae_ids
-from .reference import (embed_texts, build_reference_prompts, compute_reference, default_reference, sae_digest,
+from .reference import (build_reference_prompts, compute_reference, default_reference, embed_texts, sae_digest,
                                 tensor_digest)
 from .scoring import STORY_TOPICS, score_latents
 from .steering import (DEFAULT_OUTPUT, ORIGINAL, OUTPUT_MODES, PAPER_CLAMP, Clamp, Generation, Swap, Weight,

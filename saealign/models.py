@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from .core import hub_reachable, unreachable_error, cache_folder, cache_root, hub_file, sha256_of
+from .core import cache_folder, cache_root, hub_file, hub_reachable, sha256_of, unreachable_error
 
 # Denormal floats in Gemma's attention made CPU generation ~10x slower (1.1 vs 0.11 s/token); flushing them in every
 # process that imports saealign also keeps the numerics of the driver and of Ray workers the same.

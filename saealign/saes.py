@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from ._utils import hook_layer
-from .core import DamagedFileError, hub_reachable, unreachable_error, load_tensors, save_tensors, write_json
+from .core import DamagedFileError, hub_reachable, load_tensors, save_tensors, unreachable_error, write_json
 from .models import DEFAULT_MODEL, model_spec
 
 # %% auto #0

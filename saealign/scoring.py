@@ -16,7 +16,7 @@ import torch
 
 from .core import load_texts
 from .models import model_spec
-from .reference import (ReferenceSet, embed_texts, embedding_dim, pad_right, embedder_description, latent_acts,
+from .reference import (ReferenceSet, embed_texts, embedder_description, embedding_dim, latent_acts, pad_right,
                                 load_saved_pair, sae_digest, save_pair, tensor_digest, tokenize)
 
 # %% auto #0
