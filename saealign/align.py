@@ -31,7 +31,8 @@ def steer_by_text(align_texts: list[str], prompt: str, *, model=None, sae=None, 
                   reference: ReferenceSet | None = None, method: str = "Swap", output: str = DEFAULT_OUTPUT,
                   max_new_tokens: int = 64, seed: int = 0, progress: bool = False, **method_options) -> SteeredText:
     """Score the SAE's latents against `align_texts` and continue `prompt` unsteered and steered by `method`
-    (Swap, Weight, Clamp or SAE). Defaults: the default model, its default SAE and MiniLM."""
+    (any name `method_names()` lists: Swap, Weight, Clamp, SAE, or one a later chapter registered). Defaults: the
+    default model, its default SAE and MiniLM."""
     model = model or load_model()
     sae = sae or load_sae(model=model)
     embedder = embedder or load_embedder()
