@@ -493,6 +493,9 @@ def _merge_chunks(chunks: list[dict], prompts: list[str], plan: dict) -> Referen
                         torch.cat([c["embeddings"] for c in chunks]), prompts, plan["fingerprint"], meta)
 
 # %% ../nbs/01_reference.ipynb #6974ed76
+EMBED_BATCH = 64  # texts per encode call; in the embeddings key, as batching can change the last bits
+
+
 def embed_texts(embedder, texts) -> torch.Tensor:
     if embedder is None:
         return torch.zeros(len(texts), 0)
@@ -578,9 +581,6 @@ def compute_reference(model, sae, prompts, embedder, *, batch_size: int = 32, ca
     return _merge_chunks(chunks, prompts, plan)
 
 # %% ../nbs/01_reference.ipynb #5b3872f9
-EMBED_BATCH = 64  # texts per encode call; in the embeddings key, as batching can change the last bits
-
-
 def _sha(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=_json_default).encode()).hexdigest()
 
