@@ -3,28 +3,24 @@
 Run: `make bench` (or `.venv/bin/python bench/bench_demo.py`). The first run warms the cache (reference set,
 sampled stories); the next `--repeats` runs are timed and the best is kept.
 """
-import argparse
 import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+from benchlib import options, timed
 
 TARGET_S = 120.0  # issue 5: under two minutes on this CPU with a warm cache
 
 
 def run_demo(workdir: str) -> float:
-    start = time.perf_counter()
-    subprocess.run([str(Path(sys.executable).with_name("saealign")), "demo"], cwd=workdir, check=True,
-                   env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True)
-    return time.perf_counter() - start
+    return timed(lambda: subprocess.run([str(Path(sys.executable).with_name("saealign")), "demo"], cwd=workdir,
+                                        check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True))[1]
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
+    args = options()
     with tempfile.TemporaryDirectory() as workdir:
         cold = run_demo(workdir)
         warm = min(run_demo(workdir) for _ in range(args.repeats))

@@ -7,40 +7,25 @@ Target (issue 10): steered generation per token <= 1.3x HF's plain `generate`.
 
 Run: `.venv/bin/python bench/bench_gemma.py` (part of `make bench`).
 """
-import argparse
-import os
-import time
+from benchlib import interleaved_best_of, options, timed, torch_inference
 
 import torch
+from sae_lens import HookedSAETransformer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-from sae_lens import HookedSAETransformer  # noqa: E402
-from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
-
-from saealign.models import GEMMA_HUB_ID, gemma_folder, load_model  # noqa: E402
-from saealign.saes import load_sae  # noqa: E402
-from saealign.steering import Swap, generate  # noqa: E402
+from saealign.models import GEMMA_HUB_ID, gemma_folder, load_model
+from saealign.saes import load_sae
+from saealign.steering import Swap, generate
 
 PROMPT = "The patient was diagnosed with"
 
 
-def timed(fn):
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
 def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
-    torch.set_grad_enabled(False)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-
+    args = options(tokens=32)
+    torch_inference()
     folder = gemma_folder()
-    load_s = timed(lambda: globals().__setitem__("model", load_model("gemma-3-270m")))
-    hf_s = timed(lambda: globals().__setitem__("hf", AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)))
+    model, load_s = timed(lambda: load_model("gemma-3-270m"))
+    hf, hf_s = timed(lambda: AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32))
     print(f"warm load_model: {load_s:.1f} s (HF from the cached folder alone: {hf_s:.1f} s)")
     stock = HookedSAETransformer.from_pretrained_no_processing(
         GEMMA_HUB_ID, hf_model=hf, tokenizer=AutoTokenizer.from_pretrained(folder), dtype=torch.float32).eval()
@@ -56,10 +41,7 @@ def main():
     }
     for fn in configs.values():  # warm-up
         fn()
-    best = {name: float("inf") for name in configs}
-    for _ in range(args.repeats):
-        for name, fn in configs.items():
-            best[name] = min(best[name], timed(fn) / n)
+    best = {name: seconds / n for name, seconds in interleaved_best_of(configs, args.repeats).items()}
     print(f"\nGemma 3 270M, {n} new tokens, greedy, batch 1, best of {args.repeats}")
     print(f"{'config':<22} {'s/token':>8} {'÷ HF':>6}")
     for name, t in best.items():

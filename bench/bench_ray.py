@@ -7,10 +7,9 @@ Run: `.venv/bin/python bench/bench_ray.py` (with SAEALIGN_ASSETS pointing at the
 
 import os
 import tempfile
-import time
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from benchlib import timed
 
 import numpy as np
 import torch
@@ -23,12 +22,6 @@ from saealign.reference import build_reference_prompts, compute_reference
 
 N_PROMPTS, CHUNK, MAX_TOKENS, WORKERS = 1024, 256, 128, 2
 STORIES = Recipe("stories260K")
-
-
-def timed(fn):
-    t = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - t
 
 
 class Echo:

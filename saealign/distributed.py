@@ -17,8 +17,9 @@ from tqdm.auto import tqdm
 
 from .core import cache_folder, load_embedder
 from .models import DEFAULT_MODEL, load_model
+from ._utils import check_positive_int
 from .reference import (ReferenceSet, _check_prompts, _ChunkCache, _compute_chunk, _embedding_cache_dir,
-                        _EmbeddingCache, _merge_chunks, _positive, _prompts_digest, _reference_plan)
+                                _EmbeddingCache, _merge_chunks, _prompts_digest, _reference_plan)
 from .saes import load_sae
 
 log = logging.getLogger(__name__)
@@ -106,7 +107,7 @@ def compute_reference_ray(recipe: Recipe, prompts, *, workers: int = 2, num_gpus
     ray = _ray()
     prompts = _check_prompts(prompts)
     for name, value in (("batch_size", batch_size), ("workers", workers), ("num_cpus", num_cpus)):
-        _positive(name, value)
+        check_positive_int(name, value)
     device, digest = "cuda" if num_gpus else "cpu", _prompts_digest(prompts)
     resources = {"num_cpus": num_cpus, "num_gpus": num_gpus}
     plan = ray.get(ray.remote(_plan).options(**resources).remote(recipe, device, digest, chunk_size, max_tokens))

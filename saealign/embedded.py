@@ -13,6 +13,7 @@ import torch
 
 from .core import DamagedFileError, cache_folder, cache_root, load_tensors, load_texts, save_tensors
 from .models import model_spec
+from .reference import latent_acts
 from .saes import SAE_DIR, ship_sae
 
 log = logging.getLogger(__name__)
@@ -22,8 +23,8 @@ STORIES_SAE_DIR = SAE_DIR / "stories260K"
 # %% auto #0
 __all__ = ['log', 'STORIES_SAE_DIR', 'OPENINGS', 'EMBEDDED_SPECS', 'EMBEDDED_CORPUS', 'EMBEDDED_TRAINING_TOKENS',
            'sample_stories', 'pack_texts', 'mirror_rows', 'corpus_tokens', 'training_corpus', 'heldout_tokens',
-           'sae_config', 'train_sae', 'train_saes_together', 'latent_acts', 'sae_quality', 'latent_token_purity',
-           'token_determinism', 'context_dependence', 'top_tokens', 'train_embedded_saes']
+           'sae_config', 'inference_sae', 'train_sae', 'train_saes_together', 'sae_quality', 'latent_token_purity',
+           'token_determinism', 'top_tokens', 'train_embedded_saes']
 
 # %% ../nbs/00c_embedded_saes.ipynb #67123f8f
 # Varied openings: the model's stories start from BOS; these spread the samples over characters,
@@ -71,7 +72,7 @@ def sample_stories(model, n: int, length: int = 256, seed: int = 0, openings=OPE
             out[idx] = gen[:, :length].cpu()
     return out
 
-
+# %% ../nbs/00c_embedded_saes.ipynb #db59f3d7
 def pack_texts(texts, tokenizer, n_rows: int, length: int = 256, *, strict: bool = True) -> torch.Tensor:
     """Tokenize texts (each BOS-prefixed) and pack them greedily into `n_rows` rows of `length`.
 
@@ -110,7 +111,7 @@ def mirror_rows(tokenizer, n: int, length: int = 256, seed: int = 0, split: str 
         parts.append(pack_texts(cola, tokenizer, n - n_p3, length))
     return torch.cat(parts)
 
-
+# %% ../nbs/00c_embedded_saes.ipynb #169a26c3
 def _cached(path: Path, make):
     """Tensor 'tokens' from a checksummed file in a saealign cache folder, or made and saved there atomically
     (sampling is the slow part); a damaged file is made again, with a warning."""
@@ -186,8 +187,8 @@ def _runner_kwargs(model, corpus, training_tokens: int, seed: int, lr: float, ba
         checkpoint_path=None, n_checkpoints=0, output_path=None if output_path is None else str(output_path),
         model_from_pretrained_kwargs={})  # the model is passed in, not loaded: no loading options to record
 
-
-def _inference(training_sae, path=None):
+# %% ../nbs/00c_embedded_saes.ipynb #67d3b51e
+def inference_sae(training_sae, path=None):
     """The trained SAE as sae_lens's inference `SAE`, through its own save format (so what we return is
     exactly what `SAE.load_from_disk` gives back later). Saved to `path`, else to a temporary folder."""
     import tempfile
@@ -217,7 +218,7 @@ def train_sae(model, corpus: datasets.Dataset, *, layer: int, d_sae: int, k: int
         **_runner_kwargs(model, corpus, training_tokens, seed, lr, batch_tokens, dead_window_tokens, output_path))
     torch.manual_seed(seed)  # sae_lens 6.54 does not seed torch from cfg.seed; initialisation would vary
     sae = LanguageModelSAETrainingRunner(cfg, override_dataset=corpus, override_model=model).run()
-    return _inference(sae, output_path)
+    return inference_sae(sae, output_path)
 
 
 def train_saes_together(model, corpus: datasets.Dataset, specs: dict[str, dict], *, training_tokens: int = 1_000_000,
@@ -241,30 +242,9 @@ def train_saes_together(model, corpus: datasets.Dataset, specs: dict[str, dict],
         **_runner_kwargs(model, corpus, training_tokens, seed, lr, batch_tokens, dead_window_tokens, output_path))
     torch.manual_seed(seed)  # sae_lens 6.54 does not seed torch from cfg.seed; initialisation would vary
     trained = MultiSAETrainingRunner(cfg, override_dataset=corpus, override_model=model).run()
-    return {n: _inference(sae, None if output_path is None else Path(output_path) / n) for n, sae in trained.items()}
+    return {n: inference_sae(sae, None if output_path is None else Path(output_path) / n) for n, sae in trained.items()}
 
 # %% ../nbs/00c_embedded_saes.ipynb #65b84c37
-@torch.no_grad()
-def latent_acts(model, sae, tokens: torch.Tensor, batch: int = 32):
-    """Hook activations x, SAE latents z and token ids for every non-special position of `tokens`.
-
-    Runs the model only up to the SAE's layer (the later layers cannot change the hook's value).
-    Returns (x [N, d_in], z [N, d_sae], ids [N], pos [N, 2] = (row, col)); the functions below take it
-    as `acts=` so one pass serves them all.
-    """
-    hook = sae.cfg.metadata.hook_name
-    layer = int(hook.split(".")[1])
-    xs = []
-    for s in range(0, len(tokens), batch):
-        _, cache = model.run_with_cache(tokens[s:s + batch], names_filter=hook, stop_at_layer=layer + 1)
-        xs.append(cache[hook])
-    x = torch.cat(xs)                                            # [rows, pos, d_in]
-    keep = ~torch.isin(tokens, torch.tensor(model_spec(model).special_ids(model.tokenizer)))
-    x = x[keep]
-    z = torch.cat([sae.encode(x[s:s + 8192]) for s in range(0, len(x), 8192)])
-    return x, z, tokens[keep], keep.nonzero()
-
-
 @torch.no_grad()
 def sae_quality(model, sae, tokens: torch.Tensor, ce: bool = True, acts=None, ce_batch: int = 32) -> dict:
     """Explained variance (pooled over non-special positions), mean L0, fraction of latents that never
@@ -312,46 +292,6 @@ def token_determinism(model, sae, tokens: torch.Tensor, acts=None) -> torch.Tens
     between = (s1 ** 2 / n.clamp(min=1)).sum(0) - s1.sum(0) ** 2 / len(z)
     total = (z ** 2).sum(0) - s1.sum(0) ** 2 / len(z)
     return between / total
-
-
-def _ngram_keys(tokens: torch.Tensor, pos: torch.Tensor, n: int, vocab: int) -> torch.Tensor:
-    "One integer per position for the n tokens ending there (a 'before the row' id fills the start)."
-    r, c = pos[:, 0], pos[:, 1]
-    key = torch.zeros(len(pos), dtype=torch.long)
-    for j in range(n):
-        t = torch.where(c - j >= 0, tokens[r, (c - j).clamp(min=0)], torch.full_like(c, vocab))
-        key = key * (vocab + 1) + t
-    return key
-
-
-@torch.no_grad()
-def context_dependence(model, sae, tokens: torch.Tensor, max_n: int = 3, acts=None) -> torch.Tensor:
-    """Per latent, how much of its activation the last n tokens predict: cross-fitted R², [max_n, d_sae].
-
-    Row n-1 holds R² of predicting a latent's activation by its mean over the same n-gram (current token
-    and the n-1 before it), fitted on half of the rows and scored on the other half (then swapped);
-    unseen n-grams back off to the (n-1)-gram. With a 512-token vocab, words are 1-3 tokens, so
-      R²_1 high            -> a token detector,
-      R²_1 low, R²_3 high  -> a word (or short-phrase) detector: the token counts only inside one word,
-      R²_3 low             -> context / topic: the local n-gram does not explain it.
-    Cross-fitting keeps rare n-grams from explaining a latent by memorising it. NaN for dead latents.
-    """
-    _, z, _, pos = acts or latent_acts(model, sae, tokens)
-    V = model.cfg.d_vocab
-    keys = [_ngram_keys(tokens, pos, n, V) for n in range(1, max_n + 1)]
-    fold = pos[:, 0] % 2 == 0
-    sse, sst = torch.zeros(max_n, z.shape[1]), torch.zeros(z.shape[1])
-    for test in (fold, ~fold):
-        z_tr, z_te = z[~test], z[test]
-        pred = z_tr.mean(0).expand_as(z_te)
-        for n in range(max_n):
-            u, inv = keys[n][~test].unique(return_inverse=True)
-            means = torch.zeros(len(u), z.shape[1]).index_add_(0, inv, z_tr) / torch.bincount(inv)[:, None]
-            idx = torch.searchsorted(u, keys[n][test]).clamp(max=len(u) - 1)
-            pred = torch.where((u[idx] == keys[n][test])[:, None], means[idx], pred)
-            sse[n] += ((z_te - pred) ** 2).sum(0)
-        sst += ((z_te - z_te.mean(0)) ** 2).sum(0)
-    return torch.where(sst > 0, 1 - sse / sst, torch.nan)
 
 
 @torch.no_grad()

@@ -25,22 +25,22 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from ._utils import hook_layer
 from .core import atomic_write, cache_root, load_embedder, load_texts
 from .models import DEFAULT_MODEL, load_model, model_spec
 from .saes import load_sae, shipped_sae_ids
-from .reference import (ReferenceSet, _embed, build_reference_prompts, compute_reference, default_reference,
-                                sae_digest, tensor_digest)
-from .scoring import STORY_TOPICS, LatentScores, model_topics, score_latents
-from .steering import (DEFAULT_OUTPUT, OUTPUT_MODES, Clamp, Generation, Method, Swap, Weight, check_sampling,
-                               generate)
+from .reference import (build_reference_prompts, compute_reference, default_reference, embed_texts, sae_digest,
+                                tensor_digest)
+from .scoring import STORY_TOPICS, model_topics, score_latents
+from .steering import (DEFAULT_OUTPUT, ORIGINAL, OUTPUT_MODES, PAPER_CLAMP, Clamp, Generation, Swap, Weight,
+                               check_sampling, generate, make_method, method_names)
 
 # %% auto #0
-__all__ = ['METAPHOR_PROMPTS', 'METRICS', 'PAPER_CLAMP', 'STEERING_METHODS', 'METHODS', 'GRID_HEADER', 'UNIT_KEY',
-           'GRID_SAMPLING', 'evaluation_prompts', 'evaluation_topics', 'perplexity', 'alignment_distances', 'words',
-           'topic_words', 'topic_word_rate', 'fine_tune', 'Unchanged', 'make_method', 'default_grid_path', 'read_rows',
-           'grid_units', 'unit_key', 'relevance', 'measure', 'torch_threads', 'run_grid', 'clamp_sweep',
-           'summary_table', 'compare', 'verdict_table', 'overview_table', 'seed_noise', 'metric_chart', 'topic_chart',
-           'cost_table', 'SteeredText', 'steer_by_text']
+__all__ = ['METAPHOR_PROMPTS', 'METRICS', 'METHODS', 'GRID_HEADER', 'UNIT_KEY', 'GRID_SAMPLING', 'evaluation_prompts',
+           'evaluation_topics', 'perplexity', 'alignment_distances', 'words', 'topic_words', 'topic_word_rate',
+           'fine_tune', 'default_grid_path', 'read_rows', 'grid_units', 'unit_key', 'relevance', 'measure',
+           'torch_threads', 'run_grid', 'clamp_sweep', 'config_label', 'summary_table', 'compare', 'verdict_table',
+           'overview_table', 'seed_noise', 'metric_chart', 'topic_chart', 'cost_table']
 
 # %% ../nbs/04_evaluation.ipynb #3223b367
 METAPHOR_PROMPTS = [
@@ -102,8 +102,8 @@ def perplexity(model, generations: list[Generation], *, batch_size: int = 32) ->
 def alignment_distances(embedder, texts: list[str], align_texts: list[str], *, align_embeddings=None) -> dict[str, np.ndarray]:
     """Per text: `distance` (min distance to an alignment text, on unit embeddings as in scoring) and
     `centroid_cosine`. `align_embeddings`: the alignment texts' unit embeddings, when already computed."""
-    a = _embed(embedder, align_texts) if align_embeddings is None else align_embeddings
-    e = _embed(embedder, texts)
+    a = embed_texts(embedder, align_texts) if align_embeddings is None else align_embeddings
+    e = embed_texts(embedder, texts)
     d2 = (2 - 2 * e @ a.T).clamp_min(0)  # unit vectors: |x - y|^2 = 2 - 2 x.y
     centroid = torch.nn.functional.normalize(a.mean(0), dim=0)
     return {"distance": d2.min(1).values.sqrt().numpy(), "centroid_cosine": (e @ centroid).numpy()}
@@ -172,24 +172,7 @@ def fine_tune(model, texts: list[str], *, epochs: int = 5, lr: float = 1e-3, bat
                           "loss_last": losses[-1]}
 
 # %% ../nbs/04_evaluation.ipynb #da78f0d5
-class Unchanged(Method):
-    "The SAE spliced in and left alone; with scores, so that the unmodified output's contamination is measured."
-    name = "SAE"
-
-    def edit(self, sae, h, acts):
-        return acts
-
-
-PAPER_CLAMP = {"value": 10.0, "mode": "multiply"}  # the paper's Clamp (its text), used by the grid
-STEERING_METHODS = {"SAE": Unchanged, "Clamp": Clamp, "Swap": Swap, "Weight": Weight}
-METHODS = ("Original", "FT", *STEERING_METHODS)
-
-
-def make_method(name: str, scores, **options) -> Method:
-    "The steering method called `name` (SAE, Clamp, Swap, Weight) for `scores`; `options` go to its constructor."
-    if name not in STEERING_METHODS:
-        raise ValueError(f"unknown steering method {name!r}: use one of {', '.join(STEERING_METHODS)}.")
-    return STEERING_METHODS[name](scores, **options)
+METHODS = (ORIGINAL, "FT", "SAE", "Clamp", "Swap", "Weight")  # the grid's methods unless told otherwise
 
 # %% ../nbs/04_evaluation.ipynb #0f3b196f
 GRID_HEADER = {"saealign": "evaluation grid", "format": 2}  # the first line of every grid file
@@ -258,19 +241,16 @@ def _complete_units(path: Path, rows: list[dict]) -> set[str]:
     return {r["unit"] for r in kept}
 
 # %% ../nbs/04_evaluation.ipynb #74a38be9
-def _layer(sae_id: str) -> int:
-    return next((int(p) for p in sae_id.split(".")[1:2] if p.isdigit()), -1)
-
-
 def grid_units(topics, methods=METHODS, sae_ids=("",), outputs=(DEFAULT_OUTPUT,)) -> list[tuple]:
     "The (topic, method, sae, output) units of a grid, in the order they run."
-    unknown = [m for m in methods if m not in METHODS]
+    known = (ORIGINAL, "FT", *method_names())
+    unknown = [m for m in methods if m not in known]
     if unknown:
-        raise ValueError(f"unknown methods {unknown}: use some of {', '.join(METHODS)}.")
+        raise ValueError(f"unknown methods {unknown}: use some of {', '.join(known)}.")
     units = []
     for topic in topics:
         units += [(topic, m, "", "") for m in methods if m in ("Original", "FT")]
-        units += [(topic, m, s, o) for s in sae_ids for o in outputs for m in methods if m in STEERING_METHODS]
+        units += [(topic, m, s, o) for s in sae_ids for o in outputs for m in methods if m in method_names()]
     return units
 
 
@@ -324,7 +304,7 @@ class _TopicState:
 
     @functools.cached_property
     def embeddings(self):
-        return _embed(self.embedder, self.texts)
+        return embed_texts(self.embedder, self.texts)
 
     @functools.cached_property
     def vocabulary(self):
@@ -342,8 +322,8 @@ class _TopicState:
 
 def relevance(embedder, generations: list[Generation]) -> np.ndarray:
     "Cosine similarity between each prompt and its continuation (AxBench's 'instruction relevance', by embedding)."
-    prompts = _embed(embedder, [g.prompt for g in generations])
-    continuations = _embed(embedder, [g.continuation or " " for g in generations])
+    prompts = embed_texts(embedder, [g.prompt for g in generations])
+    continuations = embed_texts(embedder, [g.continuation or " " for g in generations])
     return torch.nn.functional.cosine_similarity(prompts, continuations, dim=-1).numpy()
 
 
@@ -448,7 +428,7 @@ def _run_unit(path, unit, key, model, embedder, saes, state, prompts, seeds, max
                       vocabulary=state.vocabulary, acceptability=acceptability)
     n_tokens = sum(len(g.tokens) for _, g in gens) or 1
     _append_rows(path, [dict(unit=key, unit_rows=len(gens), topic=topic, method=method, sae=sae_id, output=output,
-                             layer=_layer(sae_id) if sae_id else -1, n_align=len(state.texts), prompt=g.prompt,
+                             layer=hook_layer(sae_id, default=-1), n_align=len(state.texts), prompt=g.prompt,
                              prompt_kind=prompts[g.prompt], seed=s, continuation=g.continuation, **m,
                              seconds_per_token=seconds / n_tokens, **extra)
                         for (s, g), m in zip(gens, metrics)])
@@ -464,7 +444,7 @@ def clamp_sweep(directory, values=(2.0, 5.0, 10.0, 20.0), *, mode: str = "multip
     return pd.concat(frames, ignore_index=True)
 
 # %% ../nbs/04_evaluation.ipynb #f6b1cc13
-def _label(df: pd.DataFrame) -> pd.Series:
+def config_label(df: pd.DataFrame) -> pd.Series:
     layer = df["layer"].map(lambda l: "" if l < 0 else f" L{l}")
     output = df["output"].map(lambda o: {"": "", "reconstruction": "", "error": " +err"}.get(o, f" {o}"))
     return df["method"] + layer + output
@@ -472,7 +452,7 @@ def _label(df: pd.DataFrame) -> pd.Series:
 
 def summary_table(df: pd.DataFrame, metrics=tuple(METRICS), *, digits: int = 3) -> pd.DataFrame:
     "Mean ± std (over prompts and seeds) per metric (rows) and method / layer / output mode (columns)."
-    df = df.assign(config=_label(df))
+    df = df.assign(config=config_label(df))
     order = list(dict.fromkeys(df.sort_values(["layer", "output"])["config"]))
     cells = {}
     for config, group in df.groupby("config", sort=False):
@@ -512,7 +492,7 @@ def verdict_table(df: pd.DataFrame, metric: str, *, baseline: str = "Original") 
         c = compare(group, metric, baseline=baseline)
         if c.empty:
             continue
-        c = c.assign(config=_label(c))
+        c = c.assign(config=config_label(c))
         cells[topic] = {r.config: f"{r.mean_diff:+.3f} ± {2 * r.se:.3f} {r.verdict}" for r in c.itertuples()}
     return pd.DataFrame(cells).T
 
@@ -523,7 +503,7 @@ def overview_table(df: pd.DataFrame, metrics=tuple(METRICS), *, baseline: str = 
     for m in metrics:
         c = compare(df, m, baseline=baseline)
         if not c.empty:
-            c = c.assign(config=_label(c))
+            c = c.assign(config=config_label(c))
             cells[m] = {r.config: f"{r.mean_diff:+.3g} ± {2 * r.se:.2g} {r.verdict}" for r in c.itertuples()}
     return pd.DataFrame(cells)
 
@@ -545,7 +525,7 @@ def seed_noise(df: pd.DataFrame, metrics=tuple(METRICS), *, method: str = "Origi
 def metric_chart(df: pd.DataFrame, metrics=("perplexity", "acceptability", "centroid_cosine", "topic_word_rate", "contamination")):
     "Mean ± std of each metric per configuration, one small panel per metric (altair)."
     import altair as alt
-    data = df.assign(config=_label(df))
+    data = df.assign(config=config_label(df))
     order = list(dict.fromkeys(data.sort_values(["layer", "output"])["config"]))
     panels = []
     for m in metrics:
@@ -566,7 +546,7 @@ def topic_chart(df: pd.DataFrame, metric: str = "centroid_cosine", *, baseline: 
     for topic, group in df.groupby("topic"):
         c = compare(group, metric, baseline=baseline)
         if not c.empty:
-            parts.append(c.assign(topic=topic, config=_label(c)))
+            parts.append(c.assign(topic=topic, config=config_label(c)))
     data = pd.concat(parts).assign(lo=lambda d: d.mean_diff - 2 * d.se, hi=lambda d: d.mean_diff + 2 * d.se)
     base = alt.Chart(data, width=120, height=160)
     return (base.mark_rule().encode(x=alt.X("config:N", title=None), y=alt.Y("lo:Q", title=f"Δ {metric} vs {baseline}"),
@@ -595,7 +575,7 @@ def cost_table(model, sae, embedder, align_texts: list[str], *, n_reference: int
                                                                   progress=False))
     ref, full_s, _ = _timed(lambda: compute_reference(model, sae, prompts, embedder, max_tokens=max_tokens, progress=False))
     n_tokens, embed_s = int(latents_only.token_counts.sum()), max(full_s - latents_s, 0.0)
-    _, align_s, _ = _timed(lambda: _embed(embedder, align_texts), repeats)
+    _, align_s, _ = _timed(lambda: embed_texts(embedder, align_texts), repeats)
     scores, score_s, _ = _timed(lambda: score_latents(ref, align_texts, embedder), repeats)
     tuned, info = fine_tune(model, align_texts, **(fine_tune_options or {}))
     rows = [dict(stage="reference latents", kind="set-up", method="SAE methods", seconds=latents_s, std=0.0,
@@ -616,28 +596,3 @@ def cost_table(model, sae, embedder, align_texts: list[str], *, n_reference: int
         rows.append(dict(stage=f"{max_new_tokens} tokens", kind="inference", method=name, seconds=mean, std=std,
                          per_token=mean / max(len(gens[0].tokens), 1)))
     return pd.DataFrame(rows)
-
-# %% ../nbs/04_evaluation.ipynb #e533707a
-@dataclasses.dataclass
-class SteeredText:
-    "What `steer_by_text` returns: the latent scores, the method built on them, the unsteered and the steered generation."
-    scores: LatentScores
-    method: Method
-    plain: Generation
-    steered: Generation
-
-
-def steer_by_text(align_texts: list[str], prompt: str, *, model=None, sae=None, embedder=None,
-                  reference: ReferenceSet | None = None, method: str = "Swap", output: str = DEFAULT_OUTPUT,
-                  max_new_tokens: int = 64, seed: int = 0, progress: bool = False, **method_options) -> SteeredText:
-    """Score the SAE's latents against `align_texts` and continue `prompt` unsteered and steered by `method`
-    (Swap, Weight, Clamp or SAE). Defaults: the default model, its default SAE and MiniLM."""
-    model = model or load_model()
-    sae = sae or load_sae(model=model)
-    embedder = embedder or load_embedder()
-    reference = reference or default_reference(model, sae, embedder, progress=progress)
-    scores = score_latents(reference, align_texts, embedder, model=model, sae=sae)
-    steering = make_method(method, scores, **method_options)
-    plain = generate(model, None, prompt, max_new_tokens=max_new_tokens, seed=seed)[0]
-    steered = generate(model, sae, prompt, steering, output=output, max_new_tokens=max_new_tokens, seed=seed)[0]
-    return SteeredText(scores, steering, plain, steered)

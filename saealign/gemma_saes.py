@@ -13,8 +13,9 @@ import datasets
 import torch
 from safetensors.torch import load_file, save_file
 
+from ._utils import hook_layer
 from .core import load_texts
-from .embedded import _inference, pack_texts
+from .embedded import inference_sae, pack_texts
 from .models import model_spec
 from .saes import SAE_DIR, ship_sae
 
@@ -156,7 +157,7 @@ def safe_trainer_state():
 @torch.no_grad()
 def hook_statistics(model, tokens: torch.Tensor, hooks: list[str], batch: int = 16) -> dict[str, dict]:
     "Mean activation, mean norm and the activations themselves per hook, over the non-special positions of `tokens`."
-    deepest = max(int(h.split(".")[1]) for h in hooks)
+    deepest = max(hook_layer(h) for h in hooks)
     keep = ~torch.isin(tokens, torch.tensor(model_spec(model).special_ids(model.tokenizer)))
     acts = {h: [] for h in hooks}
     for s in range(0, len(tokens), batch):
@@ -267,7 +268,7 @@ def train_gemma_saes(model, out: Path, specs: dict | None = None, *, n_checkpoin
     print("resuming from", resume) if resume else print(f"training {len(specs)} SAEs on {training['training_tokens']:,} tokens")
     with safe_trainer_state():
         trained = MultiSAETrainingRunner(cfg, override_dataset=corpus, override_model=model, override_saes=saes).run()
-    return {n: _inference(sae, out / n) for n, sae in trained.items()}
+    return {n: inference_sae(sae, out / n) for n, sae in trained.items()}
 
 # %% ../nbs/00d_gemma_saes.ipynb #41683846
 def quality_table(model, saes: dict, tokens: torch.Tensor, *, loss_rows: int = 16):
@@ -324,7 +325,7 @@ def inference_from_checkpoint(checkpoint: Path, name: str, out: Path):
     sae.load_weights_from_checkpoint(checkpoint / name)
     if (scale := json.loads((checkpoint / name / "activation_scaler.json").read_text())["scaling_factor"]):
         sae.fold_activation_norm_scaling_factor(scale)
-    return _inference(sae, out)
+    return inference_sae(sae, out)
 
 
 def ship_gemma_saes(run: Path, dest: Path = GEMMA_SAE_DIR) -> list[Path]:

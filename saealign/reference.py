@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from .core import (DamagedFileError, atomic_write, cache_folder, cache_root, load_tensors, load_texts, save_tensors, write_json)
 from .models import model_spec
+from ._utils import check_positive_int, hook_layer
 from .saes import check_sae_fits
 
 log = logging.getLogger(__name__)
@@ -29,10 +30,11 @@ warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta"
 FORMAT_VERSION = 2  # 2: every saved file carries checksums
 
 # %% auto #0
-__all__ = ['log', 'FORMAT_VERSION', 'ENCODE_TOKENS', 'EMBED_BATCH', 'build_reference_prompts', 'tokenize', 'hook_activations',
-           'latent_acts', 'summarize_batch', 'tensor_digest', 'sae_digest', 'save_pair', 'load_saved_pair',
-           'ReferenceSet', 'embedder_description', 'compute_reference', 'embedder_key', 'coverage_curve',
-           'coverage_chart', 'model_stories', 'default_reference_prompts', 'default_reference']
+__all__ = ['log', 'FORMAT_VERSION', 'ENCODE_TOKENS', 'EMBED_BATCH', 'build_reference_prompts', 'tokenize', 'pad_right',
+           'hook_activations', 'latent_acts', 'summarize_batch', 'tensor_digest', 'sae_digest', 'save_pair',
+           'load_saved_pair', 'ReferenceSet', 'embed_texts', 'embedding_dim', 'embedder_description',
+           'compute_reference', 'embedder_key', 'coverage_curve', 'coverage_chart', 'model_stories',
+           'default_reference_prompts', 'default_reference']
 
 # %% ../nbs/01_reference.ipynb #c6e42448
 def build_reference_prompts(n: int, *, seed: int = 0, sources=("p3",), extra=None, model=None) -> list[str]:
@@ -91,18 +93,12 @@ def build_reference_prompts(n: int, *, seed: int = 0, sources=("p3",), extra=Non
 # %% ../nbs/01_reference.ipynb #f0be0ce3
 def tokenize(model, texts, max_tokens: int | None = None) -> tuple[list[torch.Tensor], int]:
     "Token ids per text with the model's own BOS convention, cut to `max_tokens` (default n_ctx); and how many were cut."
-    max_tokens = model.cfg.n_ctx if max_tokens is None else _positive("max_tokens", max_tokens)
+    max_tokens = model.cfg.n_ctx if max_tokens is None else check_positive_int("max_tokens", max_tokens)
     ids = [model.to_tokens(t, truncate=False)[0] for t in texts]
     return [x[:max_tokens] for x in ids], sum(len(x) > max_tokens for x in ids)
 
 
-def _positive(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}.")
-    return value
-
-
-def _pad(ids: list[torch.Tensor], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_right(ids: list[torch.Tensor], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     "Right padding: a causal model then computes exactly the same activations at the real positions."
     T = max(len(x) for x in ids)
     tokens = torch.full((len(ids), T), pad_id, dtype=torch.long)
@@ -111,12 +107,7 @@ def _pad(ids: list[torch.Tensor], pad_id: int, device) -> tuple[torch.Tensor, to
         tokens[i, :len(x)], mask[i, :len(x)] = x, 1
     return tokens.to(device), mask.to(device)
 
-
-def _hook_layer(hook: str) -> int | None:
-    parts = hook.split(".")
-    return int(parts[1]) if len(parts) > 1 and parts[0] == "blocks" and parts[1].isdigit() else None
-
-
+# %% ../nbs/01_reference.ipynb #f460311c
 class _Stop(Exception):
     "Raised by the capture hook: nothing after the SAE's hook point is needed."
 
@@ -130,7 +121,7 @@ def hook_activations(model, hook: str, tokens: torch.Tensor, mask: torch.Tensor)
         store["act"] = act
         raise _Stop
 
-    layer = _hook_layer(hook)
+    layer = hook_layer(hook)
     # an unpadded batch needs no mask: causal attention suffices
     unpadded = bool(mask.all()) and getattr(model.tokenizer, "padding_side", "right") != "left"
     with torch.inference_mode(), model.hooks(fwd_hooks=[(hook, capture)]):  # hooks() removes them even on raise
@@ -145,7 +136,7 @@ def hook_activations(model, hook: str, tokens: torch.Tensor, mask: torch.Tensor)
     act = store["act"]
     return act.flatten(2) if act.ndim > 3 else act  # hook_z: [b, t, heads, d_head] -> [b, t, d_in]
 
-
+# %% ../nbs/01_reference.ipynb #e642df93
 def _special_ids(model) -> list[int]:
     tok = getattr(model, "tokenizer", None)
     return sorted(set(tok.all_special_ids)) if tok is not None else []
@@ -171,14 +162,22 @@ def _encode(sae, act: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         return z.mul_(keep.unsqueeze(-1))  # in place: z is the largest tensor of the pass
 
 
-def latent_acts(model, sae, tokens: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """SAE latents z [b, t, d_sae] (after the SAE's own activation: ReLU / TopK / JumpReLU) with padding and
-    special tokens (BOS, EOS, pad) zeroed; and the boolean mask of the positions kept."""
+@torch.no_grad()
+def latent_acts(model, sae, tokens: torch.Tensor, mask: torch.Tensor | None = None, *, batch: int = 32):
+    """Hook activations x [N, d_in], SAE latents z [N, d_sae] (after the SAE's own activation: ReLU / TopK /
+    JumpReLU), token ids [N] and positions [N, 2] = (row, column) of the kept positions of `tokens`: the real
+    ones (`mask` 1; default: all) that are not special (BOS, EOS, pad). `batch` rows go through the model at once."""
     _check_no_saes(model)
+    mask = torch.ones_like(tokens) if mask is None else mask
     keep = _keep(model, tokens, mask)
-    return _encode(sae, hook_activations(model, sae.cfg.metadata.hook_name, tokens, mask), keep), keep
+    hook = sae.cfg.metadata.hook_name
+    x = torch.cat([hook_activations(model, hook, t, m)[k]
+                   for t, m, k in zip(tokens.split(batch), mask.split(batch), keep.split(batch))])
+    with torch.inference_mode():
+        z = torch.cat([sae.encode(x[s:s + ENCODE_TOKENS].to(sae.dtype)).float() for s in range(0, len(x), ENCODE_TOKENS)])
+    return x, z, tokens[keep], keep.nonzero()
 
-
+# %% ../nbs/01_reference.ipynb #0789ec15
 def summarize_batch(model, sae, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Prompt summaries as sparse CSR rows [b, d_sae]: summary(p)_i = Σ_t z_ti / Σ_j Σ_t z_tj over the kept
     tokens; an all-zero row when nothing fired. `tokens` must be right-padded, `mask` 1 on real tokens."""
@@ -283,6 +282,11 @@ def load_saved_pair(stem: Path, what: str) -> tuple[dict, dict]:
     return json.loads(body), tensors
 
 
+def _prompt_counts(s: torch.Tensor) -> torch.Tensor:
+    # each row holds a column at most once, and only latents that fired are stored
+    return torch.bincount(s.col_indices().long(), minlength=s.shape[1])
+
+# %% ../nbs/01_reference.ipynb #778a74a4
 @dataclass(eq=False)  # tensors have no single truth value: compare fields explicitly
 class ReferenceSet:
     """The reference stage's output. `embeddings` are L2-normalised (unit rows), so the Euclidean distance
@@ -366,11 +370,6 @@ class ReferenceSet:
                          path / "reference.safetensors")
         return cls(s, t["prompt_counts"], t["token_counts"], t["embeddings"], info["prompts"],
                    info["fingerprint"], info["meta"])
-
-
-def _prompt_counts(s: torch.Tensor) -> torch.Tensor:
-    # each row holds a column at most once, and only latents that fired are stored
-    return torch.bincount(s.col_indices().long(), minlength=s.shape[1])
 
 # %% ../nbs/01_reference.ipynb #fdf6fea1
 _CHUNK_NAME = re.compile(r"chunk_(\d{5})\.safetensors")
@@ -458,8 +457,8 @@ def _reference_plan(model, sae, embedder, prompts_digest: str, chunk_size: int, 
     (all but `n_truncated`), from the loaded model, SAE and embedder and the digest of the prompt list."""
     _check_no_saes(model)  # first: with an SAE spliced in, the hook is gone and check_sae_fits would mislead
     check_sae_fits(model, sae)
-    _positive("chunk_size", chunk_size)
-    max_tokens = model.cfg.n_ctx if max_tokens is None else _positive("max_tokens", max_tokens)
+    check_positive_int("chunk_size", chunk_size)
+    max_tokens = model.cfg.n_ctx if max_tokens is None else check_positive_int("max_tokens", max_tokens)
     if max_tokens > model.cfg.n_ctx:
         raise ValueError(f"max_tokens={max_tokens} exceeds {model.cfg.model_name}'s context of {model.cfg.n_ctx} "
                          "tokens: give at most that, or None for the whole context.")
@@ -494,6 +493,29 @@ def _merge_chunks(chunks: list[dict], prompts: list[str], plan: dict) -> Referen
                         torch.cat([c["embeddings"] for c in chunks]), prompts, plan["fingerprint"], meta)
 
 # %% ../nbs/01_reference.ipynb #6974ed76
+EMBED_BATCH = 64  # texts per encode call; in the embeddings key, as batching can change the last bits
+
+
+def embed_texts(embedder, texts) -> torch.Tensor:
+    if embedder is None:
+        return torch.zeros(len(texts), 0)
+    # normalize_embeddings: unit rows for any embedder (all-MiniLM-L6-v2 already ends in Normalize)
+    return embedder.encode(list(texts), batch_size=EMBED_BATCH, convert_to_tensor=True, normalize_embeddings=True,
+                           show_progress_bar=False).float().cpu()
+
+
+def embedding_dim(embedder) -> int:
+    # sentence-transformers >= 5 renamed get_sentence_embedding_dimension (which now warns)
+    get = getattr(embedder, "get_embedding_dimension", None) or embedder.get_sentence_embedding_dimension
+    return get()
+
+
+def embedder_description(embedder) -> dict | None:
+    if embedder is None:
+        return None
+    return {"dim": embedding_dim(embedder), "weights_sample": tensor_digest(embedder, sample=4096)}
+
+# %% ../nbs/01_reference.ipynb #d7d4cb1e
 def _compute_chunk(model, sae, prompts, embedder, batch_size, max_tokens, bar, embeddings=None) -> dict:
     "One chunk's summaries, token counts and embeddings (`embeddings`: an `_EmbeddingCache` to take them from)."
     ids, n_trunc = tokenize(model, prompts, max_tokens)
@@ -504,36 +526,16 @@ def _compute_chunk(model, sae, prompts, embedder, batch_size, max_tokens, bar, e
     special = torch.tensor(_special_ids(model))
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
-        tokens, mask = _pad([ids[i] for i in idx], pad_id, model.cfg.device)
+        tokens, mask = pad_right([ids[i] for i in idx], pad_id, model.cfg.device)
         for i, r in zip(idx, _csr_rows(summarize_batch(model, sae, tokens, mask).cpu())):
             rows[i] = r  # back to the original order
         bar.update(len(idx))
     for i, x in enumerate(ids):
         token_counts[i] = int((~torch.isin(x.cpu(), special)).sum())
     s = _rows_to_csr(rows, sae.cfg.d_sae)
-    emb = _embed(embedder, prompts) if embeddings is None else embeddings.embed(prompts)[0]
+    emb = embed_texts(embedder, prompts) if embeddings is None else embeddings.embed(prompts)[0]
     return {"crow_indices": s.crow_indices(), "col_indices": s.col_indices(), "values": s.values(),
             "token_counts": token_counts, "embeddings": emb, "n_truncated": torch.tensor([n_trunc])}
-
-
-def _embed(embedder, texts) -> torch.Tensor:
-    if embedder is None:
-        return torch.zeros(len(texts), 0)
-    # normalize_embeddings: unit rows for any embedder (all-MiniLM-L6-v2 already ends in Normalize)
-    return embedder.encode(list(texts), batch_size=EMBED_BATCH, convert_to_tensor=True, normalize_embeddings=True,
-                           show_progress_bar=False).float().cpu()
-
-
-def _embedding_dim(embedder) -> int:
-    # sentence-transformers >= 5 renamed get_sentence_embedding_dimension (which now warns)
-    get = getattr(embedder, "get_embedding_dimension", None) or embedder.get_sentence_embedding_dimension
-    return get()
-
-
-def embedder_description(embedder) -> dict | None:
-    if embedder is None:
-        return None
-    return {"dim": _embedding_dim(embedder), "weights_sample": tensor_digest(embedder, sample=4096)}
 
 
 def compute_reference(model, sae, prompts, embedder, *, batch_size: int = 32, cache_dir=None,
@@ -551,7 +553,7 @@ def compute_reference(model, sae, prompts, embedder, *, batch_size: int = 32, ca
     `embedding_cache`: a directory; None (default): `cache_root()/"embeddings"` when `cache_dir` is given, else
     no cache; True: `cache_root()/"embeddings"` always; False: never."""
     prompts = _check_prompts(prompts)
-    _positive("batch_size", batch_size)
+    check_positive_int("batch_size", batch_size)
     plan = _reference_plan(model, sae, embedder, _prompts_digest(prompts), chunk_size, max_tokens)
     fingerprint, max_tokens = plan["fingerprint"], plan["max_tokens"]
 
@@ -579,9 +581,6 @@ def compute_reference(model, sae, prompts, embedder, *, batch_size: int = 32, ca
     return _merge_chunks(chunks, prompts, plan)
 
 # %% ../nbs/01_reference.ipynb #5b3872f9
-EMBED_BATCH = 64  # texts per encode call; in the embeddings key, as batching can change the last bits
-
-
 def _sha(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=_json_default).encode()).hexdigest()
 
@@ -589,7 +588,7 @@ def _sha(obj) -> str:
 def embedder_key(embedder, description: dict | None = None) -> str:
     """Digest of everything besides the texts that decides an embedding: the weights (strided sample) and width
     of `embedder_description`, the truncation (`max_seq_length`), the pipeline's modules and their configs
-    (pooling, normalisation), the tokenizer's vocabulary and casing, and how `_embed` calls `encode`."""
+    (pooling, normalisation), the tokenizer's vocabulary and casing, and how `embed_texts` calls `encode`."""
     tok = getattr(embedder, "tokenizer", None)
     vocab = getattr(tok, "get_vocab", None)
     modules = [(name, type(m).__name__, m.get_config_dict() if hasattr(m, "get_config_dict") else None)
@@ -608,7 +607,7 @@ class _EmbeddingCache:
 
     def __init__(self, path, embedder, description: dict | None = None):
         self.path, self.embedder = cache_folder(path, "embeddings"), embedder
-        self.embedder_key, self.dim = embedder_key(embedder, description), _embedding_dim(embedder)
+        self.embedder_key, self.dim = embedder_key(embedder, description), embedding_dim(embedder)
 
     def key(self, texts: list[str]) -> str:
         return _sha({"format": FORMAT_VERSION, "embedder": self.embedder_key, "texts": _sha(list(texts))})
@@ -644,7 +643,7 @@ class _EmbeddingCache:
         emb = self.load(key, len(texts))
         if emb is not None:
             return emb, True
-        emb = _embed(self.embedder, texts)
+        emb = embed_texts(self.embedder, texts)
         self.save(key, emb, len(texts))
         return emb, False
 

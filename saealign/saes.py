@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from .core import DamagedFileError, _hub_reachable, _unreachable, load_tensors, save_tensors, write_json
+from ._utils import hook_layer
+from .core import DamagedFileError, hub_reachable, load_tensors, save_tensors, unreachable_error, write_json
 from .models import DEFAULT_MODEL, model_spec
 
 # %% auto #0
@@ -27,7 +28,7 @@ def hook_activation_size(model, hook_name: str) -> int:
         raise ValueError(f"hook {hook_name!r} does not exist in {model.cfg.model_name}"
                          + (f"; hooks of that kind: {', '.join(near)}" if near else "")
                          + ". Load the SAE trained for this model, or pick a hook from model.hook_dict.")
-    layer = next((int(part) for part in hook_name.split(".")[1:2] if part.isdigit()), None)
+    layer = hook_layer(hook_name)
     # with an SAE spliced in at the hook, its input hook carries the model's activations
     read = f"{hook_name}.hook_sae_input" if hook_name in getattr(model, "acts_to_saes", {}) else hook_name
     with torch.no_grad():
@@ -90,8 +91,8 @@ def load_sae(release: str | None = None, sae_id: str | None = None, *, model=Non
         if sae_id is None or sae_id not in ids:
             raise ValueError(f"release {release!r} needs an sae_id among: {', '.join(ids[:8])}"
                              + (" ..." if len(ids) > 8 else ""))
-        if not _hub_reachable():
-            raise _unreachable(f"SAE release {release!r}, id {sae_id!r}")
+        if not hub_reachable():
+            raise unreachable_error(f"SAE release {release!r}, id {sae_id!r}")
         sae = SAE.from_pretrained(release, sae_id, device=device)
     if model is not None:
         check_sae_fits(model, sae)

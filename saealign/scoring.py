@@ -16,13 +16,13 @@ import torch
 
 from .core import load_texts
 from .models import model_spec
-from .reference import (ReferenceSet, _embed, _embedding_dim, _pad, embedder_description, latent_acts,
+from .reference import (ReferenceSet, embed_texts, embedder_description, embedding_dim, latent_acts, pad_right,
                                 load_saved_pair, sae_digest, save_pair, tensor_digest, tokenize)
 
 # %% auto #0
-__all__ = ['STORY_TOPICS', 'TOPICS_DIR', 'TOPIC_NAMES', 'LatentScores', 'score_latents', 'strawman_latents', 'topk_token_share',
-           'validation_curve', 'validation_chart', 'top_latent_tokens', 'kendall_tau', 'score_violin',
-           'topic_distance_table', 'topic_file', 'topic_texts', 'model_topics']
+__all__ = ['STORY_TOPICS', 'TOPICS_DIR', 'TOPIC_NAMES', 'LatentScores', 'check_reference', 'summaries_by_latent', 'score_latents',
+           'strawman_latents', 'topk_token_share', 'validation_curve', 'validation_chart', 'top_latent_tokens',
+           'kendall_tau', 'score_violin', 'topic_distance_table', 'topic_file', 'topic_texts', 'model_topics']
 
 # %% ../nbs/02_scoring.ipynb #d1bc882f
 @dataclass(eq=False)
@@ -69,10 +69,10 @@ def _check_texts(texts, what: str) -> list[str]:
     return texts
 
 
-def _check_ref(ref: ReferenceSet, embedder, model, sae) -> None:
+def check_reference(ref: ReferenceSet, embedder, model, sae) -> None:
     if ref.embeddings.shape[1] == 0:
         raise ValueError("this ReferenceSet has no prompt embeddings: compute_reference(..., embedder=load_embedder()).")
-    dim = _embedding_dim(embedder)
+    dim = embedding_dim(embedder)
     if dim != ref.embeddings.shape[1]:
         raise ValueError(f"the embedder gives {dim}-d embeddings but the ReferenceSet holds "
                          f"{ref.embeddings.shape[1]}-d ones: score with the embedder the reference was built with.")
@@ -94,7 +94,7 @@ def _check_ref(ref: ReferenceSet, embedder, model, sae) -> None:
         raise ValueError(f"the SAE has {sae.cfg.d_sae} latents but the ReferenceSet {ref.d_sae}.")
 
 
-def _summaries_t(ref: ReferenceSet) -> torch.Tensor:
+def summaries_by_latent(ref: ReferenceSet) -> torch.Tensor:
     """S^T as CSR float64 [d_sae, n_prompts], built once per ReferenceSet: CSR @ dense is torch's fast sparse
     product, and float64 keeps g exact enough for the min-max normalisation, which magnifies small errors."""
     if "summaries_t" not in ref._cache:
@@ -104,10 +104,10 @@ def _summaries_t(ref: ReferenceSet) -> torch.Tensor:
                                                             check_invariants=False)
     return ref._cache["summaries_t"]
 
-
+# %% ../nbs/02_scoring.ipynb #e7299de6
 def _min_distances(ref: ReferenceSet, embedder, topics: dict[str, list[str]]) -> torch.Tensor:
     "dist(p) = min_a ||e(p) - e(a)||_2, one column per topic: [n_prompts, n_topics]."
-    a = _embed(embedder, [t for texts in topics.values() for t in texts]).double()
+    a = embed_texts(embedder, [t for texts in topics.values() for t in texts]).double()
     p = ref.embeddings.double()
     # |p|² + |a|² - 2 p·a in float64: a matmul, yet ~1e-8 accurate (cdist's mm path is float32-inexact)
     d2 = ((p * p).sum(1, keepdim=True) + (a * a).sum(1) - 2 * p @ a.T).clamp_min(0)
@@ -139,7 +139,7 @@ def score_latents(ref: ReferenceSet, align_texts, embedder, *, min_prompts: int 
         raise ValueError(f"min_prompts must be an int >= 0, got {min_prompts!r}")
     if not distance_power > 0:
         raise ValueError(f"distance_power must be > 0, got {distance_power!r}")
-    _check_ref(ref, embedder, model, sae)
+    check_reference(ref, embedder, model, sae)
 
     eligible = ref.prompt_counts >= max(min_prompts, 1)  # a latent that never fired has no g at all
     if not eligible.any():
@@ -149,7 +149,7 @@ def score_latents(ref: ReferenceSet, align_texts, embedder, *, min_prompts: int 
 
     dist = _min_distances(ref, embedder, topics)
     w = torch.cat([dist ** distance_power, torch.ones(ref.n_prompts, 1, dtype=dist.dtype)], 1)
-    m = _summaries_t(ref) @ w  # [d_sae, n_topics + 1]; the last column is Σ_p summary(p)_i
+    m = summaries_by_latent(ref) @ w  # [d_sae, n_topics + 1]; the last column is Σ_p summary(p)_i
     den = m[:, -1:]
     g = torch.where(den > 0, m[:, :-1] / den.clamp_min(1e-300), torch.nan)
 
@@ -178,9 +178,9 @@ def _token_batches(model, sae, texts, batch_size: int = 16, max_tokens: int | No
     pad = model.tokenizer.pad_token_id if model.tokenizer is not None and model.tokenizer.pad_token_id is not None else 0
     for start in range(0, len(ids), batch_size):
         chunk = ids[start:start + batch_size]
-        tokens, mask = _pad(chunk, pad, model.cfg.device)
-        z, keep = latent_acts(model, sae, tokens, mask)
-        yield [x.tolist() for x in chunk], tokens[keep].cpu(), z[keep].cpu(), keep.sum(1).cpu()
+        tokens, mask = pad_right(chunk, pad, model.cfg.device)
+        _, z, kept_ids, pos = latent_acts(model, sae, tokens, mask, batch=len(chunk))
+        yield [x.tolist() for x in chunk], kept_ids.cpu(), z.cpu(), torch.bincount(pos[:, 0], minlength=len(chunk)).cpu()
 
 
 def _as_scores(scores) -> LatentScores:
@@ -208,7 +208,7 @@ def strawman_latents(model, sae, align_texts, *, batch_size: int = 16):
                        "mass": mass[fired].numpy(), "share": (mass[fired] / mass.sum()).numpy()})
     return df.sort_values(["mass", "latent"], ascending=[False, True], ignore_index=True)
 
-
+# %% ../nbs/02_scoring.ipynb #c220a9da
 def topk_token_share(model, sae, scores, texts, ks, *, batch_size: int = 16) -> dict[int, float]:
     """For each k in `ks`: the share of the (non-special) tokens of `texts` on which at least one of the k
     best-scored eligible latents fires (paper §4.1)."""
@@ -245,7 +245,7 @@ def validation_chart(df):
         color=alt.Color("texts:N", title=None), tooltip=["k", "texts", alt.Tooltip("share:Q", format=".3f")],
     ).properties(title="Top-k latents: aligned vs unaligned text", width=400, height=250)
 
-
+# %% ../nbs/02_scoring.ipynb #46b1f7ac
 def top_latent_tokens(model, sae, scores, texts, n_latents: int = 10, n_tokens: int = 5, *, batch_size: int = 16):
     """The tokens of `texts` that fire each of the `n_latents` best-scored latents most (by summed activation):
     a DataFrame rank, latent, score, token (vocabulary piece), text (decoded), count, mass."""
@@ -313,7 +313,7 @@ def topic_distance_table(embedder, texts_by_topic: dict):
     """Mean Euclidean distance between the (L2-normalised) embeddings of every pair of topics; the diagonal is the
     intra-topic mean over distinct pairs (paper Table 5). A square DataFrame."""
     import pandas as pd
-    emb = {name: _embed(embedder, _check_texts(t, f"texts_by_topic[{name!r}]")).double()
+    emb = {name: embed_texts(embedder, _check_texts(t, f"texts_by_topic[{name!r}]")).double()
            for name, t in texts_by_topic.items()}
     names = list(emb)
     table = pd.DataFrame(index=names, columns=names, dtype=float)

@@ -9,15 +9,18 @@ import contextlib
 import math
 import numbers
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
+from ._utils import check_positive_int, hook_layer
 from .models import model_spec
 from .saes import check_sae_fits
 
 # %% auto #0
-__all__ = ['OUTPUT_MODES', 'DEFAULT_OUTPUT', 'SUPPORTED_ARCHITECTURES', 'CLAMP_VALUE', 'check_architecture', 'activation_input',
-           'apply_activation', 'encode_with_inputs', 'as_scores', 'Method', 'Swap', 'Weight', 'Clamp', 'SteeringRecord',
+__all__ = ['OUTPUT_MODES', 'DEFAULT_OUTPUT', 'SUPPORTED_ARCHITECTURES', 'CLAMP_VALUE', 'ORIGINAL', 'PAPER_CLAMP',
+           'check_architecture', 'activation_input', 'apply_activation', 'encode_with_inputs', 'as_scores', 'Method',
+           'Swap', 'Weight', 'Clamp', 'Unchanged', 'register_method', 'method_names', 'make_method', 'SteeringRecord',
            'steer', 'check_sampling', 'encode_prompts', 'Generation', 'generate', 'side_by_side', 'format_side_by_side',
            'layer_metrics', 'layer_charts']
 
@@ -156,6 +159,51 @@ class Clamp(Method):
     def __repr__(self):
         return f"Clamp(top_n={self.top_n}, value={self.value}, mode={self.mode!r})"
 
+# %% ../nbs/03_steering.ipynb #b3bfb510
+ORIGINAL = "Original"  # the unmodified model: the name of "no SAE", never a registered method
+
+
+class Unchanged(Method):
+    "The SAE spliced in and left alone; with scores, so that the unmodified output's contamination is measured."
+    name = "SAE"
+
+    def edit(self, sae, h, acts):
+        return acts
+
+
+PAPER_CLAMP = {"value": 10.0, "mode": "multiply"}  # the paper's Clamp (its text), which the evaluation grid runs
+_FACTORIES: dict[str, Callable[..., Method]] = {}
+
+
+def register_method(name: str, factory: Callable[..., Method]) -> None:
+    "Let `make_method(name, scores, **options)` return `factory(scores, **options)`; a name registered again is replaced."
+    if not isinstance(name, str) or not name.strip() or name == ORIGINAL:
+        raise ValueError(f"a method's name is a non-empty string other than {ORIGINAL!r} (no SAE), not {name!r}.")
+    if not callable(factory):
+        raise TypeError(f"the factory of {name!r} must be callable (a Method class or a function), not {factory!r}.")
+    _FACTORIES[name] = factory
+
+
+def method_names() -> tuple[str, ...]:
+    "The registered methods' names, in the order they were registered."
+    return tuple(_FACTORIES)
+
+
+def make_method(name: str, scores, **options) -> Method:
+    "The method registered as `name`, built for `scores`; `options` go to its factory."
+    if name not in _FACTORIES:
+        raise ValueError(f"unknown steering method {name!r}: use one of {', '.join(_FACTORIES)}.")
+    method = _FACTORIES[name](scores, **options)
+    if not isinstance(method, Method):
+        raise TypeError(f"the factory of {name!r} returned {type(method).__name__}, not a Method.")
+    return method
+
+
+register_method("SAE", Unchanged)
+register_method("Clamp", Clamp)
+register_method("Swap", Swap)
+register_method("Weight", Weight)
+
 # %% ../nbs/03_steering.ipynb #8ce15651
 @dataclass
 class SteeringRecord:
@@ -223,16 +271,11 @@ def steer(model, sae, method: Method | None = None, *, output: str = DEFAULT_OUT
         yield record
 
 # %% ../nbs/03_steering.ipynb #c4f0ff1b
-def _positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}.")
-
-
 def check_sampling(max_new_tokens, top_k=None, temperature=1.0) -> None:
     "ValueError unless `max_new_tokens` is a positive int, `top_k` None or a positive int, `temperature` finite and >= 0."
-    _positive_int("max_new_tokens", max_new_tokens)
+    check_positive_int("max_new_tokens", max_new_tokens)
     if top_k is not None:
-        _positive_int("top_k", top_k)
+        check_positive_int("top_k", top_k)
     if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not 0 <= temperature < math.inf:
         raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy), got {temperature!r}.")
 
@@ -315,7 +358,7 @@ def generate(model, sae=None, prompts: str | list[str] = "", method: Method | No
     prompts = [prompts] if isinstance(prompts, str) else prompts
     encoded = encode_prompts(model, prompts, max_new_tokens)
     stops, results = _stop_ids(model), [None] * len(prompts)
-    label = "Original" if sae is None else (method.name if method is not None else "SAE")
+    label = ORIGINAL if sae is None else (method.name if method is not None else "SAE")
     for rows, batch in _batches(model, encoded, pad_batch):
         torch.manual_seed(seed)
         with contextlib.nullcontext(SteeringRecord()) if sae is None else steer(model, sae, method, output=output) as record, \
@@ -363,7 +406,7 @@ def layer_metrics(model, sae, methods: dict[str, Method], texts: list[str], *, l
     "One row per (method, text, token): latents changed, reconstruction error difference, contamination."
     check_sae_fits(model, sae)
     hook = sae.cfg.metadata.hook_name
-    layer = next((int(p) for p in hook.split(".")[1:2] if p.isdigit()), None)
+    layer = hook_layer(hook)
     special = {model.tokenizer.bos_token_id, model.tokenizer.eos_token_id, model.tokenizer.pad_token_id}
     rows = []
     for t, text in enumerate(texts):

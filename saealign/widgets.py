@@ -6,202 +6,27 @@
 from __future__ import annotations
 
 import html
-import io
 import logging
-import math
 import time
-from dataclasses import dataclass
 
 import ipywidgets as W
-import torch
 
-from .evaluation import make_method as evaluation_method
-from .scoring import LatentScores, _check_ref, _summaries_t, model_topics, score_latents
-from .steering import DEFAULT_OUTPUT, OUTPUT_MODES, Generation, Method, as_scores, generate, steer
+from .render import Column, chart_svg, columns_html, comparison_columns, contamination_chart, inspector_html
+from .scoring import LatentScores, check_reference, model_topics, score_latents
+from .steering import DEFAULT_OUTPUT, ORIGINAL, OUTPUT_MODES, Method, generate, make_method, method_names
 
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'COLOUR_STOPS', 'NEUTRAL', 'STYLE', 'METHODS', 'CUSTOM', 'contamination_colour', 'legend_html', 'TokenDetail',
-           'token_details', 'tokens_html', 'Column', 'columns_html', 'top_prompts', 'inspector_html',
-           'contamination_chart', 'chart_svg', 'make_method', 'AlignmentExplorer']
-
-# %% ../nbs/05_widgets.ipynb #5e064a84
-COLOUR_STOPS = ((0.0, (217, 240, 211)), (0.5, (254, 224, 139)), (1.0, (244, 109, 67)))
-NEUTRAL = "#d9d9d9"
-
-
-def _hex(rgb) -> str:
-    return "#" + "".join(f"{round(v):02x}" for v in rgb)
-
-
-def contamination_colour(c: float | None) -> str:
-    "The background colour of a token with contamination `c` (0..1, clamped); None or NaN: neutral grey."
-    if c is None or not math.isfinite(c):
-        return NEUTRAL
-    c = min(max(float(c), 0.0), 1.0)
-    for (a, ca), (b, cb) in zip(COLOUR_STOPS, COLOUR_STOPS[1:]):
-        if c <= b:
-            t = (c - a) / (b - a)
-            return _hex([x + t * (y - x) for x, y in zip(ca, cb)])
-
-
-def legend_html() -> str:
-    "A gradient bar with the scale's ends, and the neutral swatch."
-    stops = ", ".join(f"{_hex(rgb)} {100 * at:.0f}%" for at, rgb in COLOUR_STOPS)
-    return (f'<div class="sa-legend">contamination <span class="sa-legend-end">0 aligned</span>'
-            f'<i class="sa-bar" style="background: linear-gradient(to right, {stops})"></i>'
-            f'<span class="sa-legend-end">1 unaligned</span>'
-            f'<i class="sa-swatch" style="background: {NEUTRAL}"></i> no active latent</div>')
-
-# %% ../nbs/05_widgets.ipynb #4bc24e05
-@dataclass
-class TokenDetail:
-    "One generated token and the SAE activations at the position that produced it."
-    piece: str                                  # its text, as in the continuation
-    contamination: float                        # 0..1; NaN where no latent was active
-    latents: list[tuple[int, float, float]]     # the strongest (latent, activation, score), strongest first
-
-
-@torch.no_grad()
-def token_details(model, sae, generation: Generation, scores, method: Method | None = None, *,
-                  top: int = 5) -> list[TokenDetail]:
-    "Per generated token of `generation`: its contamination under `scores` and its `top` latents, with `method`'s edit."
-    score_t = as_scores(scores, sae.cfg.d_sae)
-    prompt_ids = model.to_tokens(generation.prompt)[0].tolist()
-    ids = torch.tensor([prompt_ids + list(generation.tokens)], device=model.cfg.device)
-    seen = {}
-
-    def read(acts, hook):
-        seen["z"] = acts[0].detach()
-
-    # "error" keeps the model's own output without an edit; the hook reads the same z′ in either mode
-    with steer(model, sae, method, output="error"), \
-         model.hooks(fwd_hooks=[(f"{sae.cfg.metadata.hook_name}.hook_sae_acts_post", read)]):
-        model(ids)
-    n = len(prompt_ids)
-    z = seen["z"][n - 1:n - 1 + len(generation.tokens)].float().cpu()
-    _, share = Method(score_t).contamination(z)
-    values, latents = z.topk(min(top, z.shape[-1]), dim=-1)
-    return [TokenDetail(piece, float(share[j]),
-                        [(int(i), float(v), float(score_t[i])) for v, i in zip(values[j], latents[j]) if v > 0])
-            for j, piece in enumerate(generation.pieces)]
-
-# %% ../nbs/05_widgets.ipynb #01d2c80e
-STYLE = """<style>
-.saealign-view .sa-cols {display: flex; gap: 1.5em; align-items: flex-start}
-.saealign-view .sa-col {flex: 1 1 0; min-width: 0}
-.saealign-view .sa-head {font-weight: 600; margin-bottom: .3em}
-.saealign-view .sa-text {white-space: pre-wrap; font-family: ui-monospace, monospace; line-height: 1.7;
-  border: 1px solid #ddd; padding: .5em; border-radius: 4px}
-.saealign-view .sa-tok {border-radius: 2px; padding: 1px 0; color: #111}
-.saealign-view .sa-tok:hover {outline: 1px solid #333}
-.saealign-view .sa-legend {margin-top: .6em; font-size: 90%; display: flex; align-items: center; gap: .4em}
-.saealign-view .sa-bar {display: inline-block; width: 160px; height: 12px; border: 1px solid #ccc}
-.saealign-view .sa-swatch {display: inline-block; width: 12px; height: 12px; border: 1px solid #ccc; margin-left: 1em}
-.saealign-view table.sa-latents {border-collapse: collapse; font-size: 90%}
-.saealign-view table.sa-latents td, .saealign-view table.sa-latents th {border-bottom: 1px solid #eee;
-  padding: 2px 8px; text-align: left; vertical-align: top}
-.saealign-error {color: #b00020; font-weight: 600}
-</style>"""
-
-
-def _visible(piece: str) -> str:
-    return html.escape(piece).replace("\n", "↵\n")
-
-
-def _tooltip(d: TokenDetail) -> str:
-    head = f"contamination {d.contamination:.2f}" if math.isfinite(d.contamination) else "no active latent"
-    return "\n".join([f"{d.piece!r}: {head}"] + [f"latent {i}: activation {v:.2f}, score {s:.2f}" for i, v, s in d.latents])
-
-
-def tokens_html(details: list[TokenDetail]) -> str:
-    "One styled span per token."
-    return "".join(f'<span class="sa-tok" style="background-color: {contamination_colour(d.contamination)}" '
-                   f'data-contamination="{d.contamination!r}" title="{html.escape(_tooltip(d))}">{_visible(d.piece)}</span>'
-                   for d in details)
-
-
-@dataclass
-class Column:
-    "One side of the comparison."
-    name: str                 # "unsteered" or "steered"
-    label: str                # what the header says
-    generation: Generation
-    details: list[TokenDetail]
-
-    @property
-    def mean_contamination(self) -> float:
-        values = [d.contamination for d in self.details if math.isfinite(d.contamination)]
-        return sum(values) / len(values) if values else float("nan")
-
-
-def columns_html(columns: list[Column]) -> str:
-    "The columns side by side, each with its header and mean contamination, then the legend."
-    cols = "".join(f'<div class="sa-col" data-column="{c.name}"><div class="sa-head">{html.escape(c.label)} '
-                   f'&middot; {len(c.details)} tokens &middot; mean contamination {c.mean_contamination:.2f}</div>'
-                   f'<div class="sa-text"><b class="sa-prompt">{_visible(c.generation.prompt)}</b>{tokens_html(c.details)}</div></div>'
-                   for c in columns)
-    return f'{STYLE}<div class="saealign-view"><div class="sa-cols">{cols}</div>{legend_html()}</div>'
-
-# %% ../nbs/05_widgets.ipynb #de61680d
-def top_prompts(ref, latent: int, k: int = 3) -> list[tuple[str, float]]:
-    "The `k` reference prompts with the largest share of their activation mass on `latent`, with that share."
-    st = _summaries_t(ref)
-    start, end = int(st.crow_indices()[latent]), int(st.crow_indices()[latent + 1])
-    values, cols = st.values()[start:end], st.col_indices()[start:end]
-    best = values.topk(min(k, len(values)))
-    return [(ref.prompts[int(cols[i])], float(v)) for v, i in zip(best.values, best.indices)]
-
-
-def _short(text: str, n: int = 110) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= n else text[:n - 1] + "…"
-
-
-def inspector_html(ref, scores: LatentScores, k: int = 10, n_prompts: int = 3) -> str:
-    "The `k` best-scored latents: score, reference prompts fired on, and the prompts that fire them most."
-    rows = []
-    for rank, i in enumerate(scores.top(k).tolist(), 1):
-        prompts = "<br>".join(f"{share:.1%} &middot; {html.escape(_short(p))}" for p, share in top_prompts(ref, i, n_prompts))
-        rows.append(f'<tr data-latent="{i}"><td>{rank}</td><td>{i}</td><td>{float(scores.scores[i]):.3f}</td>'
-                    f'<td>{int(ref.prompt_counts[i])}</td><td>{prompts}</td></tr>')
-    return (f'{STYLE}<div class="saealign-view"><table class="sa-latents"><tr><th>#</th><th>latent</th><th>score</th>'
-            f'<th>prompts fired</th><th>reference prompts that fire it most (share of their activation)</th></tr>'
-            f'{"".join(rows)}</table></div>')
-
-# %% ../nbs/05_widgets.ipynb #1442c8f6
-def contamination_chart(columns: list[Column]):
-    "An altair line chart of each column's per-token contamination."
-    import altair as alt
-    import pandas as pd
-    rows = [dict(column=c.label, position=j, token=repr(d.piece),
-                 contamination=d.contamination if math.isfinite(d.contamination) else None)
-            for c in columns for j, d in enumerate(c.details)]
-    df = pd.DataFrame(rows, columns=["column", "position", "token", "contamination"])
-    return alt.Chart(df, width=560, height=180, title="Contamination along the generated sequence").mark_line(
-        point=True).encode(x=alt.X("position:Q", title="generated token"),
-                           y=alt.Y("contamination:Q", scale=alt.Scale(domain=[0, 1]), title="contamination"),
-                           color=alt.Color("column:N", title=None),
-                           tooltip=["column", "position", "token", alt.Tooltip("contamination:Q", format=".2f")])
-
-
-def chart_svg(chart) -> str:
-    "The chart as an SVG string (offline)."
-    buf = io.StringIO()
-    chart.save(buf, format="svg")
-    return buf.getvalue()
+__all__ = ['log', 'CUSTOM', 'sae_and_method', 'AlignmentExplorer']
 
 # %% ../nbs/05_widgets.ipynb #9b38ef9f
-METHODS = ("Original", "SAE", "Clamp", "Swap", "Weight")
 CUSTOM = "(custom texts)"
 
 
-def make_method(name: str, scores) -> tuple[bool, Method | None]:
-    "`(use_sae, method)` for one of `METHODS`: `Original` runs without the SAE, the rest as the evaluation names them."
-    if name not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, not {name!r}.")
-    return name != "Original", None if name == "Original" else evaluation_method(name, scores)
+def sae_and_method(name: str, scores) -> tuple[bool, Method | None]:
+    "`(use_sae, method)` for the method called `name`: `Original` runs without the SAE, the rest through it."
+    return (False, None) if name == ORIGINAL else (True, make_method(name, scores))
 
 
 def _message(e: Exception) -> str:
@@ -209,53 +34,10 @@ def _message(e: Exception) -> str:
     text = lines[0] if len(lines[0]) <= 300 else lines[0][:299] + "…"
     return text if isinstance(e, ValueError) else f"{type(e).__name__}: {text}"
 
-
-class AlignmentExplorer:
-    "A JupyterLab widget: alignment texts → scores → unsteered and steered continuations, highlighted by contamination."
-
-    def __init__(self, model, sae, reference, embedder, *, topics: dict[str, list[str]] | None = None,
-                 prompt: str = "Once upon a time", n_latents: int = 10, n_prompts: int = 3):
-        _check_ref(reference, embedder, model, sae)  # once: scoring then skips the weight digests
-        self.model, self.sae, self.reference, self.embedder = model, sae, reference, embedder
-        self.topics = dict(model_topics(model) if topics is None else topics)
-        self.n_latents, self.n_prompts = n_latents, n_prompts
-        self.scores: LatentScores | None = None
-        self.columns: list[Column] = []
-        self.chart = None
-        self._scored: dict[tuple[str, ...], LatentScores] = {}
-
-        first = next(iter(self.topics), CUSTOM)
-        self.topic = W.Dropdown(options=[CUSTOM, *self.topics], value=first, description="topic")
-        self.texts = W.Textarea(value="\n".join(self.topics.get(first, [])), rows=8, continuous_update=False,
-                                placeholder="alignment texts, one per line", layout=W.Layout(width="100%"))
-        self.method = W.Dropdown(options=METHODS, value="Swap", description="method")
-        self.output = W.Dropdown(options=OUTPUT_MODES, value=DEFAULT_OUTPUT, description="output")
-        self.max_new_tokens = W.BoundedIntText(value=48, min=1, max=model.cfg.n_ctx, description="new tokens")
-        self.seed = W.IntText(value=0, description="seed")
-        self.prompt = W.Text(value=prompt, description="prompt", layout=W.Layout(width="auto"))
-        self.button = W.Button(description="Generate", button_style="primary", icon="play")
-        self.progress = W.IntProgress(value=0, min=0, max=4, layout=W.Layout(width="160px"))
-        self.status = W.HTML()
-        self.view = W.HTML()
-        self.chart_view = W.HTML()
-        self.inspector = W.HTML()
-        for w, name in [(self.view, "saealign-result"), (self.inspector, "saealign-inspector"),
-                        (self.status, "saealign-status"), (self.chart_view, "saealign-chart")]:
-            w.add_class(name)
-
-        self.topic.observe(self._on_topic, "value")
-        self.texts.observe(self._on_texts, "value")
-        self.button.on_click(self._on_generate)
-        controls = W.VBox([self.prompt, self.method, self.output, self.max_new_tokens, self.seed])
-        self.widget = W.VBox([
-            W.HBox([controls, W.VBox([self.topic, self.texts], layout=W.Layout(flex="1"))]),
-            W.HBox([self.button, self.progress, self.status]),
-            self.view, self.chart_view,
-            W.HTML("<b>Latent inspector</b>: the best-scored latents for these texts"), self.inspector])
-        self._rescore()
-
-    def _repr_mimebundle_(self, **kwargs):
-        return self.widget._repr_mimebundle_(**kwargs)
+# %% ../nbs/05_widgets.ipynb #7196f4b7
+class _LiveScoring:
+    """The explorer's scoring half: the texts' scores, recomputed whenever the texts change, and the status
+    line. `AlignmentExplorer` builds the widgets it reads (`texts`, `topic`, `inspector`, `status`)."""
 
     @property
     def align_texts(self) -> list[str]:
@@ -297,6 +79,54 @@ class AlignmentExplorer:
             self.scores, self.inspector.value = None, ""
             self._error(e)
 
+# %% ../nbs/05_widgets.ipynb #03c92d12
+class AlignmentExplorer(_LiveScoring):
+    "A JupyterLab widget: alignment texts → scores → unsteered and steered continuations, highlighted by contamination."
+
+    def __init__(self, model, sae, reference, embedder, *, topics: dict[str, list[str]] | None = None,
+                 prompt: str = "Once upon a time", n_latents: int = 10, n_prompts: int = 3):
+        check_reference(reference, embedder, model, sae)  # once: scoring then skips the weight digests
+        self.model, self.sae, self.reference, self.embedder = model, sae, reference, embedder
+        self.topics = dict(model_topics(model) if topics is None else topics)
+        self.n_latents, self.n_prompts = n_latents, n_prompts
+        self.scores: LatentScores | None = None
+        self.columns: list[Column] = []
+        self.chart = None
+        self._scored: dict[tuple[str, ...], LatentScores] = {}
+
+        first = next(iter(self.topics), CUSTOM)
+        self.topic = W.Dropdown(options=[CUSTOM, *self.topics], value=first, description="topic")
+        self.texts = W.Textarea(value="\n".join(self.topics.get(first, [])), rows=8, continuous_update=False,
+                                placeholder="alignment texts, one per line", layout=W.Layout(width="100%"))
+        self.method = W.Dropdown(options=[ORIGINAL, *method_names()], value="Swap", description="method")
+        self.output = W.Dropdown(options=OUTPUT_MODES, value=DEFAULT_OUTPUT, description="output")
+        self.max_new_tokens = W.BoundedIntText(value=48, min=1, max=model.cfg.n_ctx, description="new tokens")
+        self.seed = W.IntText(value=0, description="seed")
+        self.prompt = W.Text(value=prompt, description="prompt", layout=W.Layout(width="auto"))
+        self.button = W.Button(description="Generate", button_style="primary", icon="play")
+        self.progress = W.IntProgress(value=0, min=0, max=4, layout=W.Layout(width="160px"))
+        self.status = W.HTML()
+        self.view = W.HTML()
+        self.chart_view = W.HTML()
+        self.inspector = W.HTML()
+        for w, name in [(self.view, "saealign-result"), (self.inspector, "saealign-inspector"),
+                        (self.status, "saealign-status"), (self.chart_view, "saealign-chart")]:
+            w.add_class(name)
+
+        self.topic.observe(self._on_topic, "value")
+        self.texts.observe(self._on_texts, "value")
+        self.button.on_click(self._on_generate)
+        controls = W.VBox([self.prompt, self.method, self.output, self.max_new_tokens, self.seed])
+        self.widget = W.VBox([
+            W.HBox([controls, W.VBox([self.topic, self.texts], layout=W.Layout(flex="1"))]),
+            W.HBox([self.button, self.progress, self.status]),
+            self.view, self.chart_view,
+            W.HTML("<b>Latent inspector</b>: the best-scored latents for these texts"), self.inspector])
+        self._rescore()
+
+    def _repr_mimebundle_(self, **kwargs):
+        return self.widget._repr_mimebundle_(**kwargs)
+
     def render_html(self, prompt: str, align_texts, *, method: str = "Swap", output: str | None = None,
                     max_new_tokens: int = 64, seed: int = 0) -> str:
         """The HTML the widget shows for one generation: unsteered and `method` continuations of `prompt`, one
@@ -304,16 +134,14 @@ class AlignmentExplorer:
         the widget's output mode. Keeps the columns in `self.columns` and their chart in `self.chart`."""
         output = self.output.value if output is None else output
         scores = self.score(align_texts)
-        use_sae, steering = make_method(method, scores)
+        use_sae, steering = sae_and_method(method, scores)
         self.progress.value = 1
         plain = generate(self.model, None, prompt, max_new_tokens=max_new_tokens, seed=seed)[0]
         self.progress.value = 2
         steered = plain if not use_sae else generate(self.model, self.sae, prompt, steering, output=output,
                                                      max_new_tokens=max_new_tokens, seed=seed)[0]
         self.progress.value = 3
-        label = method if method == "Original" else f"{method} ({output})"
-        self.columns = [Column("unsteered", "unsteered (Original)", plain, token_details(self.model, self.sae, plain, scores)),
-                        Column("steered", label, steered, token_details(self.model, self.sae, steered, scores, steering))]
+        self.columns = comparison_columns(self.model, self.sae, plain, steered, scores, steering)
         self.chart = contamination_chart(self.columns)
         return columns_html(self.columns)
 

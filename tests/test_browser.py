@@ -66,7 +66,7 @@ def lab(tmp_path):
 
 
 def test_explorer_generates_highlighted_tokens_in_jupyterlab(lab, tmp_path, model, sae, embedder):
-    from saealign.widgets import contamination_colour
+    from saealign.render import contamination_colour
     ARTIFACTS.mkdir(exist_ok=True)
     shot = ARTIFACTS / "explorer.png"
     shot.unlink(missing_ok=True)

@@ -86,10 +86,10 @@ def test_batched_equals_one_at_a_time(model, sae, prompts):
     # unpadded, so the activations agree up to float rounding of differently shaped matmuls (not bitwise).
     ids, _ = tokenize(model, prompts[:12], MAX_TOKENS)
     assert len({len(x) for x in ids}) > 1  # padding really happens
-    tokens, mask = R._pad(ids, 0, "cpu")
+    tokens, mask = R.pad_right(ids, 0, "cpu")
     batched = summarize_batch(model, sae, tokens, mask).to_dense()
     for i, x in enumerate(ids):
-        t1, m1 = R._pad([x], 0, "cpu")
+        t1, m1 = R.pad_right([x], 0, "cpu")
         torch.testing.assert_close(batched[i], summarize_batch(model, sae, t1, m1).to_dense()[0], atol=1e-6, rtol=0)
 
 

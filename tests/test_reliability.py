@@ -426,7 +426,7 @@ def test_pickled_checkpoints_are_refused_before_any_download(monkeypatch):
     from sae_lens import HookedSAETransformer
     from transformer_lens.loading_from_pretrained import OFFICIAL_MODEL_NAMES
     loaded = []
-    monkeypatch.setattr(models, "_hub_reachable", lambda: True)
+    monkeypatch.setattr(models, "hub_reachable", lambda: True)
     monkeypatch.setattr(models, "fast_weights", lambda model: model)  # the stand-in below has no weights
     monkeypatch.setattr(HookedSAETransformer, "from_pretrained",
                         classmethod(lambda cls, name, **k: loaded.append(name) or torch.nn.Identity()))

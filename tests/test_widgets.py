@@ -9,12 +9,13 @@ from html.parser import HTMLParser
 import pytest
 import torch
 
+import saealign.steering as steering
 import saealign.widgets as Wd
 from saealign.reference import ReferenceSet, build_reference_prompts, compute_reference
 from saealign.scoring import STORY_TOPICS
 from saealign.steering import Clamp, Swap, Weight, generate
-from saealign.widgets import (CUSTOM, NEUTRAL, AlignmentExplorer, TokenDetail, contamination_colour, make_method,
-                              token_details, tokens_html, top_prompts)
+from saealign.render import NEUTRAL, TokenDetail, contamination_colour, token_details, tokens_html, top_prompts
+from saealign.widgets import CUSTOM, AlignmentExplorer, sae_and_method
 
 SEA, FOOD = STORY_TOPICS["sea"], STORY_TOPICS["food"]
 
@@ -158,15 +159,24 @@ def test_render_html_output_none_uses_the_widget(explorer):
     assert explorer.columns[1].generation.output == "error" and explorer.columns[1].label == "Swap (error)"
 
 
-def test_make_method():
+def test_sae_and_method():
     s = torch.rand(512)
-    assert make_method("Original", s) == (False, None)
-    use_sae, unchanged = make_method("SAE", s)  # spliced in, left alone, its contamination still measured
+    assert sae_and_method("Original", s) == (False, None)
+    use_sae, unchanged = sae_and_method("SAE", s)  # spliced in, left alone, its contamination still measured
     acts = torch.rand(3, 512)
     assert use_sae and torch.equal(unchanged.edit(None, acts, acts), acts) and unchanged.name == "SAE"
-    assert isinstance(make_method("Clamp", s)[1], Clamp) and isinstance(make_method("Weight", s)[1], Weight)
-    with pytest.raises(ValueError, match="method must be one of"):
-        make_method("swap", s)
+    assert isinstance(sae_and_method("Clamp", s)[1], Clamp) and isinstance(sae_and_method("Weight", s)[1], Weight)
+    with pytest.raises(ValueError, match="unknown steering method 'swap'"):
+        sae_and_method("swap", s)
+
+
+def test_explorer_offers_a_method_registered_later(explorer, monkeypatch):
+    monkeypatch.setattr(steering, "_FACTORIES", dict(steering._FACTORIES))  # the registration ends with the test
+    steering.register_method("Swap again", Swap)
+    fresh = AlignmentExplorer(explorer.model, explorer.sae, explorer.reference, explorer.embedder)
+    assert list(fresh.method.options) == ["Original", "SAE", "Clamp", "Swap", "Weight", "Swap again"]
+    fresh.render_html("The cat", SEA, method="Swap again", max_new_tokens=4)
+    assert fresh.columns[1].generation.method == "Swap"
 
 
 # --- the latent inspector ------------------------------------------------------------------------
