@@ -32,15 +32,15 @@ from .saes import load_sae, shipped_sae_ids
 from .reference import (build_reference_prompts, compute_reference, default_reference, embed_texts, sae_digest,
                                 tensor_digest)
 from .scoring import STORY_TOPICS, model_topics, score_latents
-from .steering import (DEFAULT_OUTPUT, ORIGINAL, OUTPUT_MODES, PAPER_CLAMP, Clamp, Generation, Swap, Weight,
-                               check_sampling, generate, make_method, method_names)
+from .steering import (DEFAULT_OUTPUT, ORIGINAL, OUTPUT_MODES, PAPER_CLAMP, Clamp, Generation, Method, Swap, Weight,
+                               check_sampling, generate, make_method, method_names, steer)
 
 # %% auto #0
 __all__ = ['METAPHOR_PROMPTS', 'METRICS', 'METHODS', 'GRID_HEADER', 'UNIT_KEY', 'GRID_SAMPLING', 'evaluation_prompts',
            'evaluation_topics', 'perplexity', 'alignment_distances', 'words', 'topic_words', 'topic_word_rate',
            'fine_tune', 'default_grid_path', 'read_rows', 'grid_units', 'unit_key', 'relevance', 'measure',
-           'torch_threads', 'run_grid', 'clamp_sweep', 'config_label', 'summary_table', 'compare', 'verdict_table',
-           'overview_table', 'seed_noise', 'metric_chart', 'topic_chart', 'cost_table']
+           'torch_threads', 'run_grid', 'contamination_under', 'clamp_sweep', 'config_label', 'summary_table',
+           'compare', 'verdict_table', 'overview_table', 'seed_noise', 'metric_chart', 'topic_chart', 'cost_table']
 
 # %% ../nbs/04_evaluation.ipynb #3223b367
 METAPHOR_PROMPTS = [
@@ -396,17 +396,35 @@ def run_grid(path, *, model=None, embedder=None, saes: dict | None = None, refer
     done = _complete_units(path, rows)
     states = {t: _TopicState(model, texts, embedder, references, background, fine_tune_options or {})
               for t, texts in topics.items()}
+    shared = {}  # generations that do not depend on the topic (Original, SAE), made once
     with torch_threads(model, threads):
         for unit in tqdm([u for u in keys if keys[u] not in done], desc="grid", disable=not progress):
             _run_unit(path, unit, keys[unit], model, embedder, saes, states[unit[0]], prompts, seeds, max_new_tokens,
-                      acceptability, clamp_options)
+                      acceptability, clamp_options, shared)
     wanted = set(keys.values())
     return pd.DataFrame([r for r in read_rows(path) if r["unit"] in wanted])
 
 
+@torch.no_grad()
+def contamination_under(model, sae, method: Method, generations: list[Generation], output: str) -> list[Generation]:
+    """`generations` with their per-token contamination measured under `method`'s scores by one teacher-forced pass
+    each (token k's at the position that produced it), for a method that does not change what is generated."""
+    measured = []
+    for g in generations:
+        prompt = model.to_tokens(g.prompt, truncate=False)[0].tolist()
+        with steer(model, sae, method, output=output) as record:
+            model(torch.tensor([prompt + g.tokens], device=model.cfg.device))
+        positions = slice(len(prompt) - 1, len(prompt) - 1 + len(g.tokens))
+        measured.append(dataclasses.replace(g, method=method.name,
+                                            contamination=record.contamination[0][0, positions].tolist(),
+                                            contamination_raw=record.contamination_raw[0][0, positions].tolist()))
+    return measured
+
+
 def _run_unit(path, unit, key, model, embedder, saes, state, prompts, seeds, max_new_tokens, acceptability,
-              clamp_options):
-    "Generate and measure one grid unit, then append its rows, each carrying the unit's key and row count."
+              clamp_options, shared: dict):
+    """Generate and measure one grid unit, then append its rows, each carrying the unit's key and row count.
+    `Original` and `SAE` write the same text for every topic: their generations are made once and kept in `shared`."""
     topic, method, sae_id, output = unit
     prompt_list, extra = list(prompts), {}
     align_embeddings = state.embeddings
@@ -417,20 +435,34 @@ def _run_unit(path, unit, key, model, embedder, saes, state, prompts, seeds, max
                          for g in generate(tuned, None, prompt_list, max_new_tokens=max_new_tokens, seed=s, pad_batch=True)]
     elif method == "Original":
         run = lambda s: generate(model, None, prompt_list, max_new_tokens=max_new_tokens, seed=s, pad_batch=True)
+    elif method == "SAE":
+        steering = make_method(method, state.scores(sae_id))
+        run = lambda s: generate(model, saes[sae_id], prompt_list, steering, output=output,
+                                 max_new_tokens=max_new_tokens, seed=s, pad_batch=True)
     else:
         steering = make_method(method, state.scores(sae_id), **((clamp_options or {}) if method == "Clamp" else {}))
         run = lambda s: generate(model, saes[sae_id], prompt_list, steering, output=output,
                                  max_new_tokens=max_new_tokens, seed=s, pad_batch=True)
-    start = time.perf_counter()
-    gens = [(s, g) for s in seeds for g in run(s)]
-    seconds = time.perf_counter() - start
+    gens, speed = [], {}
+    for s in seeds:
+        memo = (method, sae_id, output, s, max_new_tokens)
+        if memo in shared:
+            speed[s], done = shared[memo]
+            if method == "SAE":
+                done = contamination_under(model, saes[sae_id], steering, done, output)
+        else:
+            start = time.perf_counter()
+            done = run(s)
+            speed[s] = (time.perf_counter() - start) / max(1, sum(len(g.tokens) for g in done))
+            if method in ("Original", "SAE"):
+                shared[memo] = speed[s], done
+        gens += [(s, g) for g in done]
     metrics = measure(model, embedder, [g for _, g in gens], state.texts, align_embeddings=align_embeddings,
                       vocabulary=state.vocabulary, acceptability=acceptability)
-    n_tokens = sum(len(g.tokens) for _, g in gens) or 1
     _append_rows(path, [dict(unit=key, unit_rows=len(gens), topic=topic, method=method, sae=sae_id, output=output,
                              layer=hook_layer(sae_id, default=-1), n_align=len(state.texts), prompt=g.prompt,
                              prompt_kind=prompts[g.prompt], seed=s, continuation=g.continuation, **m,
-                             seconds_per_token=seconds / n_tokens, **extra)
+                             seconds_per_token=speed[s], **extra)
                         for (s, g), m in zip(gens, metrics)])
 
 # %% ../nbs/04_evaluation.ipynb #ffdbff9f

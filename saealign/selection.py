@@ -21,9 +21,9 @@ import torch
 
 from .core import DamagedFileError, cache_folder, cache_root, load_tensors, save_tensors
 from .models import model_spec
-from .reference import (ReferenceSet, _check_no_saes, _keep, _pad, hook_activations, sae_digest, tensor_digest,
+from .reference import (ReferenceSet, _check_no_saes, _keep, pad_right, hook_activations, sae_digest, tensor_digest,
                         tokenize)
-from .scoring import (LatentScores, _as_scores, _check_ref, _check_texts, _min_distances, _summaries_t, kendall_tau,
+from .scoring import (LatentScores, _as_scores, check_reference, _check_texts, _min_distances, summaries_by_latent, kendall_tau,
                       score_latents, validation_curve)
 from .steering import CLAMP_VALUE, Clamp, Method, Swap, Weight, as_scores, generate
 
@@ -60,7 +60,7 @@ def activation_means(model, sae, texts, *, batch_size: int = 16, max_tokens: int
     latents = torch.zeros(sae.cfg.d_sae, dtype=torch.float64)
     n = 0
     for start in range(0, len(ids), batch_size):
-        tokens, mask = _pad(ids[start:start + batch_size], _pad_id(model), model.cfg.device)
+        tokens, mask = pad_right(ids[start:start + batch_size], _pad_id(model), model.cfg.device)
         x = hook_activations(model, sae.cfg.metadata.hook_name, tokens, mask)[_keep(model, tokens, mask)]
         resid += x.double().sum(0).cpu()
         latents += sae.encode(x.to(sae.dtype)).double().sum(0).cpu()
@@ -200,7 +200,7 @@ def contrastive_scores(ref: ReferenceSet, align_texts, embedder, background: dic
     panel |= {n: _check_texts(t, f"background[{n!r}]") for n, t in (background or {}).items()}
     if not isinstance(min_prompts, int) or min_prompts < 0:
         raise ValueError(f"min_prompts must be an int >= 0, got {min_prompts!r}")
-    _check_ref(ref, embedder, model, sae)
+    check_reference(ref, embedder, model, sae)
     eligible = ref.prompt_counts >= max(min_prompts, 1)
     if not eligible.any():
         raise ValueError(f"no latent is eligible: min_prompts={min_prompts} but the most prompts any latent fired on "
@@ -214,7 +214,7 @@ def contrastive_scores(ref: ReferenceSet, align_texts, embedder, background: dic
         if not others:
             raise ValueError(f"topic {name!r} has no other topic to contrast with: give background={{name: texts, ...}}.")
         rel.append(dist[:, column["topic", name]] - dist[:, others].mean(1))
-    m = _summaries_t(ref) @ torch.stack(rel + [torch.ones(ref.n_prompts, dtype=dist.dtype)], 1)
+    m = summaries_by_latent(ref) @ torch.stack(rel + [torch.ones(ref.n_prompts, dtype=dist.dtype)], 1)
     g = torch.where(m[:, -1:] > 0, m[:, :-1] / m[:, -1:].clamp_min(1e-300), torch.nan)
     out = {}
     for j, (name, texts) in enumerate(topics.items()):
@@ -367,7 +367,7 @@ def output_scores(model, sae, scores, align_texts, prompts, *, n_latents: int = 
 
     _check_no_saes(model)
     ids, _ = tokenize(model, prompts)
-    toks, mask = _pad(ids, _pad_id(model), model.cfg.device)
+    toks, mask = pad_right(ids, _pad_id(model), model.cfg.device)
     keep = _keep(model, toks, mask)
     last = mask.sum(1) - 1
     hook = sae.cfg.metadata.hook_name
