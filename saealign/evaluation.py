@@ -353,7 +353,7 @@ def torch_threads(model, threads: int | None = None):
     finally:
         torch.set_num_threads(before)
 
-# %% ../nbs/04_evaluation.ipynb #a57acfa7
+# %% ../nbs/04_evaluation.ipynb #788e771c
 GRID_SAMPLING = {k: inspect.signature(generate).parameters[k].default for k in ("top_k", "temperature", "do_sample")}
 
 
@@ -405,6 +405,7 @@ def run_grid(path, *, model=None, embedder=None, saes: dict | None = None, refer
     return pd.DataFrame([r for r in read_rows(path) if r["unit"] in wanted])
 
 
+# %% ../nbs/04_evaluation.ipynb #d2709411
 @torch.no_grad()
 def contamination_under(model, sae, method: Method, generations: list[Generation], output: str) -> list[Generation]:
     """`generations` with their per-token contamination measured under `method`'s scores by one teacher-forced pass
@@ -421,6 +422,7 @@ def contamination_under(model, sae, method: Method, generations: list[Generation
     return measured
 
 
+# %% ../nbs/04_evaluation.ipynb #675c6db2
 def _run_unit(path, unit, key, model, embedder, saes, state, prompts, seeds, max_new_tokens, acceptability,
               clamp_options, shared: dict):
     """Generate and measure one grid unit, then append its rows, each carrying the unit's key and row count.
@@ -465,6 +467,7 @@ def _run_unit(path, unit, key, model, embedder, saes, state, prompts, seeds, max
                              seconds_per_token=speed[s], **extra)
                         for (s, g), m in zip(gens, metrics)])
 
+
 # %% ../nbs/04_evaluation.ipynb #ffdbff9f
 def clamp_sweep(directory, values=(2.0, 5.0, 10.0, 20.0), *, mode: str = "multiply", **grid_options) -> pd.DataFrame:
     "Clamp at each strength in `values` (plus `Original`), one grid file per value; rows carry `clamp_value`."
@@ -475,7 +478,7 @@ def clamp_sweep(directory, values=(2.0, 5.0, 10.0, 20.0), *, mode: str = "multip
                                clamp_options={"value": value, "mode": mode}).assign(clamp_value=value))
     return pd.concat(frames, ignore_index=True)
 
-# %% ../nbs/04_evaluation.ipynb #f6b1cc13
+# %% ../nbs/04_evaluation.ipynb #47d74ad4
 def config_label(df: pd.DataFrame) -> pd.Series:
     layer = df["layer"].map(lambda l: "" if l < 0 else f" L{l}")
     output = df["output"].map(lambda o: {"": "", "reconstruction": "", "error": " +err"}.get(o, f" {o}"))
@@ -493,6 +496,7 @@ def summary_table(df: pd.DataFrame, metrics=tuple(METRICS), *, digits: int = 3) 
     return pd.DataFrame(cells)[order]
 
 
+# %% ../nbs/04_evaluation.ipynb #345bc46d
 def compare(df: pd.DataFrame, metric: str, *, baseline: str = "Original", pair_on=("topic", "prompt", "seed")) -> pd.DataFrame:
     """Each method / layer / output against `baseline`, paired on `pair_on` (and on layer and output mode when the
     baseline uses an SAE, as `SAE` does): mean and std of the difference,
@@ -540,6 +544,7 @@ def overview_table(df: pd.DataFrame, metrics=tuple(METRICS), *, baseline: str = 
     return pd.DataFrame(cells)
 
 
+# %% ../nbs/04_evaluation.ipynb #fa92263f
 def seed_noise(df: pd.DataFrame, metrics=tuple(METRICS), *, method: str = "Original") -> pd.DataFrame:
     """How much a metric moves from seed to seed alone, for `method`: the std across seeds of one generation
     (per topic and prompt, averaged) and of the grid mean (per-seed means over all prompts)."""
@@ -585,6 +590,7 @@ def topic_chart(df: pd.DataFrame, metric: str = "centroid_cosine", *, baseline: 
                                     y2="hi:Q") +
             base.mark_point(filled=True).encode(x="config:N", y="mean_diff:Q", color=alt.Color("method:N"))
             ).facet(column=alt.Column("topic:N", title=None))
+
 
 # %% ../nbs/04_evaluation.ipynb #4a65e424
 def _timed(fn, repeats: int = 1):

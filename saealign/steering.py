@@ -64,7 +64,7 @@ def encode_with_inputs(sae, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
         acts = sae.encode(x)
     return activation_input(sae, seen["pre"]), acts
 
-# %% ../nbs/03_steering.ipynb #f836d714
+# %% ../nbs/03_steering.ipynb #cf151b57
 def as_scores(scores, d_sae: int | None = None) -> torch.Tensor:
     "A float32 score vector from a `LatentScores` or a tensor; ValueError unless finite and within [0, 1]."
     raw = getattr(scores, "scores", scores)
@@ -84,6 +84,7 @@ def as_scores(scores, d_sae: int | None = None) -> torch.Tensor:
     return values
 
 
+# %% ../nbs/03_steering.ipynb #0c13dd3b
 class Method:
     "A steering method: turns the SAE's activations into edited ones, given latent scores; may add a residual vector."
     name = "Method"
@@ -129,6 +130,7 @@ class Weight(Method):
         return apply_activation(sae, h * self.scores.to(h))
 
 
+# %% ../nbs/03_steering.ipynb #69da3f26
 CLAMP_VALUE = 5.0  # the evaluation grid's strength sweep: the strongest clamp that costs no fluency (×10 does)
 
 
@@ -158,6 +160,7 @@ class Clamp(Method):
 
     def __repr__(self):
         return f"Clamp(top_n={self.top_n}, value={self.value}, mode={self.mode!r})"
+
 
 # %% ../nbs/03_steering.ipynb #b3bfb510
 ORIGINAL = "Original"  # the unmodified model: the name of "no SAE", never a registered method
