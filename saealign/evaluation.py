@@ -353,7 +353,7 @@ def torch_threads(model, threads: int | None = None):
     finally:
         torch.set_num_threads(before)
 
-# %% ../nbs/04_evaluation.ipynb #788e771c
+# %% ../nbs/04_evaluation.ipynb #c99b6a65
 GRID_SAMPLING = {k: inspect.signature(generate).parameters[k].default for k in ("top_k", "temperature", "do_sample")}
 
 
@@ -405,7 +405,7 @@ def run_grid(path, *, model=None, embedder=None, saes: dict | None = None, refer
     return pd.DataFrame([r for r in read_rows(path) if r["unit"] in wanted])
 
 
-# %% ../nbs/04_evaluation.ipynb #d2709411
+# %% ../nbs/04_evaluation.ipynb #772e012a
 @torch.no_grad()
 def contamination_under(model, sae, method: Method, generations: list[Generation], output: str) -> list[Generation]:
     """`generations` with their per-token contamination measured under `method`'s scores by one teacher-forced pass
@@ -422,7 +422,7 @@ def contamination_under(model, sae, method: Method, generations: list[Generation
     return measured
 
 
-# %% ../nbs/04_evaluation.ipynb #675c6db2
+# %% ../nbs/04_evaluation.ipynb #b5f1cedf
 def _run_unit(path, unit, key, model, embedder, saes, state, prompts, seeds, max_new_tokens, acceptability,
               clamp_options, shared: dict):
     """Generate and measure one grid unit, then append its rows, each carrying the unit's key and row count.

@@ -272,17 +272,18 @@ def train_gemma_saes(model, out: Path, specs: dict | None = None, *, n_checkpoin
 
 # %% ../nbs/00d_gemma_saes.ipynb #41683846
 def quality_table(model, saes: dict, tokens: torch.Tensor, *, loss_rows: int = 16):
-    "EV, L0, never-firing share and the spliced loss increase per SAE on held-out `tokens`."
+    "EV, L0, never-firing share and the spliced loss increase (on `loss_rows` rows; 0: not measured) per SAE on held-out `tokens`."
     import pandas as pd
     from saealign.embedded import sae_quality
     rows = []
     for name, sae in saes.items():
         q = sae_quality(model, sae, tokens, ce=False)
-        loss = sae_quality(model, sae, tokens[:loss_rows], ce_batch=4)  # 262K-token logits: small batches
         rows.append(dict(sae=name, architecture=sae.cfg.architecture(), d_sae=sae.cfg.d_sae,
-                         explained_variance=q["explained_variance"], l0=q["l0"], never_fired=q["dead_fraction"],
-                         loss=loss["ce_clean"], loss_spliced=loss["ce_spliced"],
-                         loss_increase=loss["ce_spliced"] - loss["ce_clean"]))
+                         explained_variance=q["explained_variance"], l0=q["l0"], never_fired=q["dead_fraction"]))
+        if loss_rows:
+            loss = sae_quality(model, sae, tokens[:loss_rows], ce_batch=4)  # 262K-token logits: small batches
+            rows[-1] |= dict(loss=loss["ce_clean"], loss_spliced=loss["ce_spliced"],
+                             loss_increase=loss["ce_spliced"] - loss["ce_clean"])
     return pd.DataFrame(rows).set_index("sae").round(4)
 
 # %% ../nbs/00d_gemma_saes.ipynb #aa7ee346
