@@ -222,9 +222,9 @@ def test_output_score_zero_push_and_bad_input(model, probe):
 
 
 def test_next_token_logprobs_parity_with_padding(model):
-    from saealign.reference import _pad
+    from saealign.reference import pad_right
     ids = [model.to_tokens(p)[0] for p in NEUTRAL]
-    tokens, mask = _pad(ids, 0, "cpu")
+    tokens, mask = pad_right(ids, 0, "cpu")
     lp = _next_token_logprobs(model, "blocks.2.hook_resid_post", tokens, mask, mask.sum(1) - 1)
     for i, x in enumerate(ids):
         torch.testing.assert_close(lp[i], model(x[None])[0, -1].log_softmax(-1), atol=1e-5, rtol=1e-5)
