@@ -363,7 +363,7 @@ def run_grid(path, *, model=None, embedder=None, saes: dict | None = None, refer
              clamp_options: dict | None = PAPER_CLAMP, fine_tune_options: dict | None = None,
              threads: int | None = None, progress: bool = True) -> pd.DataFrame:
     """Run (or resume) the grid into the JSON-lines file `path`; returns the rows of its units as a DataFrame.
-    Defaults: the embedded model with both shipped SAEs and their cached references, `evaluation_topics()`,
+    Defaults: the default model with its release's shipped SAEs and their cached references, `evaluation_topics()`,
     `evaluation_prompts()`. `acceptability` is a callable texts -> P(acceptable), e.g. a classifier from
     `saealign.acceptability`; without it that column is NaN. Clamp runs at the paper's strength (×10) unless
     `clamp_options` says otherwise (`clamp_sweep` compares strengths). `path` is new or a grid file run_grid made."""
@@ -437,10 +437,6 @@ def _run_unit(path, unit, key, model, embedder, saes, state, prompts, seeds, max
                          for g in generate(tuned, None, prompt_list, max_new_tokens=max_new_tokens, seed=s, pad_batch=True)]
     elif method == "Original":
         run = lambda s: generate(model, None, prompt_list, max_new_tokens=max_new_tokens, seed=s, pad_batch=True)
-    elif method == "SAE":
-        steering = make_method(method, state.scores(sae_id))
-        run = lambda s: generate(model, saes[sae_id], prompt_list, steering, output=output,
-                                 max_new_tokens=max_new_tokens, seed=s, pad_batch=True)
     else:
         steering = make_method(method, state.scores(sae_id), **((clamp_options or {}) if method == "Clamp" else {}))
         run = lambda s: generate(model, saes[sae_id], prompt_list, steering, output=output,
