@@ -1,28 +1,32 @@
-"""Gemma 3 270M: load times and per-token generation cost, side by side in one run.
+"""Gemma 3 270M: load times, per-token generation cost, the reference pass and the explorer, in one run.
 
-Configurations per round: HF's own `generate`, transformer_lens as it ships, transformer_lens after
-`fast_weights`, and saealign's steered generation (Swap through an SAE at blocks.6.hook_resid_post).
+Generation, configurations per round: HF's own `generate`, transformer_lens as it ships, transformer_lens
+after `fast_weights`, and saealign's steered generation (Swap through an SAE at blocks.6.hook_resid_post).
 Rounds are interleaved and the best of `--repeats` is kept, so background load hits every one alike.
-Target (issue 10): steered generation per token <= 1.3x HF's plain `generate`.
+Targets: steered generation per token <= 1.3x HF's plain `generate` (issue 10); the reference pass >= 0.9x
+its floor (forward to the hook + encode) on real P3 prompts; the explorer re-scores a topic in < 2 s on the
+8,192-prompt reference and renders a 48-token side-by-side in < 30 s (issue 11).
 
 Run: `.venv/bin/python bench/bench_gemma.py` (part of `make bench`).
 """
-from benchlib import interleaved_best_of, options, timed, torch_inference
+from benchlib import best_of, interleaved_best_of, options, timed, torch_inference
 
 import torch
 from sae_lens import HookedSAETransformer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from saealign.core import load_embedder
+from saealign.evaluation import evaluation_topics
 from saealign.models import GEMMA_HUB_ID, gemma_folder, load_model
+from saealign.reference import _reference_plan, build_reference_prompts, compute_reference, default_reference, pad_right, tokenize
 from saealign.saes import load_sae
 from saealign.steering import Swap, generate
+from saealign.widgets import AlignmentExplorer
 
 PROMPT = "The patient was diagnosed with"
 
 
-def main():
-    args = options(tokens=32)
-    torch_inference()
+def generation_bench(args):
     folder = gemma_folder()
     model, load_s = timed(lambda: load_model("gemma-3-270m"))
     hf, hf_s = timed(lambda: AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32))
@@ -48,6 +52,64 @@ def main():
         print(f"{name:<22} {t:8.3f} {t / best['HF generate']:6.2f}")
     swap = best["Swap (SAE at layer 6)"] / best["HF generate"]
     print(f"steered ÷ HF generate = {swap:.2f} (target ≤ 1.3): {'met' if swap <= 1.3 else 'NOT met'}")
+    return model, sae
+
+
+def reference_pass_bench(model, sae, n_prompts=256, batch=32, max_tokens=128):
+    """compute_reference (no embeddings, no cache) against its floor on the same right-padded batches. Its one-off
+    cost per call (checks and the fingerprint: hashing the 262,144-token vocabulary and a weight sample) is timed
+    apart: it is ~1.5 s against the ~800 s of the 8,192-prompt pass."""
+    prompts = build_reference_prompts(n_prompts, seed=0)
+    ids, _ = tokenize(model, prompts, max_tokens)
+    ids = sorted(ids, key=len, reverse=True)  # compute_reference sorts by length too: the same padding
+    batches = [pad_right(ids[i:i + batch], model.tokenizer.pad_token_id, "cpu") for i in range(0, len(ids), batch)]
+    layer = int(sae.cfg.metadata.hook_name.split(".")[1])
+
+    def floor():  # the model up to the hook (resid_post of block `layer`) and the SAE's encoder, nothing else
+        for tokens, mask in batches:
+            sae.encode(model(tokens, stop_at_layer=layer + 1, attention_mask=mask))
+
+    def ours():
+        compute_reference(model, sae, prompts, None, batch_size=batch, max_tokens=max_tokens, progress=False)
+
+    floor(), ours()  # warm-up
+    t = interleaved_best_of({"floor": floor, "ours": ours})
+    n_tok = sum(len(x) for x in ids)
+    print(f"\nreference pass, {n_prompts} P3 prompts ({n_tok} tokens, ≤ {max_tokens} each), batch {batch}, "
+          f"SAE at {sae.cfg.metadata.hook_name}")
+    print(f"  floor (forward to the hook + encode) {t['floor']:6.2f} s  {n_tok / t['floor']:6.0f} tok/s")
+    print(f"  compute_reference                    {t['ours']:6.2f} s  {n_tok / t['ours']:6.0f} tok/s")
+    fixed = best_of(lambda: _reference_plan(model, sae, None, "", 512, max_tokens))
+    print(f"  of which the one-off checks and fingerprint: {fixed:.2f} s; without them speed ÷ floor = "
+          f"{t['floor'] / (t['ours'] - fixed):.2f}")
+    ratio = t["floor"] / t["ours"]
+    print(f"  speed ÷ floor = {ratio:.2f} (target ≥ 0.9): {'met' if ratio >= 0.9 else 'NOT met'}")
+
+
+def explorer_bench(model, sae, tokens=48):
+    "The explorer on the default 8,192-prompt reference: re-scoring a topic, then one side-by-side generation."
+    embedder = load_embedder()
+    reference = default_reference(model, sae, embedder, n=8192)
+    explorer = AlignmentExplorer(model, sae, reference, embedder, prompt=PROMPT)
+    topics = evaluation_topics(model=model)
+    explorer.score(topics["cooking-20"])  # warm-up: builds scoring's cached transpose once
+    # topics the explorer has not scored yet (it remembers each list of texts, and scores its first at start)
+    rescore = [timed(lambda t=t: explorer.score(topics[t]))[1] for t in ("law-20", "amazon-20", "sports-20")]
+    side = [timed(lambda s=s: explorer.render_html(PROMPT, topics["medical-20"], max_new_tokens=tokens, seed=s))[1]
+            for s in range(2)]
+    print(f"\nexplorer, reference of {reference.n_prompts} prompts")
+    print(f"  re-scoring a topic (20 texts, a new list each time): {min(rescore):.2f}–{max(rescore):.2f} s over 3 "
+          "topics (target < 2 s)")
+    print(f"  {tokens}-token side-by-side (unsteered + Swap, rendered): {min(side):.1f} s best of 2 seeds, "
+          f"{max(side):.1f} s worst (target < 30 s)")
+
+
+def main():
+    args = options(tokens=32)
+    torch_inference()
+    model, sae = generation_bench(args)
+    reference_pass_bench(model, sae)
+    explorer_bench(model, sae)
 
 
 if __name__ == "__main__":
