@@ -12,6 +12,7 @@ from .models import load_model
 from .reference import ReferenceSet, default_reference
 from .saes import load_sae
 from .scoring import LatentScores, score_latents
+from .selection import TopicInputs
 from .steering import DEFAULT_OUTPUT, Generation, Method, generate, make_method
 
 # %% auto #0
@@ -31,14 +32,15 @@ def steer_by_text(align_texts: list[str], prompt: str, *, model=None, sae=None, 
                   reference: ReferenceSet | None = None, method: str = "Swap", output: str = DEFAULT_OUTPUT,
                   max_new_tokens: int = 64, seed: int = 0, progress: bool = False, **method_options) -> SteeredText:
     """Score the SAE's latents against `align_texts` and continue `prompt` unsteered and steered by `method`
-    (any name `method_names()` lists: Swap, Weight, Clamp, SAE, or one a later chapter registered). Defaults: the
-    default model, its default SAE and MiniLM."""
+    (any name `method_names()` lists: Swap, Weight, Clamp, SAE, the selection chapter's OutputSwap, OutputClamp,
+    AddSteer, DiffMeans, or one registered later). Defaults: the default model, its default SAE and MiniLM."""
     model = model or load_model()
     sae = sae or load_sae(model=model)
     embedder = embedder or load_embedder()
     reference = reference or default_reference(model, sae, embedder, progress=progress)
     scores = score_latents(reference, align_texts, embedder, model=model, sae=sae)
-    steering = make_method(method, scores, **method_options)
+    steering = make_method(method, TopicInputs(model, sae, reference, align_texts, embedder, given_scores=scores),
+                           **method_options)
     plain = generate(model, None, prompt, max_new_tokens=max_new_tokens, seed=seed)[0]
     steered = generate(model, sae, prompt, steering, output=output, max_new_tokens=max_new_tokens, seed=seed)[0]
     return SteeredText(scores, steering, plain, steered)

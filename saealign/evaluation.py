@@ -32,15 +32,17 @@ from .saes import load_sae, shipped_sae_ids
 from .reference import (build_reference_prompts, compute_reference, default_reference, embed_texts, sae_digest,
                                 tensor_digest)
 from .scoring import STORY_TOPICS, model_topics, score_latents
+from .selection import OUTPUT_AMPLIFY, STEER_MULTIPLIER, TopicInputs, generate_prompted, prompt_prefix
 from .steering import (DEFAULT_OUTPUT, ORIGINAL, OUTPUT_MODES, PAPER_CLAMP, Clamp, Generation, Method, Swap, Weight,
                                check_sampling, generate, make_method, method_names, steer)
 
 # %% auto #0
-__all__ = ['METAPHOR_PROMPTS', 'METRICS', 'METHODS', 'GRID_HEADER', 'UNIT_KEY', 'GRID_SAMPLING', 'evaluation_prompts',
-           'evaluation_topics', 'perplexity', 'alignment_distances', 'words', 'topic_words', 'topic_word_rate',
-           'fine_tune', 'default_grid_path', 'read_rows', 'grid_units', 'unit_key', 'relevance', 'measure',
-           'torch_threads', 'run_grid', 'contamination_under', 'clamp_sweep', 'config_label', 'summary_table',
-           'compare', 'verdict_table', 'overview_table', 'seed_noise', 'metric_chart', 'topic_chart', 'cost_table']
+__all__ = ['METAPHOR_PROMPTS', 'METRICS', 'METHODS', 'GRID_HEADER', 'UNIT_KEY', 'SAE_FREE', 'SELECTION_SETTINGS', 'GRID_SAMPLING',
+           'evaluation_prompts', 'evaluation_topics', 'perplexity', 'alignment_distances', 'words', 'topic_words',
+           'topic_word_rate', 'fine_tune', 'default_grid_path', 'read_rows', 'grid_units', 'unit_key', 'relevance',
+           'measure', 'torch_threads', 'run_grid', 'contamination_under', 'clamp_sweep', 'config_label',
+           'summary_table', 'compare', 'verdict_table', 'overview_table', 'seed_noise', 'metric_chart', 'topic_chart',
+           'cost_table']
 
 # %% ../nbs/04_evaluation.ipynb #3223b367
 METAPHOR_PROMPTS = [
@@ -241,15 +243,18 @@ def _complete_units(path: Path, rows: list[dict]) -> set[str]:
     return {r["unit"] for r in kept}
 
 # %% ../nbs/04_evaluation.ipynb #74a38be9
+SAE_FREE = (ORIGINAL, "FT", "Prompting")  # run without an SAE: once per topic, not per SAE and output mode
+
+
 def grid_units(topics, methods=METHODS, sae_ids=("",), outputs=(DEFAULT_OUTPUT,)) -> list[tuple]:
     "The (topic, method, sae, output) units of a grid, in the order they run."
-    known = (ORIGINAL, "FT", *method_names())
+    known = (*SAE_FREE, *method_names())
     unknown = [m for m in methods if m not in known]
     if unknown:
         raise ValueError(f"unknown methods {unknown}: use some of {', '.join(known)}.")
     units = []
     for topic in topics:
-        units += [(topic, m, "", "") for m in methods if m in ("Original", "FT")]
+        units += [(topic, m, "", "") for m in methods if m in SAE_FREE]
         units += [(topic, m, s, o) for s in sae_ids for o in outputs for m in methods if m in method_names()]
     return units
 
@@ -300,7 +305,7 @@ class _TopicState:
     def __init__(self, model, texts, embedder, references, background, fine_tune_options):
         self.model, self.texts, self.embedder, self.references = model, texts, embedder, references
         self.background, self.fine_tune_options = background, fine_tune_options
-        self._scores = {}
+        self._scores, self._inputs = {}, {}
 
     @functools.cached_property
     def embeddings(self):
@@ -318,6 +323,13 @@ class _TopicState:
         if sae_id not in self._scores:
             self._scores[sae_id] = score_latents(self.references[sae_id], self.texts, self.embedder)
         return self._scores[sae_id]
+
+    def inputs(self, sae_id, sae) -> TopicInputs:
+        "What any method is built from at this SAE; kept, so output scores and means are measured once per topic."
+        if sae_id not in self._inputs:
+            self._inputs[sae_id] = TopicInputs(self.model, sae, self.references[sae_id], self.texts, self.embedder,
+                                               given_scores=self.scores(sae_id))
+        return self._inputs[sae_id]
 
 
 def relevance(embedder, generations: list[Generation]) -> np.ndarray:
@@ -354,6 +366,9 @@ def torch_threads(model, threads: int | None = None):
         torch.set_num_threads(before)
 
 # %% ../nbs/04_evaluation.ipynb #c99b6a65
+# the fixed rules of the selection chapter's methods: a unit run under other values is run again
+SELECTION_SETTINGS = {"DiffMeans": {"multiplier": STEER_MULTIPLIER}, "AddSteer": {"multiplier": STEER_MULTIPLIER, "amplify": OUTPUT_AMPLIFY},
+                      "OutputSwap": {"amplify": OUTPUT_AMPLIFY}, "OutputClamp": {"amplify": OUTPUT_AMPLIFY}}
 GRID_SAMPLING = {k: inspect.signature(generate).parameters[k].default for k in ("top_k", "temperature", "do_sample")}
 
 
@@ -388,7 +403,7 @@ def run_grid(path, *, model=None, embedder=None, saes: dict | None = None, refer
     keys = {}
     for unit in grid_units(topics, methods, tuple(saes), outputs):
         topic, method, sae_id, _ = unit
-        options = {"Clamp": clamp_options, "FT": fine_tune_options}.get(method) or {}
+        options = {"Clamp": clamp_options, "FT": fine_tune_options}.get(method) or SELECTION_SETTINGS.get(method, {})
         settings = {**common, "texts": _digest(topics[topic]), "options": options}
         if sae_id:
             settings |= {"sae_weights": sae_weights[sae_id], "reference": references[sae_id].fingerprint}
@@ -437,8 +452,12 @@ def _run_unit(path, unit, key, model, embedder, saes, state, prompts, seeds, max
                          for g in generate(tuned, None, prompt_list, max_new_tokens=max_new_tokens, seed=s, pad_batch=True)]
     elif method == "Original":
         run = lambda s: generate(model, None, prompt_list, max_new_tokens=max_new_tokens, seed=s, pad_batch=True)
+    elif method == "Prompting":
+        prefix = prompt_prefix(state.texts)
+        run = lambda s: generate_prompted(model, prompt_list, prefix, max_new_tokens=max_new_tokens, seed=s, pad_batch=True)
     else:
-        steering = make_method(method, state.scores(sae_id), **((clamp_options or {}) if method == "Clamp" else {}))
+        steering = make_method(method, state.inputs(sae_id, saes[sae_id]),
+                               **((clamp_options or {}) if method == "Clamp" else {}))
         run = lambda s: generate(model, saes[sae_id], prompt_list, steering, output=output,
                                  max_new_tokens=max_new_tokens, seed=s, pad_batch=True)
     gens, speed = [], {}
@@ -493,12 +512,15 @@ def summary_table(df: pd.DataFrame, metrics=tuple(METRICS), *, digits: int = 3) 
 
 
 # %% ../nbs/04_evaluation.ipynb #345bc46d
-def compare(df: pd.DataFrame, metric: str, *, baseline: str = "Original", pair_on=("topic", "prompt", "seed")) -> pd.DataFrame:
+def compare(df: pd.DataFrame, metric: str, *, baseline: str = "Original", pair_on=("topic", "prompt", "seed"),
+            higher_is_better: bool | None = None) -> pd.DataFrame:
     """Each method / layer / output against `baseline`, paired on `pair_on` (and on layer and output mode when the
     baseline uses an SAE, as `SAE` does): mean and std of the difference,
-    its standard error, and a verdict (better / worse by the metric's direction, or tie within 2 SE)."""
-    if metric not in METRICS:
-        raise ValueError(f"unknown metric {metric!r}: use one of {', '.join(METRICS)}.")
+    its standard error, and a verdict (better / worse by the metric's direction, or tie within 2 SE). A column
+    that is not one of `METRICS` (a score derived from them) needs its direction, `higher_is_better`."""
+    if metric not in METRICS and higher_is_better is None:
+        raise ValueError(f"unknown metric {metric!r}: use one of {', '.join(METRICS)}, or say higher_is_better.")
+    higher = METRICS[metric] if higher_is_better is None else higher_is_better
     base_rows = df[df["method"] == baseline]
     # a baseline that runs through an SAE (e.g. "SAE") is paired within the same layer and output mode
     keys = list(pair_on) + (["layer", "output"] if (base_rows["layer"] >= 0).any() else [])
@@ -511,7 +533,7 @@ def compare(df: pd.DataFrame, metric: str, *, baseline: str = "Original", pair_o
             continue
         se = diff.std() / math.sqrt(len(diff)) if len(diff) > 1 else math.inf
         verdict = "tie" if not abs(diff.mean()) > 2 * se else (
-            "better" if (diff.mean() > 0) == METRICS[metric] else "worse")
+            "better" if (diff.mean() > 0) == higher else "worse")
         rows.append(dict(method=method, layer=layer, output=output, n=len(diff), mean_diff=diff.mean(),
                          std_diff=diff.std(), se=se, verdict=verdict))
     return pd.DataFrame(rows)

@@ -5,6 +5,7 @@
 # %% ../nbs/00d_gemma_saes.ipynb #08917828
 from __future__ import annotations
 
+import copy
 import json
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,14 +18,14 @@ from ._utils import hook_layer
 from .core import load_texts
 from .embedded import inference_sae, pack_texts
 from .models import model_spec
-from .saes import SAE_DIR, ship_sae
+from .saes import SAE_DIR, load_sae, ship_sae
 
 # %% auto #0
-__all__ = ['CORPUS_SHARES', 'GEMMA_SPECS', 'GEMMA_TRAINING', 'GEMMA_SWEEP', 'SWEEP_TOKENS', 'DOMAINS', 'GEMMA_SAE_DIR',
-           'corpus_documents', 'gemma_corpus', 'save_state', 'load_state', 'safe_trainer_state', 'hook_statistics',
-           'init_b_dec_at_mean', 'init_threshold_at_target', 'gemma_sae_config', 'latest_checkpoint',
-           'train_gemma_saes', 'quality_table', 'domain_concentration', 'inference_from_checkpoint', 'ship_gemma_saes',
-           'train_and_ship_gemma_saes']
+__all__ = ['CORPUS_SHARES', 'GEMMA_RELEASE', 'GEMMA_SPECS', 'GEMMA_WARM_TRAINING', 'GEMMA_TRAINING', 'GEMMA_SWEEP',
+           'SWEEP_TOKENS', 'DOMAINS', 'GEMMA_SAE_DIR', 'corpus_documents', 'gemma_corpus', 'save_state', 'load_state',
+           'safe_trainer_state', 'hook_statistics', 'init_b_dec_at_mean', 'init_threshold_at_target',
+           'warm_start_from_topk', 'gemma_sae_config', 'latest_checkpoint', 'train_gemma_saes', 'quality_table',
+           'domain_concentration', 'inference_from_checkpoint', 'ship_gemma_saes', 'train_and_ship_gemma_saes']
 
 # %% ../nbs/00d_gemma_saes.ipynb #540e77da
 CORPUS_SHARES = {"p3": 0.55, "medquad": 0.2, "cola": 0.1, "pubmedqa": 0.06, "instructions": 0.05, "amazon": 0.04}
@@ -183,12 +184,39 @@ def init_threshold_at_target(sae, stats: dict, target_l0: float) -> None:
     _, pre = sae.encode_with_hidden_pre(stats["sample"] * scale)
     sae.threshold.data.copy_(pre.quantile(1 - target_l0 / sae.cfg.d_sae, dim=0).clamp_min(1e-3))
 
+@torch.no_grad()
+def warm_start_from_topk(sae, topk, stats: dict) -> None:
+    """Start a JumpReLU training SAE from a trained TopK inference SAE at the same hook: the same encoder, decoder
+    and biases (TopK's decoder norms and the input normalisation that saving folded in, unfolded into the
+    trainer's units), and per-latent thresholds at which each latent fires as often as it did under TopK (at
+    least once in the sample). Trained from scratch, JumpReLU left 45–60% of its latents silent here."""
+    topk = copy.deepcopy(topk)
+    if topk.cfg.rescale_acts_by_decoder_norm:
+        topk.fold_W_dec_norm()  # unit decoder rows: the pre-activations are then the ones TopK ranks
+        topk.cfg.rescale_acts_by_decoder_norm = False
+    scale = sae.cfg.d_in ** 0.5 / stats["mean_norm"] if sae.cfg.normalize_activations == "expected_average_only_in" else 1.0
+    # inputs and outputs scaled by `scale`, so the latents are too: the decoder keeps unit rows, whose entries
+    # Adam's steps fit (folding the scale into the decoder instead left rows of norm 0.007, scrambled at once)
+    sae.W_enc.copy_(topk.W_enc)
+    sae.W_dec.copy_(topk.W_dec)
+    sae.b_dec.copy_(topk.b_dec * scale)
+    sae.b_enc.copy_(topk.b_enc * scale)
+    x = stats["sample"]
+    frequency = (topk.encode(x) > 0).float().mean(0).clamp_min(1 / len(x))
+    _, pre = sae.encode_with_hidden_pre(x * scale)
+    rank = ((1 - frequency) * (len(x) - 1)).round().long()  # each latent's own quantile
+    sae.threshold.copy_(pre.sort(0).values.gather(0, rank[None])[0].clamp_min(1e-3))
+
 # %% ../nbs/00d_gemma_saes.ipynb #df90c0d5
+GEMMA_RELEASE = "saealign-gemma-3-270m"  # the shipped SAEs, as load_sae names them
 GEMMA_SPECS = {
     "blocks.6.hook_resid_post": dict(layer=6, d_sae=4096, architecture="topk", k=32),
     "blocks.9.hook_resid_post": dict(layer=9, d_sae=4096, architecture="topk", k=32),
-    "blocks.6.hook_resid_post.jumprelu": dict(layer=6, d_sae=4096, architecture="jumprelu", target_l0=32),
+    "blocks.6.hook_resid_post.jumprelu": dict(layer=6, d_sae=4096, architecture="jumprelu", target_l0=32,
+                                              warm_start="blocks.6.hook_resid_post"),
 }
+# the warm-started SAEs (`warm_start`: a shipped TopK SAE id) train in a second, shorter run, at a fine-tuning rate
+GEMMA_WARM_TRAINING = dict(training_tokens=262_144, lr=5e-4)
 # norm_batches: sae_lens estimates the input norm once per SAE, each from its own model batches of 4,096 tokens
 GEMMA_TRAINING = dict(training_tokens=1_048_576, batch_tokens=1024, context=128, lr=2e-3, seed=0, norm_batches=16)
 # the width / k trade-off at layer 6, and JumpReLU with sae_lens's pre-activation loss on dead latents
@@ -244,14 +272,16 @@ def _runner_config(specs: dict, model, out: Path, *, training_tokens: int, batch
 
 # %% ../nbs/00d_gemma_saes.ipynb #4a82e4be
 def train_gemma_saes(model, out: Path, specs: dict | None = None, *, n_checkpoints: int = 16, **training) -> dict:
-    """Train `specs` (default `GEMMA_SPECS`) together on the Gemma corpus; the inference SAEs go to out/<name>.
+    """Train `specs` (default: `GEMMA_SPECS` without the warm-started ones) together on the Gemma corpus; the
+    inference SAEs go to out/<name>. A spec with `warm_start` starts from that shipped TopK SAE.
 
     Resumable: a run killed or interrupted restarts from the newest complete checkpoint under
     out/checkpoints (the corpus is rebuilt identically from its seed). Returns name -> inference `SAE`.
     """
     from sae_lens import MultiSAETrainingRunner
     from sae_lens.registry import get_sae_training_class
-    specs, training = specs or GEMMA_SPECS, GEMMA_TRAINING | training
+    specs = specs or {n: s for n, s in GEMMA_SPECS.items() if not s.get("warm_start")}
+    training = GEMMA_TRAINING | training
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
     rows = training["training_tokens"] // training["context"] + 64 * 32  # + the norm estimate and eval batches
     corpus = datasets.Dataset.from_dict({"input_ids": gemma_corpus(
@@ -261,8 +291,11 @@ def train_gemma_saes(model, out: Path, specs: dict | None = None, *, n_checkpoin
     torch.manual_seed(training["seed"])  # sae_lens 6.54 does not seed torch from cfg.seed
     saes = {n: get_sae_training_class(c.architecture())[0](c) for n, c in cfg.saes.items()}
     stats = hook_statistics(model, torch.tensor(corpus[:64]["input_ids"]), sorted(set(cfg.hook_names.values())))
-    for n, sae in saes.items():
-        init_b_dec_at_mean(sae, stats[cfg.hook_names[n]])  # both overwritten by the checkpoint when resuming
+    for n, sae in saes.items():  # every start below is overwritten by the checkpoint when resuming
+        if specs[n].get("warm_start"):
+            warm_start_from_topk(sae, load_sae(GEMMA_RELEASE, specs[n]["warm_start"], model=model), stats[cfg.hook_names[n]])
+            continue
+        init_b_dec_at_mean(sae, stats[cfg.hook_names[n]])
         if specs[n]["architecture"] == "jumprelu":
             init_threshold_at_target(sae, stats[cfg.hook_names[n]], specs[n]["target_l0"])
     print("resuming from", resume) if resume else print(f"training {len(specs)} SAEs on {training['training_tokens']:,} tokens")
@@ -329,12 +362,13 @@ def inference_from_checkpoint(checkpoint: Path, name: str, out: Path):
     return inference_sae(sae, out)
 
 
-def ship_gemma_saes(run: Path, dest: Path = GEMMA_SAE_DIR) -> list[Path]:
-    """Ship the SAEs of the run folder `run` into `dest` (default: the package), matrices as float16: the finished
-    run's, or those of its newest checkpoint when it was stopped early."""
+def ship_gemma_saes(run: Path, dest: Path = GEMMA_SAE_DIR, names=None) -> list[Path]:
+    """Ship the SAEs `names` (default: those of `GEMMA_SPECS` that are not warm-started) of the run folder `run`
+    into `dest` (default: the package), matrices as float16: the finished run's, or those of its newest
+    checkpoint when it was stopped early."""
     run, shipped = Path(run), []
     checkpoint = latest_checkpoint(run / "checkpoints")
-    for name in GEMMA_SPECS:
+    for name in names or [n for n, s in GEMMA_SPECS.items() if not s.get("warm_start")]:
         if not (run / name / "cfg.json").is_file():
             if checkpoint is None:
                 raise FileNotFoundError(f"{run} holds neither a finished SAE {name!r} nor a checkpoint: train first.")
@@ -346,9 +380,16 @@ def ship_gemma_saes(run: Path, dest: Path = GEMMA_SAE_DIR) -> list[Path]:
 
 
 def train_and_ship_gemma_saes(run: Path | None = None, dest: Path = GEMMA_SAE_DIR) -> list[Path]:
-    "Train (or resume) `GEMMA_SPECS` in `run` (default: under the cache root) and ship them into `dest`."
+    """Train (or resume) `GEMMA_SPECS` under `run` (default: the cache root) and ship them into `dest`: first the
+    SAEs trained from scratch, then, from those shipped, the warm-started ones in a second run (`run`-warm)."""
     from saealign.core import cache_folder, cache_root
     from saealign.models import load_model
     run = cache_folder(run or cache_root() / "training" / "gemma-3-270m", "gemma-sae-training")
-    train_gemma_saes(load_model("gemma-3-270m"), run)
-    return ship_gemma_saes(run, dest)
+    model = load_model("gemma-3-270m")
+    train_gemma_saes(model, run)
+    shipped = ship_gemma_saes(run, dest)
+    warm = {n: s for n, s in GEMMA_SPECS.items() if s.get("warm_start")}
+    warm_run = cache_folder(run.with_name(run.name + "-warm"), "gemma-sae-training")
+    train_gemma_saes(model, warm_run, warm, **GEMMA_WARM_TRAINING)
+    return shipped + ship_gemma_saes(warm_run, dest, list(warm))
+

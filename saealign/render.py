@@ -160,16 +160,24 @@ def _short(text: str, n: int = 110) -> str:
     return text if len(text) <= n else text[:n - 1] + "…"
 
 
-def inspector_html(ref, scores: LatentScores, k: int = 10, n_prompts: int = 3) -> str:
-    "The `k` best-scored latents: score, reference prompts fired on, and the prompts that fire them most."
+def inspector_html(ref, scores: LatentScores, k: int = 10, n_prompts: int = 3, output=None) -> str:
+    """The `k` best-scored latents: score, reference prompts fired on, and the prompts that fire them most. With
+    `output` (the selection chapter's `OutputScores`), each latent's output score too ('–' where not measured)."""
     rows = []
     for rank, i in enumerate(scores.top(k).tolist(), 1):
         prompts = "<br>".join(f"{share:.1%} &middot; {html.escape(_short(p))}" for p, share in top_prompts(ref, i, n_prompts))
-        rows.append(f'<tr data-latent="{i}"><td>{rank}</td><td>{i}</td><td>{float(scores.scores[i]):.3f}</td>'
+        measured = "" if output is None else f"<td>{_number(float(output.scores[i]))}</td>"
+        rows.append(f'<tr data-latent="{i}"><td>{rank}</td><td>{i}</td><td>{float(scores.scores[i]):.3f}</td>{measured}'
                     f'<td>{int(ref.prompt_counts[i])}</td><td>{prompts}</td></tr>')
+    head = "" if output is None else "<th>output score</th>"
     return (f'{STYLE}<div class="saealign-view"><table class="sa-latents"><tr><th>#</th><th>latent</th><th>score</th>'
-            f'<th>prompts fired</th><th>reference prompts that fire it most (share of their activation)</th></tr>'
+            f'{head}<th>prompts fired</th><th>reference prompts that fire it most (share of their activation)</th></tr>'
             f'{"".join(rows)}</table></div>')
+
+
+def _number(value: float) -> str:
+    return "–" if math.isnan(value) else f"{value:+.3f}"
+
 
 # %% ../nbs/04c_render.ipynb #1442c8f6
 def contamination_chart(columns: list[Column]):

@@ -30,11 +30,11 @@ from .steering import CLAMP_VALUE, Clamp, Method, Swap, Weight, as_scores, gener
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'STEER_MULTIPLIER', 'OUTPUT_AMPLIFY', 'OUTPUT_FORMAT', 'SELECTION_METHODS', 'ActivationMeans',
-           'activation_means', 'reference_sample', 'DiffMeans', 'decoder_directions', 'mean_difference_strengths',
-           'AddSteer', 'contrastive_scores', 'compare_scorings', 'token_counts', 'distinctive_tokens', 'OutputScores',
+__all__ = ['log', 'STEER_MULTIPLIER', 'OUTPUT_AMPLIFY', 'OUTPUT_FORMAT', 'ActivationMeans', 'activation_means',
+           'reference_sample', 'DiffMeans', 'decoder_directions', 'mean_difference_strengths', 'AddSteer',
+           'contrastive_scores', 'compare_scorings', 'token_counts', 'distinctive_tokens', 'OutputScores',
            'output_scores', 'output_latents', 'OutputSwap', 'OutputClamp', 'prompt_prefix', 'generate_prompted',
-           'MethodInputs', 'build_method']
+           'TopicInputs']
 
 # %% ../nbs/03a_selection.ipynb #6c6cadb6
 @dataclass(eq=False)
@@ -461,9 +461,12 @@ def generate_prompted(model, prompts, prefix: str, **generate_kwargs) -> list:
     return [dataclasses.replace(g, prompt=p, method="Prompting") for g, p in zip(made, prompts)]
 
 # %% ../nbs/03a_selection.ipynb #2e903eac
+from .steering import MethodInputs, make_method, register_method
+
+
 @dataclass(eq=False)
-class MethodInputs:
-    "What the factories of `SELECTION_METHODS` build from; each piece is computed on first use unless given."
+class TopicInputs(MethodInputs):
+    "What any registered method is built from for one topic; each piece is computed on first use unless given."
     model: object
     sae: object
     reference: ReferenceSet
@@ -477,45 +480,37 @@ class MethodInputs:
     multiplier: float = STEER_MULTIPLIER
     cache_dir: object = None
 
+    def __post_init__(self):
+        self.align_texts = _check_texts(self.align_texts, "align_texts")
+        self.multiplier = _multiplier(self.multiplier)
+
     @cached_property
     def scores(self) -> LatentScores:
-        return self.given_scores if self.given_scores is not None else score_latents(self.reference, self.align_texts, self.embedder,
-                                                  model=self.model, sae=self.sae)
+        return self.given_scores if self.given_scores is not None else score_latents(
+            self.reference, self.align_texts, self.embedder, model=self.model, sae=self.sae)
 
     @cached_property
     def output(self) -> OutputScores:
+        prompts = list(self.neutral_prompts or model_spec(self.model).neutral_prompts)
         return self.given_output if self.given_output is not None else output_scores(
-            self.model, self.sae, self.scores, self.align_texts, list(self.neutral_prompts or model_spec(self.model).neutral_prompts),
-            n_latents=self.n_latents, reference_texts=self.reference.prompts, cache_dir=self.cache_dir)
+            self.model, self.sae, self.scores, self.align_texts, prompts, n_latents=self.n_latents,
+            reference_texts=self.reference.prompts, cache_dir=self.cache_dir)
 
     @cached_property
     def means(self) -> tuple[ActivationMeans, ActivationMeans]:
-        ref = self.given_reference_means if self.given_reference_means is not None else activation_means(self.model, self.sae, reference_sample(self.reference))
+        ref = (self.given_reference_means if self.given_reference_means is not None
+               else activation_means(self.model, self.sae, reference_sample(self.reference)))
         return activation_means(self.model, self.sae, self.align_texts), ref
 
 
-def _add_steer(inputs: MethodInputs, **kw) -> AddSteer:
+def _add_steer(inputs: TopicInputs, **kw) -> AddSteer:
     latents = _output_set(inputs.output, inputs.scores.scores)
     return AddSteer(inputs.scores, latents, mean_difference_strengths(*inputs.means, latents, inputs.multiplier), **kw)
 
 
-SELECTION_METHODS = {
-    "Swap": lambda inputs, **kw: Swap(inputs.scores, **kw),
-    "Clamp": lambda inputs, **kw: Clamp(inputs.scores, **kw),
-    "Weight": lambda inputs, **kw: Weight(inputs.scores, **kw),
-    "OutputSwap": lambda inputs, **kw: OutputSwap(inputs.scores, inputs.output, **kw),
-    "OutputClamp": lambda inputs, **kw: OutputClamp(inputs.scores, inputs.output, **kw),
-    "AddSteer": lambda inputs, **kw: _add_steer(inputs, **kw),
-    "DiffMeans": lambda inputs, **kw: DiffMeans.from_means(inputs.scores, *inputs.means, inputs.multiplier, **kw),
-}
+register_method("OutputSwap", lambda inputs, **kw: OutputSwap(inputs.scores, inputs.output, **kw), inputs=TopicInputs)
+register_method("OutputClamp", lambda inputs, **kw: OutputClamp(inputs.scores, inputs.output, **kw), inputs=TopicInputs)
+register_method("AddSteer", _add_steer, inputs=TopicInputs)
+register_method("DiffMeans", lambda inputs, **kw: DiffMeans.from_means(inputs.scores, *inputs.means, inputs.multiplier, **kw),
+                inputs=TopicInputs)
 
-
-def build_method(name: str, *, model, sae, reference, align_texts, embedder, scores=None, output=None,
-                 reference_means=None, neutral_prompts=None, n_latents: int = 100,
-                 multiplier: float = STEER_MULTIPLIER, cache_dir=None, **options) -> Method:
-    "The `Method` named `name` (a key of `SELECTION_METHODS`) for the topic given by `align_texts`; see above."
-    if name not in SELECTION_METHODS:
-        raise ValueError(f"unknown method {name!r}; known: {', '.join(SELECTION_METHODS)} (prompting: generate_prompted).")
-    inputs = MethodInputs(model, sae, reference, _check_texts(align_texts, "align_texts"), embedder, scores, output,
-                          reference_means, neutral_prompts, n_latents, _multiplier(multiplier), cache_dir)
-    return SELECTION_METHODS[name](inputs, **options)

@@ -20,9 +20,9 @@ from .saes import check_sae_fits
 # %% auto #0
 __all__ = ['OUTPUT_MODES', 'DEFAULT_OUTPUT', 'SUPPORTED_ARCHITECTURES', 'CLAMP_VALUE', 'ORIGINAL', 'PAPER_CLAMP',
            'check_architecture', 'activation_input', 'apply_activation', 'encode_with_inputs', 'as_scores', 'Method',
-           'Swap', 'Weight', 'Clamp', 'Unchanged', 'register_method', 'method_names', 'make_method', 'SteeringRecord',
-           'steer', 'check_sampling', 'encode_prompts', 'Generation', 'generate', 'side_by_side', 'format_side_by_side',
-           'layer_metrics', 'layer_charts']
+           'Swap', 'Weight', 'Clamp', 'Unchanged', 'MethodInputs', 'register_method', 'method_names', 'make_method',
+           'SteeringRecord', 'steer', 'check_sampling', 'encode_prompts', 'Generation', 'generate', 'side_by_side',
+           'format_side_by_side', 'layer_metrics', 'layer_charts']
 
 # %% ../nbs/03_steering.ipynb #7cb6fc4b
 OUTPUT_MODES = ("reconstruction", "error")
@@ -175,16 +175,34 @@ class Unchanged(Method):
 
 
 PAPER_CLAMP = {"value": 10.0, "mode": "multiply"}  # the paper's Clamp (its text), which the evaluation grid runs
-_FACTORIES: dict[str, Callable[..., Method]] = {}
 
 
-def register_method(name: str, factory: Callable[..., Method]) -> None:
-    "Let `make_method(name, scores, **options)` return `factory(scores, **options)`; a name registered again is replaced."
+class MethodInputs:
+    """What a method is built from for one topic. Here only the latents' `scores`; a subclass adds what its
+    methods need (the selection chapter's: the model, the SAE, the reference and the topic's texts)."""
+
+    def __init__(self, scores):
+        self._scores = scores
+
+    @property
+    def scores(self):
+        return self._scores
+
+
+_FACTORIES: dict[str, tuple[Callable[..., Method], type | None]] = {}
+
+
+def register_method(name: str, factory: Callable[..., Method], *, inputs: type | None = None) -> None:
+    """Let `make_method(name, given, **options)` return `factory(scores, **options)`, or with `inputs` (a
+    `MethodInputs` subclass) `factory(given, **options)` on a `given` of that class. A name registered again is
+    replaced."""
     if not isinstance(name, str) or not name.strip() or name == ORIGINAL:
         raise ValueError(f"a method's name is a non-empty string other than {ORIGINAL!r} (no SAE), not {name!r}.")
     if not callable(factory):
         raise TypeError(f"the factory of {name!r} must be callable (a Method class or a function), not {factory!r}.")
-    _FACTORIES[name] = factory
+    if inputs is not None and not (isinstance(inputs, type) and issubclass(inputs, MethodInputs)):
+        raise TypeError(f"inputs of {name!r} must be a subclass of MethodInputs, not {inputs!r}.")
+    _FACTORIES[name] = (factory, inputs)
 
 
 def method_names() -> tuple[str, ...]:
@@ -192,11 +210,19 @@ def method_names() -> tuple[str, ...]:
     return tuple(_FACTORIES)
 
 
-def make_method(name: str, scores, **options) -> Method:
-    "The method registered as `name`, built for `scores`; `options` go to its factory."
+def make_method(name: str, given, **options) -> Method:
+    """The method registered as `name` for one topic: `given` is its scores or a `MethodInputs` (what the methods
+    registered with `inputs=` need); `options` go to its factory."""
     if name not in _FACTORIES:
         raise ValueError(f"unknown steering method {name!r}: use one of {', '.join(_FACTORIES)}.")
-    method = _FACTORIES[name](scores, **options)
+    factory, needs = _FACTORIES[name]
+    if needs is None:
+        method = factory(given.scores if isinstance(given, MethodInputs) else given, **options)
+    elif isinstance(given, needs):
+        method = factory(given, **options)
+    else:
+        raise ValueError(f"{name} is built from a {needs.__qualname__} ({needs.__module__}), not from "
+                         f"{type(given).__name__}: it needs more than the scores.")
     if not isinstance(method, Method):
         raise TypeError(f"the factory of {name!r} returned {type(method).__name__}, not a Method.")
     return method
@@ -206,6 +232,7 @@ register_method("SAE", Unchanged)
 register_method("Clamp", Clamp)
 register_method("Swap", Swap)
 register_method("Weight", Weight)
+
 
 # %% ../nbs/03_steering.ipynb #8ce15651
 @dataclass

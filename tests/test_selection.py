@@ -8,11 +8,11 @@ import torch
 from saealign.reference import ReferenceSet
 from saealign.saes import random_sae
 from saealign.scoring import LatentScores, score_latents
-from saealign.selection import (SELECTION_METHODS, ActivationMeans, AddSteer, DiffMeans, OutputClamp, OutputScores,
-                                OutputSwap, _next_token_logprobs, activation_means, build_method, contrastive_scores,
+from saealign.selection import (ActivationMeans, AddSteer, DiffMeans, OutputClamp, OutputScores,
+                                OutputSwap, _next_token_logprobs, TopicInputs, activation_means, contrastive_scores,
                                 decoder_directions, distinctive_tokens, generate_prompted, mean_difference_strengths,
                                 output_latents, output_scores, prompt_prefix)
-from saealign.steering import Clamp, Swap, generate, steer
+from saealign.steering import Clamp, Swap, generate, make_method, method_names, steer
 
 
 class TableEmbedder:
@@ -277,22 +277,26 @@ def test_prompting(model):
         generate_prompted(model, ["x"], prefix, sae=object())
 
 
-def test_build_method_every_name(model, sae):
+def test_every_registered_method_from_topic_inputs(model, sae):
     ref = ReferenceSet.from_summaries(torch.eye(sae.cfg.d_sae)[:40] + 0.01, torch.nn.functional.normalize(
         torch.randn(40, 384, generator=torch.Generator().manual_seed(0)), dim=1), prompts=[f"A story {i}." for i in range(40)])
     scores = LatentScores(torch.linspace(1, 0, sae.cfg.d_sae), torch.zeros(sae.cfg.d_sae),
                           torch.ones(sae.cfg.d_sae, dtype=torch.bool), "sea", [], {})
     out = fake_output(sae.cfg.d_sae, list(range(10)), [1.0, 2.0, 0.5, 3.0, -1.0, 0.0, 4.0, 0.2, 0.1, 5.0])
     texts = ["The boat sailed on the big blue sea.", "Fish swam in the cold salty water."]
-    shared = dict(model=model, sae=sae, reference=ref, align_texts=texts, embedder=None, scores=scores, output=out)
-    methods = {name: build_method(name, **shared) for name in SELECTION_METHODS}
-    assert set(methods) == {"Swap", "Clamp", "Weight", "OutputSwap", "OutputClamp", "AddSteer", "DiffMeans"}
-    assert all(type(m).__name__ == name for name, m in methods.items())
+    inputs = TopicInputs(model, sae, ref, texts, None, given_scores=scores, given_output=out)
+    methods = {name: make_method(name, inputs) for name in method_names()}
+    assert {"Swap", "Clamp", "Weight", "SAE", "OutputSwap", "OutputClamp", "AddSteer", "DiffMeans"} <= set(methods)
+    assert all(type(m).__name__ == name for name, m in methods.items() if name != "SAE")
     assert sorted(methods["AddSteer"].latents.tolist()) == sorted(output_latents(out).tolist())
     align, refm = activation_means(model, sae, texts), activation_means(model, sae, ref.prompts)
     torch.testing.assert_close(methods["DiffMeans"].vector, align.resid - refm.resid, atol=1e-6, rtol=0)
-    assert build_method("Clamp", **shared, top_n=2).latents.tolist() == [0, 1]
+    assert make_method("Clamp", inputs, top_n=2).latents.tolist() == [0, 1]
     for m in methods.values():
         assert len(generate(model, sae, "Once upon a time", m, max_new_tokens=4)[0].tokens) == 4
-    with pytest.raises(ValueError, match="unknown method 'Steer'"):
-        build_method("Steer", **shared)
+    with pytest.raises(ValueError, match="unknown steering method 'Steer'"):
+        make_method("Steer", inputs)
+    with pytest.raises(ValueError, match="DiffMeans is built from a TopicInputs"):
+        make_method("DiffMeans", scores)
+    with pytest.raises(ValueError, match="multiplier"):
+        TopicInputs(model, sae, ref, texts, None, multiplier=float("nan"))
