@@ -18,8 +18,8 @@ from tqdm.auto import tqdm
 from .core import cache_folder, load_embedder
 from .models import DEFAULT_MODEL, load_model
 from ._utils import check_positive_int
-from .reference import (ReferenceSet, _check_prompts, _ChunkCache, _compute_chunk, _embedding_cache_dir,
-                                _EmbeddingCache, _merge_chunks, _prompts_digest, _reference_plan)
+from .reference import (ReferenceSet, check_prompts, ChunkCache, compute_chunk, embedding_cache_dir,
+                                EmbeddingCache, merge_chunks, prompts_digest, reference_plan)
 from .saes import load_sae
 
 log = logging.getLogger(__name__)
@@ -63,31 +63,31 @@ def _ray():
     return ray
 
 
-def _plan(recipe: Recipe, device: str, prompts_digest: str, chunk_size: int, max_tokens: int | None) -> dict:
+def _plan(recipe: Recipe, device: str, digest: str, chunk_size: int, max_tokens: int | None) -> dict:
     "Runs as a Ray task: the pass's plan (checks, fingerprint, meta), so the driver never loads the model."
     model, sae, embedder = recipe.load(device)
-    return _reference_plan(model, sae, embedder, prompts_digest, chunk_size, max_tokens)
+    return reference_plan(model, sae, embedder, digest, chunk_size, max_tokens)
 
 # %% ../nbs/01b_distributed.ipynb #97c576b8
 class _ChunkWorker:
     """A Ray Data actor. It loads the recipe once, checks that its objects give the planned fingerprint (a node
     with other weights or library versions must not stamp its chunks with this run's), then turns each row (a
-    chunk's index and prompts) into that chunk's tensors with `compute_reference`'s own `_compute_chunk`."""
+    chunk's index and prompts) into that chunk's tensors with `compute_reference`'s own `compute_chunk`."""
 
-    def __init__(self, recipe, device, plan, prompts_digest, chunk_size, batch_size, threads, embedding_cache):
+    def __init__(self, recipe, device, plan, digest, chunk_size, batch_size, threads, embedding_cache):
         torch.set_num_threads(threads)  # same thread count, same float results as a single process
         self.model, self.sae, self.embedder = recipe.load(device)
-        mine = _reference_plan(self.model, self.sae, self.embedder, prompts_digest, chunk_size, plan["max_tokens"])
+        mine = reference_plan(self.model, self.sae, self.embedder, digest, chunk_size, plan["max_tokens"])
         if mine["fingerprint"] != plan["fingerprint"]:
             differ = [k for k in plan["meta"] if mine["meta"][k] != plan["meta"][k]] or ["model config or tokenizer"]
             raise RuntimeError(f"a worker built a different model, SAE or embedder from the recipe than the planner "
                                f"did ({', '.join(differ)} differ): give every node the same files and versions.")
         self.plan, self.batch_size = plan, batch_size
-        self.embeddings = (_EmbeddingCache(embedding_cache, self.embedder, plan["embedder"])
+        self.embeddings = (EmbeddingCache(embedding_cache, self.embedder, plan["embedder"])
                            if embedding_cache is not None and self.embedder is not None else None)
 
     def __call__(self, batch: dict) -> dict:
-        chunks = [_compute_chunk(self.model, self.sae, [str(t) for t in texts], self.embedder, self.batch_size,
+        chunks = [compute_chunk(self.model, self.sae, [str(t) for t in texts], self.embedder, self.batch_size,
                                  self.plan["max_tokens"], tqdm(disable=True), self.embeddings)
                   for texts in batch["prompts"]]
         # safetensors bytes: the tensors cross the object store as data, never as a pickle
@@ -105,17 +105,17 @@ def compute_reference_ray(recipe: Recipe, prompts, *, workers: int = 2, num_gpus
     Data's policy). `embedding_cache` as in `compute_reference`; the workers read and write it, so on a cluster
     give a folder every node sees, or False. Ray runs where `ray.init` pointed it (a local instance by default)."""
     ray = _ray()
-    prompts = _check_prompts(prompts)
+    prompts = check_prompts(prompts)
     for name, value in (("batch_size", batch_size), ("workers", workers), ("num_cpus", num_cpus)):
         check_positive_int(name, value)
-    device, digest = "cuda" if num_gpus else "cpu", _prompts_digest(prompts)
+    device, digest = "cuda" if num_gpus else "cpu", prompts_digest(prompts)
     resources = {"num_cpus": num_cpus, "num_gpus": num_gpus}
     plan = ray.get(ray.remote(_plan).options(**resources).remote(recipe, device, digest, chunk_size, max_tokens))
     n_chunks = math.ceil(len(prompts) / chunk_size)
     cache = (None if cache_dir is None else
-             _ChunkCache(cache_dir, plan["fingerprint"], len(prompts), chunk_size, plan["meta"]["d_sae"]))
+             ChunkCache(cache_dir, plan["fingerprint"], len(prompts), chunk_size, plan["meta"]["d_sae"]))
     chunks = {c: cache.load(c) for c in range(n_chunks)} if cache is not None else {}
-    embedding_cache = _embedding_cache_dir(embedding_cache, cache_dir)
+    embedding_cache = embedding_cache_dir(embedding_cache, cache_dir)
     if embedding_cache is not None and plan["embedder"] is not None:
         embedding_cache = str(cache_folder(embedding_cache, "embeddings"))  # made here: workers never race to make it
     rows = [{"chunk": c, "prompts": prompts[c * chunk_size:(c + 1) * chunk_size]}
@@ -129,7 +129,7 @@ def compute_reference_ray(recipe: Recipe, prompts, *, workers: int = 2, num_gpus
             ds.context.enable_progress_bars = False  # this dataset's own context; the bar above counts prompts
             pool = ray.data.ActorPoolStrategy(size=min(workers, len(rows)))
             ds = ds.map_batches(_ChunkWorker, batch_size=1, compute=pool, **resources, fn_constructor_kwargs=dict(
-                recipe=recipe, device=device, plan=plan, prompts_digest=digest, chunk_size=chunk_size,
+                recipe=recipe, device=device, plan=plan, digest=digest, chunk_size=chunk_size,
                 batch_size=batch_size, threads=num_cpus, embedding_cache=embedding_cache))
             for row in ds.iter_rows():
                 c, chunk = int(row["chunk"]), tensors_from_bytes(row["tensors"])
@@ -137,4 +137,4 @@ def compute_reference_ray(recipe: Recipe, prompts, *, workers: int = 2, num_gpus
                     cache.save(c, chunk)
                 chunks[c] = chunk
                 bar.update(len(chunk["token_counts"]))
-    return _merge_chunks([chunks[c] for c in range(n_chunks)], prompts, plan)
+    return merge_chunks([chunks[c] for c in range(n_chunks)], prompts, plan)

@@ -22,9 +22,9 @@ STORIES_SAE_DIR = SAE_DIR / "stories260K"
 
 # %% auto #0
 __all__ = ['log', 'STORIES_SAE_DIR', 'OPENINGS', 'EMBEDDED_SPECS', 'EMBEDDED_CORPUS', 'EMBEDDED_TRAINING_TOKENS',
-           'sample_stories', 'pack_texts', 'mirror_rows', 'corpus_tokens', 'training_corpus', 'heldout_tokens',
-           'sae_config', 'inference_sae', 'train_sae', 'train_saes_together', 'sae_quality', 'latent_token_purity',
-           'token_determinism', 'top_tokens', 'train_embedded_saes']
+           'sample_stories', 'pack_texts', 'mirror_rows', 'cached_tokens', 'corpus_tokens', 'training_corpus',
+           'heldout_tokens', 'sae_config', 'inference_sae', 'train_sae', 'train_saes_together', 'sae_quality',
+           'latent_token_purity', 'token_determinism', 'top_tokens', 'train_embedded_saes']
 
 # %% ../nbs/00c_embedded_saes.ipynb #67123f8f
 # Varied openings: the model's stories start from BOS; these spread the samples over characters,
@@ -112,8 +112,8 @@ def mirror_rows(tokenizer, n: int, length: int = 256, seed: int = 0, split: str 
     return torch.cat(parts)
 
 # %% ../nbs/00c_embedded_saes.ipynb #169a26c3
-def _cached(path: Path, make):
-    """Tensor 'tokens' from a checksummed file in a saealign cache folder, or made and saved there atomically
+def cached_tokens(path: Path, make):
+    """Tensor 'tokens' from a checksummed file in a saealign cache folder, or `make()`'s, saved there atomically
     (sampling is the slow part); a damaged file is made again, with a warning."""
     cache_folder(path.parent, "sampled tokens")
     if path.exists():
@@ -125,7 +125,7 @@ def _cached(path: Path, make):
     save_tensors(path, {"tokens": tokens})
     return tokens
 
-
+# %% ../nbs/00c_embedded_saes.ipynb #ebbd146b
 def corpus_tokens(model, n_stories: int, n_mirror: int, seed: int = 0, length: int = 256,
                   split: str = "train") -> torch.Tensor:
     """Stories + mirror rows, shuffled together (seeded), LongTensor [n_stories + n_mirror, length].
@@ -134,8 +134,8 @@ def corpus_tokens(model, n_stories: int, n_mirror: int, seed: int = 0, length: i
     the mirror rows are cheap to rebuild. Held-out stories use seed + 10_000, never a training seed.
     """
     story_seed = seed if split == "train" else seed + 10_000
-    stories = _cached(cache_root() / "embedded" / f"stories_n{n_stories}_len{length}_seed{story_seed}.safetensors",
-                      lambda: sample_stories(model, n_stories, length, seed=story_seed))
+    stories = cached_tokens(cache_root() / "embedded" / f"stories_n{n_stories}_len{length}_seed{story_seed}.safetensors",
+                            lambda: sample_stories(model, n_stories, length, seed=story_seed))
     mirror = mirror_rows(_tok(model), n_mirror, length, seed=seed, split=split)
     toks = torch.cat([stories, mirror])
     return toks[torch.randperm(len(toks), generator=torch.Generator().manual_seed(seed))]

@@ -580,7 +580,7 @@ def seed_noise(df: pd.DataFrame, metrics=tuple(METRICS), *, method: str = "Origi
 def metric_chart(df: pd.DataFrame, metrics=("perplexity", "acceptability", "centroid_cosine", "topic_word_rate", "contamination")):
     "Mean ± std of each metric per configuration, one small panel per metric (altair)."
     import altair as alt
-    data = df.assign(config=config_label(df))
+    data = df.assign(config=config_label(df))[["config", "method", "layer", "output", *metrics]]  # the chart's data only
     order = list(dict.fromkeys(data.sort_values(["layer", "output"])["config"]))
     panels = []
     for m in metrics:

@@ -32,10 +32,11 @@ FORMAT_VERSION = 2  # 2: every saved file carries checksums
 
 # %% auto #0
 __all__ = ['log', 'FORMAT_VERSION', 'ENCODE_TOKENS', 'EMBED_BATCH', 'build_reference_prompts', 'tokenize', 'pad_right',
-           'hook_activations', 'latent_acts', 'summarize_batch', 'tensor_digest', 'sae_digest', 'save_pair',
-           'load_saved_pair', 'ReferenceSet', 'embed_texts', 'embedding_dim', 'embedder_description',
-           'compute_reference', 'embedder_key', 'coverage_curve', 'coverage_chart', 'model_stories',
-           'default_reference_prompts', 'default_reference']
+           'hook_activations', 'content_mask', 'check_no_saes', 'latent_acts', 'summarize_batch', 'tensor_digest',
+           'sae_digest', 'save_pair', 'load_saved_pair', 'ReferenceSet', 'ChunkCache', 'check_prompts',
+           'prompts_digest', 'reference_plan', 'embedding_cache_dir', 'merge_chunks', 'embed_texts', 'embedding_dim',
+           'embedder_description', 'compute_chunk', 'compute_reference', 'embedder_key', 'EmbeddingCache',
+           'coverage_curve', 'coverage_chart', 'model_stories', 'default_reference_prompts', 'default_reference']
 
 # %% ../nbs/01_reference.ipynb #c6e42448
 def build_reference_prompts(n: int, *, seed: int = 0, sources=("p3",), extra=None, model=None) -> list[str]:
@@ -137,24 +138,25 @@ def hook_activations(model, hook: str, tokens: torch.Tensor, mask: torch.Tensor)
     act = store["act"]
     return act.flatten(2) if act.ndim > 3 else act  # hook_z: [b, t, heads, d_head] -> [b, t, d_in]
 
-# %% ../nbs/01_reference.ipynb #e642df93
+# %% ../nbs/01_reference.ipynb #6955e015
 def _special_ids(model) -> list[int]:
     tok = getattr(model, "tokenizer", None)
     return sorted(set(tok.all_special_ids)) if tok is not None else []
 
 
-ENCODE_TOKENS = 8192  # positions encoded at once: bounds the dense [tokens, d_sae] latents (0.8 GB at 24,576)
-
-
-def _keep(model, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def content_mask(model, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     "Real, non-special positions: padding and BOS / EOS / pad ids carry no content of the prompt."
     return mask.bool() & ~torch.isin(tokens, torch.tensor(_special_ids(model), device=tokens.device))
 
 
-def _check_no_saes(model) -> None:
+def check_no_saes(model) -> None:
+    "A ValueError when `model` has SAEs spliced in: the reference pass and every statistic read unmodified activations."
     if getattr(model, "acts_to_saes", None):  # HookedSAETransformer with SAEs spliced in
         raise ValueError(f"the model has SAEs attached at {list(model.acts_to_saes)}: call model.reset_saes() first; "
                          "the reference pass reads the unmodified activations.")
+
+# %% ../nbs/01_reference.ipynb #e642df93
+ENCODE_TOKENS = 8192  # positions encoded at once: bounds the dense [tokens, d_sae] latents (0.8 GB at 24,576)
 
 
 def _encode(sae, act: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -168,9 +170,9 @@ def latent_acts(model, sae, tokens: torch.Tensor, mask: torch.Tensor | None = No
     """Hook activations x [N, d_in], SAE latents z [N, d_sae] (after the SAE's own activation: ReLU / TopK /
     JumpReLU), token ids [N] and positions [N, 2] = (row, column) of the kept positions of `tokens`: the real
     ones (`mask` 1; default: all) that are not special (BOS, EOS, pad). `batch` rows go through the model at once."""
-    _check_no_saes(model)
+    check_no_saes(model)
     mask = torch.ones_like(tokens) if mask is None else mask
-    keep = _keep(model, tokens, mask)
+    keep = content_mask(model, tokens, mask)
     hook = sae.cfg.metadata.hook_name
     x = torch.cat([hook_activations(model, hook, t, m)[k]
                    for t, m, k in zip(tokens.split(batch), mask.split(batch), keep.split(batch))])
@@ -182,8 +184,8 @@ def latent_acts(model, sae, tokens: torch.Tensor, mask: torch.Tensor | None = No
 def summarize_batch(model, sae, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Prompt summaries as sparse CSR rows [b, d_sae]: summary(p)_i = Σ_t z_ti / Σ_j Σ_t z_tj over the kept
     tokens; an all-zero row when nothing fired. `tokens` must be right-padded, `mask` 1 on real tokens."""
-    _check_no_saes(model)
-    keep = _keep(model, tokens, mask)
+    check_no_saes(model)
+    keep = content_mask(model, tokens, mask)
     act = hook_activations(model, sae.cfg.metadata.hook_name, tokens, mask)
     rows = max(1, ENCODE_TOKENS // tokens.shape[1])  # encode a few prompts at a time, keep only their sums
     sums = torch.cat([_encode(sae, a, k).sum(1) for a, k in zip(act.split(rows), keep.split(rows))])
@@ -392,7 +394,7 @@ class ReferenceSet:
 _CHUNK_NAME = re.compile(r"chunk_(\d{5})\.safetensors")
 
 
-class _ChunkCache:
+class ChunkCache:
     """`manifest.json` + `chunk_NNNNN.safetensors` in a folder saealign marked as a reference cache. A chunk is
     reused only when its checksums verify and it carries this run's fingerprint and its own index: a damaged chunk
     is recomputed alone, a chunk of another model, SAE, prompt list or setting is deleted and recomputed. The
@@ -454,9 +456,8 @@ class _ChunkCache:
         self._write_manifest()
 
 # %% ../nbs/01_reference.ipynb #97daa88f
-# What a pass decides without running the model, in functions of their own so the Ray engine
-# (`saealign.distributed`) shares them: one fingerprint and one merge, so either engine reuses the other's cache.
-def _check_prompts(prompts) -> list[str]:
+def check_prompts(prompts) -> list[str]:
+    "`prompts` as a list, or a ValueError that says what to pass (a single string, an empty list, non-strings)."
     if isinstance(prompts, str):
         raise ValueError(f"prompts is a single string: pass a list of prompts, e.g. [{prompts[:30]!r}].")
     prompts = list(prompts)
@@ -465,14 +466,15 @@ def _check_prompts(prompts) -> list[str]:
     return prompts
 
 
-def _prompts_digest(prompts: list[str]) -> str:
+def prompts_digest(prompts: list[str]) -> str:
+    "sha256 of the prompt list, in order: the part of a pass's fingerprint that the prompts decide."
     return hashlib.sha256(json.dumps(prompts).encode()).hexdigest()
 
 
-def _reference_plan(model, sae, embedder, prompts_digest: str, chunk_size: int, max_tokens: int | None) -> dict:
+def reference_plan(model, sae, embedder, digest: str, chunk_size: int, max_tokens: int | None) -> dict:
     """A pass's checked `max_tokens`, its fingerprint, the embedder's description and the `ReferenceSet`'s meta
-    (all but `n_truncated`), from the loaded model, SAE and embedder and the digest of the prompt list."""
-    _check_no_saes(model)  # first: with an SAE spliced in, the hook is gone and check_sae_fits would mislead
+    (all but `n_truncated`), from the loaded model, SAE and embedder and the `prompts_digest` of the prompt list."""
+    check_no_saes(model)  # first: with an SAE spliced in, the hook is gone and check_sae_fits would mislead
     check_sae_fits(model, sae)
     check_positive_int("chunk_size", chunk_size)
     max_tokens = model.cfg.n_ctx if max_tokens is None else check_positive_int("max_tokens", max_tokens)
@@ -486,22 +488,22 @@ def _reference_plan(model, sae, embedder, prompts_digest: str, chunk_size: int, 
     model_d, sae_d, emb_d = _model_description(model), _sae_description(sae), embedder_description(embedder)
     fingerprint = hashlib.sha256(json.dumps(
         {"model": model.cfg.model_name, "model_d": model_d, "sae": sae_d, "hook": hook, "embedder": emb_d,
-         "settings": settings, "prompts": prompts_digest}, sort_keys=True, default=_json_default).encode()).hexdigest()
+         "settings": settings, "prompts": digest}, sort_keys=True, default=_json_default).encode()).hexdigest()
     meta = {"model": model.cfg.model_name, "hook": hook, "d_sae": sae.cfg.d_sae, "d_in": sae.cfg.d_in,
             "sae_architecture": sae.cfg.architecture(), "sae_weights": sae_d["weights"],
             "model_weights_sample": model_d["weights_sample"], "embedder": emb_d, "settings": settings}
     return {"fingerprint": fingerprint, "max_tokens": max_tokens, "embedder": emb_d, "meta": meta}
 
 
-def _embedding_cache_dir(embedding_cache, cache_dir):
+def embedding_cache_dir(embedding_cache, cache_dir):
     "`compute_reference`'s `embedding_cache` argument as a folder, or None for no cache."
     if embedding_cache is True or (embedding_cache is None and cache_dir is not None):
         return cache_root() / "embeddings"
     return None if embedding_cache in (None, False) else embedding_cache
 
 
-def _merge_chunks(chunks: list[dict], prompts: list[str], plan: dict) -> ReferenceSet:
-    "The `ReferenceSet` of a pass from its chunks, in order."
+def merge_chunks(chunks: list[dict], prompts: list[str], plan: dict) -> ReferenceSet:
+    "The `ReferenceSet` of a pass from its chunks (as `compute_chunk` returns them), in order."
     d_sae = plan["meta"]["d_sae"]
     s = _cat_csr([_csr(c["crow_indices"], c["col_indices"], c["values"], (len(c["token_counts"]), d_sae))
                   for c in chunks], d_sae)
@@ -533,8 +535,8 @@ def embedder_description(embedder) -> dict | None:
     return {"dim": embedding_dim(embedder), "weights_sample": tensor_digest(embedder, sample=4096)}
 
 # %% ../nbs/01_reference.ipynb #d7d4cb1e
-def _compute_chunk(model, sae, prompts, embedder, batch_size, max_tokens, bar, embeddings=None) -> dict:
-    "One chunk's summaries, token counts and embeddings (`embeddings`: an `_EmbeddingCache` to take them from)."
+def compute_chunk(model, sae, prompts, embedder, batch_size, max_tokens, bar, embeddings=None) -> dict:
+    "One chunk's summaries, token counts and embeddings (`embeddings`: an `EmbeddingCache` to take them from)."
     ids, n_trunc = tokenize(model, prompts, max_tokens)
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))  # similar lengths together: less padding
     pad_id = model.tokenizer.pad_token_id if model.tokenizer is not None and model.tokenizer.pad_token_id is not None else 0
@@ -569,15 +571,15 @@ def compute_reference(model, sae, prompts, embedder, *, batch_size: int = 32, ca
     embedder and the chunk's texts, so the reference of another SAE on the same prompts does not embed again.
     `embedding_cache`: a directory; None (default): `cache_root()/"embeddings"` when `cache_dir` is given, else
     no cache; True: `cache_root()/"embeddings"` always; False: never."""
-    prompts = _check_prompts(prompts)
+    prompts = check_prompts(prompts)
     check_positive_int("batch_size", batch_size)
-    plan = _reference_plan(model, sae, embedder, _prompts_digest(prompts), chunk_size, max_tokens)
+    plan = reference_plan(model, sae, embedder, prompts_digest(prompts), chunk_size, max_tokens)
     fingerprint, max_tokens = plan["fingerprint"], plan["max_tokens"]
 
     n_chunks = math.ceil(len(prompts) / chunk_size)
-    cache = None if cache_dir is None else _ChunkCache(cache_dir, fingerprint, len(prompts), chunk_size, sae.cfg.d_sae)
-    embedding_cache = _embedding_cache_dir(embedding_cache, cache_dir)
-    embeddings = (_EmbeddingCache(embedding_cache, embedder, plan["embedder"])
+    cache = None if cache_dir is None else ChunkCache(cache_dir, fingerprint, len(prompts), chunk_size, sae.cfg.d_sae)
+    embedding_cache = embedding_cache_dir(embedding_cache, cache_dir)
+    embeddings = (EmbeddingCache(embedding_cache, embedder, plan["embedder"])
                   if embedder is not None and embedding_cache is not None else None)
     chunks, reused = [], 0
     with tqdm(total=len(prompts), disable=not progress, desc="reference pass", unit="prompt") as bar:
@@ -585,7 +587,7 @@ def compute_reference(model, sae, prompts, embedder, *, batch_size: int = 32, ca
             part = prompts[c * chunk_size:(c + 1) * chunk_size]
             chunk = cache.load(c) if cache is not None else None
             if chunk is None:
-                chunk = _compute_chunk(model, sae, part, embedder, batch_size, max_tokens, bar, embeddings)
+                chunk = compute_chunk(model, sae, part, embedder, batch_size, max_tokens, bar, embeddings)
                 if cache is not None:
                     cache.save(c, chunk)
             else:
@@ -595,7 +597,7 @@ def compute_reference(model, sae, prompts, embedder, *, batch_size: int = 32, ca
     if reused:
         log.info("reused %d of %d cached chunks from %s", reused, n_chunks, cache_dir)
 
-    return _merge_chunks(chunks, prompts, plan)
+    return merge_chunks(chunks, prompts, plan)
 
 # %% ../nbs/01_reference.ipynb #5b3872f9
 def _sha(obj) -> str:
@@ -617,8 +619,8 @@ def embedder_key(embedder, description: dict | None = None) -> str:
                  "encode": {"batch_size": EMBED_BATCH, "normalize_embeddings": True, "dtype": "float32"}})
 
 
-class _EmbeddingCache:
-    """Prompt embeddings by content, `<key>.safetensors` in a saealign cache folder, shared by every SAE and model:
+class EmbeddingCache:
+    """Prompt embeddings by content (`compute_chunk` takes them from it; so do the Ray engine's workers), `<key>.safetensors` in a saealign cache folder, shared by every SAE and model:
     the key hashes the embedder (`embedder_key`) and the exact list of texts. The file's metadata holds its key and
     checksums (`save_tensors`); a file whose key, shape or checksums do not match is recomputed with a warning."""
 
@@ -703,10 +705,10 @@ def model_stories(model, n: int, *, length: int = 64, seed: int = 0) -> list[str
     """`n` distinct stories the model writes itself (temperature 1, varied openings), each cut at its end.
     The sampled tokens are cached under `cache_root()`, keyed by the model's weights: sampling is the slow
     part of building the default reference (minutes on 2 CPU cores), so a cached reference loads in seconds."""
-    from saealign.embedded import _cached, sample_stories
+    from saealign.embedded import cached_tokens, sample_stories
     key = f"{model.cfg.model_name}-{tensor_digest(model, sample=4096)[:16]}-n{n}-len{length}-seed{seed}"
-    rows = _cached(cache_root() / "reference" / "stories" / f"{key}.safetensors",
-                   lambda: sample_stories(model, n, length=length, seed=seed))
+    rows = cached_tokens(cache_root() / "reference" / "stories" / f"{key}.safetensors",
+                         lambda: sample_stories(model, n, length=length, seed=seed))
     stories = []
     for row in rows.tolist():
         ends = [i for i, t in enumerate(row[1:], 1) if t == model.tokenizer.bos_token_id]  # llama2.c: BOS starts the next story

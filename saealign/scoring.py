@@ -20,9 +20,10 @@ from .reference import (ReferenceSet, embed_texts, embedder_description, embeddi
                                 load_saved_pair, sae_digest, save_pair, tensor_digest, tokenize)
 
 # %% auto #0
-__all__ = ['STORY_TOPICS', 'TOPICS_DIR', 'TOPIC_NAMES', 'LatentScores', 'check_reference', 'summaries_by_latent', 'score_latents',
-           'strawman_latents', 'topk_token_share', 'validation_curve', 'validation_chart', 'top_latent_tokens',
-           'kendall_tau', 'score_violin', 'topic_distance_table', 'topic_file', 'topic_texts', 'model_topics']
+__all__ = ['STORY_TOPICS', 'TOPICS_DIR', 'TOPIC_NAMES', 'LatentScores', 'check_texts', 'check_reference', 'summaries_by_latent',
+           'topic_distances', 'score_latents', 'strawman_latents', 'topk_token_share', 'validation_curve',
+           'validation_chart', 'top_latent_tokens', 'kendall_tau', 'score_violin', 'topic_distance_table', 'topic_file',
+           'topic_texts', 'model_topics']
 
 # %% ../nbs/02_scoring.ipynb #d1bc882f
 @dataclass(eq=False)
@@ -36,6 +37,14 @@ class LatentScores:
     topic: str
     align_texts: list[str]
     settings: dict
+
+    @classmethod
+    def of(cls, scores) -> "LatentScores":
+        "`scores` itself when it is LatentScores, else a plain score vector wrapped (g NaN, every latent eligible)."
+        if isinstance(scores, cls):
+            return scores
+        s = torch.as_tensor(scores, dtype=torch.float32)
+        return cls(s, torch.full_like(s, torch.nan), torch.ones_like(s, dtype=torch.bool), "", [], {})
 
     def top(self, k: int) -> torch.Tensor:
         "Indices of the k best eligible latents, best first (ties: lower index first)."
@@ -57,7 +66,8 @@ class LatentScores:
         return cls(t["scores"], t["g"], t["eligible"], info["topic"], info["align_texts"], info["settings"])
 
 # %% ../nbs/02_scoring.ipynb #91f6ea14
-def _check_texts(texts, what: str) -> list[str]:
+def check_texts(texts, what: str) -> list[str]:
+    "`texts` as a list of non-blank strings; else a ValueError that names `what` and says what to change."
     if isinstance(texts, str):
         raise ValueError(f"{what} is a single string: pass a list of texts, e.g. [{texts[:30]!r}]")
     texts = list(texts)
@@ -105,7 +115,7 @@ def summaries_by_latent(ref: ReferenceSet) -> torch.Tensor:
     return ref._cache["summaries_t"]
 
 # %% ../nbs/02_scoring.ipynb #e7299de6
-def _min_distances(ref: ReferenceSet, embedder, topics: dict[str, list[str]]) -> torch.Tensor:
+def topic_distances(ref: ReferenceSet, embedder, topics: dict[str, list[str]]) -> torch.Tensor:
     "dist(p) = min_a ||e(p) - e(a)||_2, one column per topic: [n_prompts, n_topics]."
     a = embed_texts(embedder, [t for texts in topics.values() for t in texts]).double()
     p = ref.embeddings.double()
@@ -117,7 +127,7 @@ def _min_distances(ref: ReferenceSet, embedder, topics: dict[str, list[str]]) ->
         start += len(texts)
     return torch.stack(cols, 1).sqrt()
 
-
+# %% ../nbs/02_scoring.ipynb #37d5c086
 def score_latents(ref: ReferenceSet, align_texts, embedder, *, min_prompts: int = 20, distance_power: float = 1,
                   model=None, sae=None):
     """Scores of all latents for a topic given by `align_texts` (a list of texts), or for several topics at once
@@ -133,7 +143,7 @@ def score_latents(ref: ReferenceSet, align_texts, embedder, *, min_prompts: int 
     topics = {"topic": align_texts} if single else dict(align_texts)
     if not topics:
         raise ValueError("align_texts is an empty dict: give at least one topic -> texts.")
-    topics = {name: _check_texts(texts, f"align_texts[{name!r}]" if not single else "align_texts")
+    topics = {name: check_texts(texts, f"align_texts[{name!r}]" if not single else "align_texts")
               for name, texts in topics.items()}
     if not isinstance(min_prompts, int) or min_prompts < 0:
         raise ValueError(f"min_prompts must be an int >= 0, got {min_prompts!r}")
@@ -147,7 +157,7 @@ def score_latents(ref: ReferenceSet, align_texts, embedder, *, min_prompts: int 
                          f"is {int(ref.prompt_counts.max())} (coverage {ref.coverage:.1%} of {ref.d_sae} latents, "
                          f"{ref.n_prompts} reference prompts). Lower min_prompts or use more reference prompts.")
 
-    dist = _min_distances(ref, embedder, topics)
+    dist = topic_distances(ref, embedder, topics)
     w = torch.cat([dist ** distance_power, torch.ones(ref.n_prompts, 1, dtype=dist.dtype)], 1)
     m = summaries_by_latent(ref) @ w  # [d_sae, n_topics + 1]; the last column is Σ_p summary(p)_i
     den = m[:, -1:]
@@ -183,19 +193,12 @@ def _token_batches(model, sae, texts, batch_size: int = 16, max_tokens: int | No
         yield [x.tolist() for x in chunk], kept_ids.cpu(), z.cpu(), torch.bincount(pos[:, 0], minlength=len(chunk)).cpu()
 
 
-def _as_scores(scores) -> LatentScores:
-    if isinstance(scores, LatentScores):
-        return scores
-    s = torch.as_tensor(scores, dtype=torch.float32)
-    return LatentScores(s, torch.full_like(s, torch.nan), torch.ones_like(s, dtype=torch.bool), "", [], {})
-
-
 def strawman_latents(model, sae, align_texts, *, batch_size: int = 16):
     """The strawman baseline: latents that fire on the alignment texts' own tokens. A DataFrame sorted by
     activation mass: latent, n_texts (texts it fired on), n_tokens (tokens it fired on), mass (summed
     activation), share (mass / all latents' mass)."""
     import pandas as pd
-    texts = _check_texts(align_texts, "align_texts")
+    texts = check_texts(align_texts, "align_texts")
     d = sae.cfg.d_sae
     mass, n_tok, n_txt = torch.zeros(d, dtype=torch.float64), torch.zeros(d, dtype=torch.long), torch.zeros(d, dtype=torch.long)
     for _, _, z, per_text in _token_batches(model, sae, texts, batch_size):
@@ -212,13 +215,13 @@ def strawman_latents(model, sae, align_texts, *, batch_size: int = 16):
 def topk_token_share(model, sae, scores, texts, ks, *, batch_size: int = 16) -> dict[int, float]:
     """For each k in `ks`: the share of the (non-special) tokens of `texts` on which at least one of the k
     best-scored eligible latents fires (paper §4.1)."""
-    s = _as_scores(scores)
+    s = LatentScores.of(scores)
     ks = sorted({int(k) for k in ks})
     if not ks or ks[0] < 1:
         raise ValueError(f"ks must be positive ints, got {ks}")
     top = s.top(ks[-1])
     first = []  # per token: rank of the best top latent that fires on it (len(top) if none)
-    for _, _, z, _ in _token_batches(model, sae, _check_texts(texts, "texts"), batch_size):
+    for _, _, z, _ in _token_batches(model, sae, check_texts(texts, "texts"), batch_size):
         fired = z[:, top] > 0  # columns in rank order
         first.append(torch.where(fired.any(1), fired.float().argmax(1), len(top)))
     first = torch.cat(first)
@@ -250,12 +253,12 @@ def top_latent_tokens(model, sae, scores, texts, n_latents: int = 10, n_tokens: 
     """The tokens of `texts` that fire each of the `n_latents` best-scored latents most (by summed activation):
     a DataFrame rank, latent, score, token (vocabulary piece), text (decoded), count, mass."""
     import pandas as pd
-    s = _as_scores(scores)
+    s = LatentScores.of(scores)
     top = s.top(n_latents)
     vocab = model.cfg.d_vocab
     mass = torch.zeros(vocab, len(top), dtype=torch.float64)
     count = torch.zeros(vocab, len(top), dtype=torch.long)
-    for _, tok, z, _ in _token_batches(model, sae, _check_texts(texts, "texts"), batch_size):
+    for _, tok, z, _ in _token_batches(model, sae, check_texts(texts, "texts"), batch_size):
         zt = z[:, top]
         mass.index_add_(0, tok, zt.double())
         count.index_add_(0, tok, (zt > 0).long())
@@ -294,7 +297,7 @@ def score_violin(scores_by_config: dict, *, points: int = 100):
     from scipy.stats import gaussian_kde
     grid, rows = np.linspace(0, 1, points), []
     for name, s in scores_by_config.items():
-        s = _as_scores(s)
+        s = LatentScores.of(s)
         v = s.scores[s.eligible].double().numpy()
         dens = gaussian_kde(v)(grid) if len(v) > 1 and v.std() > 0 else np.where(np.abs(grid - v.mean()) < 0.5 / points, 1.0, 0)
         dens = dens / dens.max() if dens.max() > 0 else dens
@@ -313,7 +316,7 @@ def topic_distance_table(embedder, texts_by_topic: dict):
     """Mean Euclidean distance between the (L2-normalised) embeddings of every pair of topics; the diagonal is the
     intra-topic mean over distinct pairs (paper Table 5). A square DataFrame."""
     import pandas as pd
-    emb = {name: embed_texts(embedder, _check_texts(t, f"texts_by_topic[{name!r}]")).double()
+    emb = {name: embed_texts(embedder, check_texts(t, f"texts_by_topic[{name!r}]")).double()
            for name, t in texts_by_topic.items()}
     names = list(emb)
     table = pd.DataFrame(index=names, columns=names, dtype=float)

@@ -108,8 +108,8 @@ def test_ray_pass_equals_single_process(ray_run, base, prompts):
 
 def test_single_process_reuses_the_ray_cache(ray_run, model, sae, embedder, base, prompts, monkeypatch):
     _, tmp, _ = ray_run
-    real, calls = R._compute_chunk, []
-    monkeypatch.setattr(R, "_compute_chunk", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real, calls = R.compute_chunk, []
+    monkeypatch.setattr(R, "compute_chunk", lambda *a, **k: calls.append(1) or real(*a, **k))
     again = compute_reference(model, sae, prompts, embedder, cache_dir=tmp / "reference", embedding_cache=False,
                               progress=False, **RUN)
     assert calls == [] and again.fingerprint == base.fingerprint

@@ -165,7 +165,7 @@ class Killed(RuntimeError):
 
 
 def test_resume_after_kill_equals_uninterrupted(model, sae, embedder, prompts, base, tmp_path, monkeypatch):
-    real, calls = R._compute_chunk, []
+    real, calls = R.compute_chunk, []
 
     def dies_after_two(*a, **k):
         if len(calls) == 2:
@@ -173,7 +173,7 @@ def test_resume_after_kill_equals_uninterrupted(model, sae, embedder, prompts, b
         calls.append(1)
         return real(*a, **k)
 
-    monkeypatch.setattr(R, "_compute_chunk", dies_after_two)
+    monkeypatch.setattr(R, "compute_chunk", dies_after_two)
     with pytest.raises(Killed):
         compute_reference(model, sae, prompts, embedder, max_tokens=MAX_TOKENS, chunk_size=8, cache_dir=tmp_path,
                           progress=False)
@@ -182,7 +182,7 @@ def test_resume_after_kill_equals_uninterrupted(model, sae, embedder, prompts, b
     assert json.loads((tmp_path / "manifest.json").read_text())["fingerprint"] == base.fingerprint
 
     calls.clear()
-    monkeypatch.setattr(R, "_compute_chunk", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(R, "compute_chunk", lambda *a, **k: calls.append(1) or real(*a, **k))
     ref = compute_reference(model, sae, prompts, embedder, max_tokens=MAX_TOKENS, chunk_size=8, cache_dir=tmp_path,
                             progress=False)
     assert len(calls) == 1  # only the third chunk (prompts 16..20) was computed
@@ -193,8 +193,8 @@ def test_resume_after_kill_equals_uninterrupted(model, sae, embedder, prompts, b
 def test_fingerprint_mismatch_recomputes(model, sae, embedder, prompts, tmp_path, monkeypatch, caplog):
     kw = dict(chunk_size=8, cache_dir=tmp_path, progress=False)
     compute_reference(model, sae, prompts, embedder, max_tokens=MAX_TOKENS, **kw)
-    real, calls = R._compute_chunk, []
-    monkeypatch.setattr(R, "_compute_chunk", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real, calls = R.compute_chunk, []
+    monkeypatch.setattr(R, "compute_chunk", lambda *a, **k: calls.append(1) or real(*a, **k))
 
     compute_reference(model, sae, prompts, embedder, max_tokens=MAX_TOKENS, **kw)
     assert calls == []  # same fingerprint: everything reused
@@ -215,8 +215,8 @@ def test_stale_chunk_without_manifest_not_reused(model, sae, embedder, prompts, 
     b.mkdir()
     shutil.copy(a / ".saealign-cache", b / ".saealign-cache")  # b is a saealign cache too
     shutil.copy(a / "chunk_00000.safetensors", b / "chunk_00000.safetensors")  # a chunk of other prompts
-    real, calls = R._compute_chunk, []
-    monkeypatch.setattr(R, "_compute_chunk", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real, calls = R.compute_chunk, []
+    monkeypatch.setattr(R, "compute_chunk", lambda *a, **k: calls.append(1) or real(*a, **k))
     ref = compute_reference(model, sae, prompts[8:16], embedder, max_tokens=MAX_TOKENS, chunk_size=8, cache_dir=b,
                             progress=False)
     assert len(calls) == 1 and ref.prompts == prompts[8:16]
@@ -307,7 +307,7 @@ def test_tampered_embeddings_recomputed(model, sae, embedder, prompts, base, tmp
     counting = CountingEmbedder(embedder)
     kw = dict(max_tokens=MAX_TOKENS, chunk_size=8, progress=False, embedding_cache=tmp_path)
     compute_reference(model, sae, prompts, counting, **kw)
-    cache = R._EmbeddingCache(tmp_path, embedder)
+    cache = R.EmbeddingCache(tmp_path, embedder)
     first, second = (tmp_path / f"{cache.key(prompts[i:i + 8])}.safetensors" for i in (0, 8))
     if damage == "flipped byte":
         _flip_last_byte(second)

@@ -130,12 +130,12 @@ def test_latent_scores_damage_is_refused(ref, embedder, tmp_path):
 
 def cached_run(model, sae, embedder, prompts, cache_dir, monkeypatch):
     "compute_reference into `cache_dir`, returning the result and the chunk indices it computed."
-    real, computed = R._compute_chunk, []
-    monkeypatch.setattr(R, "_compute_chunk", lambda m, s, part, *a, **k: computed.append(prompts.index(part[0]) // 16)
+    real, computed = R.compute_chunk, []
+    monkeypatch.setattr(R, "compute_chunk", lambda m, s, part, *a, **k: computed.append(prompts.index(part[0]) // 16)
                         or real(m, s, part, *a, **k))
     out = compute_reference(model, sae, prompts, embedder, max_tokens=MAX_TOKENS, chunk_size=16, cache_dir=cache_dir,
                             progress=False)
-    monkeypatch.setattr(R, "_compute_chunk", real)
+    monkeypatch.setattr(R, "compute_chunk", real)
     return out, computed
 
 
