@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from saealign.core import load_embedder
 from saealign.evaluation import evaluation_topics
 from saealign.models import GEMMA_HUB_ID, gemma_folder, load_model
-from saealign.reference import _reference_plan, build_reference_prompts, compute_reference, default_reference, pad_right, tokenize
+from saealign.reference import build_reference_prompts, compute_reference, default_reference, pad_right, reference_plan, tokenize
 from saealign.saes import load_sae
 from saealign.steering import Swap, generate
 from saealign.widgets import AlignmentExplorer
@@ -79,7 +79,7 @@ def reference_pass_bench(model, sae, n_prompts=256, batch=32, max_tokens=128):
           f"SAE at {sae.cfg.metadata.hook_name}")
     print(f"  floor (forward to the hook + encode) {t['floor']:6.2f} s  {n_tok / t['floor']:6.0f} tok/s")
     print(f"  compute_reference                    {t['ours']:6.2f} s  {n_tok / t['ours']:6.0f} tok/s")
-    fixed = best_of(lambda: _reference_plan(model, sae, None, "", 512, max_tokens))
+    fixed = best_of(lambda: reference_plan(model, sae, None, "", 512, max_tokens))
     print(f"  of which the one-off checks and fingerprint: {fixed:.2f} s; without them speed ÷ floor = "
           f"{t['floor'] / (t['ours'] - fixed):.2f}")
     ratio = t["floor"] / t["ours"]

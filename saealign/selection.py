@@ -28,9 +28,7 @@ from .scoring import (LatentScores, check_reference, check_texts, kendall_tau, s
 from .steering import CLAMP_VALUE, Clamp, Method, Swap, Weight, as_scores, generate
 
 log = logging.getLogger(__name__)
-# the names this chapter's cells still call, bound to the public ones until the cells say those (issue 14)
-_check_no_saes, _keep, _check_texts, _min_distances = check_no_saes, content_mask, check_texts, topic_distances
-_as_scores = LatentScores.of
+
 
 # %% auto #0
 __all__ = ['log', 'STEER_MULTIPLIER', 'OUTPUT_AMPLIFY', 'OUTPUT_FORMAT', 'ActivationMeans', 'activation_means',
@@ -56,15 +54,15 @@ def _pad_id(model) -> int:
 @torch.no_grad()
 def activation_means(model, sae, texts, *, batch_size: int = 16, max_tokens: int | None = 128) -> ActivationMeans:
     "Means over the tokens of `texts` (each cut to `max_tokens`) of the activation at the SAE's hook and of its latents."
-    texts = _check_texts(texts, "texts")
-    _check_no_saes(model)
+    texts = check_texts(texts, "texts")
+    check_no_saes(model)
     ids, _ = tokenize(model, texts, max_tokens)
     resid = torch.zeros(sae.cfg.d_in, dtype=torch.float64)
     latents = torch.zeros(sae.cfg.d_sae, dtype=torch.float64)
     n = 0
     for start in range(0, len(ids), batch_size):
         tokens, mask = pad_right(ids[start:start + batch_size], _pad_id(model), model.cfg.device)
-        x = hook_activations(model, sae.cfg.metadata.hook_name, tokens, mask)[_keep(model, tokens, mask)]
+        x = hook_activations(model, sae.cfg.metadata.hook_name, tokens, mask)[content_mask(model, tokens, mask)]
         resid += x.double().sum(0).cpu()
         latents += sae.encode(x.to(sae.dtype)).double().sum(0).cpu()
         n += len(x)
@@ -196,11 +194,11 @@ def contrastive_scores(ref: ReferenceSet, align_texts, embedder, background: dic
         raise ValueError(f"contrastive_scores needs a ReferenceSet, not {type(ref).__name__}.")
     single = not isinstance(align_texts, dict)
     topics = {"topic": align_texts} if single else dict(align_texts)
-    topics = {n: _check_texts(t, "align_texts" if single else f"align_texts[{n!r}]") for n, t in topics.items()}
+    topics = {n: check_texts(t, "align_texts" if single else f"align_texts[{n!r}]") for n, t in topics.items()}
     if background is not None and not isinstance(background, dict):
         raise ValueError("background must be a dict topic -> texts (e.g. scoring.model_topics(model)).")
     panel = {} if single else dict(topics)
-    panel |= {n: _check_texts(t, f"background[{n!r}]") for n, t in (background or {}).items()}
+    panel |= {n: check_texts(t, f"background[{n!r}]") for n, t in (background or {}).items()}
     if not isinstance(min_prompts, int) or min_prompts < 0:
         raise ValueError(f"min_prompts must be an int >= 0, got {min_prompts!r}")
     check_reference(ref, embedder, model, sae)
@@ -209,7 +207,7 @@ def contrastive_scores(ref: ReferenceSet, align_texts, embedder, background: dic
         raise ValueError(f"no latent is eligible: min_prompts={min_prompts} but the most prompts any latent fired on "
                          f"is {int(ref.prompt_counts.max())}. Lower min_prompts or use more reference prompts.")
     groups = {("topic", n): t for n, t in topics.items()} | {("panel", n): t for n, t in panel.items()}
-    dist = _min_distances(ref, embedder, groups)
+    dist = topic_distances(ref, embedder, groups)
     column = {key: i for i, key in enumerate(groups)}
     rel = []
     for name, texts in topics.items():
@@ -253,7 +251,7 @@ def compare_scorings(model, sae, scorings: dict, heldout: dict, *, ks=(5, 20), b
 # %% ../nbs/03a_selection.ipynb #7b9cbb58
 def token_counts(model, texts, max_tokens: int | None = None) -> torch.Tensor:
     "How often each vocabulary id occurs in `texts` (special tokens left out), int64 [d_vocab]."
-    ids, _ = tokenize(model, _check_texts(texts, "texts"), max_tokens)
+    ids, _ = tokenize(model, check_texts(texts, "texts"), max_tokens)
     special = set(model_spec(model).special_ids(model.tokenizer))
     flat = torch.cat(ids).cpu()
     flat = flat[~torch.isin(flat, torch.tensor(sorted(special), dtype=flat.dtype))]
@@ -350,8 +348,8 @@ def output_scores(model, sae, scores, align_texts, prompts, *, n_latents: int = 
     distinctive `tokens` are given, or found from `align_texts` against `reference_texts`. `cache_dir`: a folder
     (default `cache_root()/"output-scores"`), or False for no cache."""
     start = time.perf_counter()
-    texts, prompts = _check_texts(align_texts, "align_texts"), _checked_prompts(model, prompts)
-    s = _as_scores(scores)
+    texts, prompts = check_texts(align_texts, "align_texts"), _checked_prompts(model, prompts)
+    s = LatentScores.of(scores)
     as_scores(s, sae.cfg.d_sae)
     for name, value in (("n_latents", n_latents), ("latents_per_batch", latents_per_batch)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -368,10 +366,10 @@ def output_scores(model, sae, scores, align_texts, prompts, *, n_latents: int = 
     if path is not None and (found := _load_output(path, settings)) is not None:
         return found
 
-    _check_no_saes(model)
+    check_no_saes(model)
     ids, _ = tokenize(model, prompts)
     toks, mask = pad_right(ids, _pad_id(model), model.cfg.device)
-    keep = _keep(model, toks, mask)
+    keep = content_mask(model, toks, mask)
     last = mask.sum(1) - 1
     hook = sae.cfg.metadata.hook_name
     x = hook_activations(model, hook, toks, mask)[keep]
@@ -450,7 +448,7 @@ def prompt_prefix(align_texts=None, *, topic: str | None = None, n_texts: int = 
         return topic.strip() + "\n\n"
     if isinstance(n_texts, bool) or not isinstance(n_texts, int) or n_texts < 1:
         raise ValueError(f"n_texts must be a positive int, got {n_texts!r}.")
-    return "\n".join(t.strip() for t in _check_texts(align_texts, "align_texts")[:n_texts]) + "\n\n"
+    return "\n".join(t.strip() for t in check_texts(align_texts, "align_texts")[:n_texts]) + "\n\n"
 
 
 def generate_prompted(model, prompts, prefix: str, **generate_kwargs) -> list:
@@ -484,7 +482,7 @@ class TopicInputs(MethodInputs):
     cache_dir: object = None
 
     def __post_init__(self):
-        self.align_texts = _check_texts(self.align_texts, "align_texts")
+        self.align_texts = check_texts(self.align_texts, "align_texts")
         self.multiplier = _multiplier(self.multiplier)
 
     @cached_property

@@ -11,6 +11,7 @@ import time
 
 import ipywidgets as W
 
+from .selection import TopicInputs
 from .render import Column, chart_svg, columns_html, comparison_columns, contamination_chart, inspector_html
 from .scoring import LatentScores, check_reference, model_topics, score_latents
 from .steering import DEFAULT_OUTPUT, ORIGINAL, OUTPUT_MODES, Method, generate, make_method, method_names
@@ -24,9 +25,10 @@ __all__ = ['log', 'CUSTOM', 'sae_and_method', 'AlignmentExplorer']
 CUSTOM = "(custom texts)"
 
 
-def sae_and_method(name: str, scores) -> tuple[bool, Method | None]:
-    "`(use_sae, method)` for the method called `name`: `Original` runs without the SAE, the rest through it."
-    return (False, None) if name == ORIGINAL else (True, make_method(name, scores))
+def sae_and_method(name: str, given) -> tuple[bool, Method | None]:
+    """`(use_sae, method)` for the method called `name`, built from `given` (scores, or a `TopicInputs` for the
+    methods that need more): `Original` runs without the SAE, the rest through it."""
+    return (False, None) if name == ORIGINAL else (True, make_method(name, given))
 
 
 def _message(e: Exception) -> str:
@@ -51,6 +53,23 @@ class _LiveScoring:
             self._scored[key] = score_latents(self.reference, align_texts, self.embedder)
         return self._scored[key]
 
+    def inputs(self, align_texts) -> TopicInputs:
+        "What any method is built from for `align_texts` (remembered, so output scores are measured once a topic)."
+        key = (align_texts,) if isinstance(align_texts, str) else tuple(align_texts)
+        if key not in self._inputs:
+            self._inputs[key] = TopicInputs(self.model, self.sae, self.reference, list(key), self.embedder,
+                                            given_scores=self.score(align_texts))
+        return self._inputs[key]
+
+    def _measured_output(self, align_texts):
+        "The output scores of `align_texts` if a method has measured them (`TopicInputs` keeps them once made)."
+        key = (align_texts,) if isinstance(align_texts, str) else tuple(align_texts)
+        return vars(self._inputs[key]).get("output") if key in self._inputs else None
+
+    def _show_inspector(self, align_texts) -> None:
+        self.inspector.value = inspector_html(self.reference, self.scores, self.n_latents, self.n_prompts,
+                                              output=self._measured_output(align_texts))
+
     def _say(self, text: str) -> None:
         self.status.value = f'<span class="saealign-note">{html.escape(text)}</span>'
 
@@ -72,7 +91,7 @@ class _LiveScoring:
         start = time.perf_counter()
         try:
             self.scores = self.score(self.align_texts)
-            self.inspector.value = inspector_html(self.reference, self.scores, self.n_latents, self.n_prompts)
+            self._show_inspector(self.align_texts)
             self._say(f"scored {len(self.scores.scores)} latents for {len(self.align_texts)} texts "
                       f"in {time.perf_counter() - start:.2f} s")
         except Exception as e:
@@ -93,6 +112,7 @@ class AlignmentExplorer(_LiveScoring):
         self.columns: list[Column] = []
         self.chart = None
         self._scored: dict[tuple[str, ...], LatentScores] = {}
+        self._inputs: dict[tuple[str, ...], TopicInputs] = {}
 
         first = next(iter(self.topics), CUSTOM)
         self.topic = W.Dropdown(options=[CUSTOM, *self.topics], value=first, description="topic")
@@ -134,7 +154,7 @@ class AlignmentExplorer(_LiveScoring):
         the widget's output mode. Keeps the columns in `self.columns` and their chart in `self.chart`."""
         output = self.output.value if output is None else output
         scores = self.score(align_texts)
-        use_sae, steering = sae_and_method(method, scores)
+        use_sae, steering = sae_and_method(method, self.inputs(align_texts))
         self.progress.value = 1
         plain = generate(self.model, None, prompt, max_new_tokens=max_new_tokens, seed=seed)[0]
         self.progress.value = 2
@@ -155,6 +175,7 @@ class AlignmentExplorer(_LiveScoring):
                                                output=self.output.value, max_new_tokens=self.max_new_tokens.value,
                                                seed=self.seed.value)
             self.chart_view.value = chart_svg(self.chart)
+            self._show_inspector(self.align_texts)  # with the output scores, once a method has measured them
             self.progress.value, self.progress.bar_style = 4, "success"
             self._say(f"generated in {time.perf_counter() - start:.1f} s")
         except Exception as e:
