@@ -174,7 +174,8 @@ def test_explorer_offers_a_method_registered_later(explorer, monkeypatch):
     monkeypatch.setattr(steering, "_FACTORIES", dict(steering._FACTORIES))  # the registration ends with the test
     steering.register_method("Swap again", Swap)
     fresh = AlignmentExplorer(explorer.model, explorer.sae, explorer.reference, explorer.embedder)
-    assert list(fresh.method.options) == ["Original", "SAE", "Clamp", "Swap", "Weight", "Swap again"]
+    assert list(fresh.method.options) == ["Original", "SAE", "Clamp", "Swap", "Weight", "OutputSwap", "OutputClamp",
+                                          "AddSteer", "DiffMeans", "Swap again"]
     fresh.render_html("The cat", SEA, method="Swap again", max_new_tokens=4)
     assert fresh.columns[1].generation.method == "Swap"
 
