@@ -12,7 +12,7 @@ from .models import load_model
 from .reference import ReferenceSet, default_reference
 from .saes import load_sae
 from .scoring import LatentScores, score_latents
-from .selection import TopicInputs
+from .selection import DEFAULT_METHOD, TopicInputs
 from .steering import DEFAULT_OUTPUT, Generation, Method, generate, make_method
 
 # %% auto #0
@@ -29,7 +29,7 @@ class SteeredText:
 
 
 def steer_by_text(align_texts: list[str], prompt: str, *, model=None, sae=None, embedder=None,
-                  reference: ReferenceSet | None = None, method: str = "Swap", output: str = DEFAULT_OUTPUT,
+                  reference: ReferenceSet | None = None, method: str = DEFAULT_METHOD, output: str = DEFAULT_OUTPUT,
                   max_new_tokens: int = 64, seed: int = 0, progress: bool = False, **method_options) -> SteeredText:
     """Score the SAE's latents against `align_texts` and continue `prompt` unsteered and steered by `method`
     (any name `method_names()` lists: Swap, Weight, Clamp, SAE, the selection chapter's OutputSwap, OutputClamp,

@@ -18,6 +18,7 @@ from .core import atomic_write, load_embedder
 from .models import DEFAULT_MODEL, MODEL_SPECS, load_model, model_spec
 from .saes import load_sae
 from .align import SteeredText, steer_by_text
+from .selection import DEFAULT_METHOD
 from .evaluation import default_grid_path, read_rows, run_grid, summary_table, torch_threads
 from .reference import default_reference
 from .scoring import TOPIC_NAMES, topic_texts
@@ -114,7 +115,7 @@ def check_report_path(report) -> Path | None:
 
 # %% ../nbs/06_cli.ipynb #34ab0874
 def align(align_texts: list[str], prompt: str, *, model_name: str = DEFAULT_MODEL, sae_name: str | None = None,
-          topic: str = "topic", method: str = "Swap", output: str = DEFAULT_OUTPUT, max_new_tokens: int = 64,
+          topic: str = "topic", method: str = DEFAULT_METHOD, output: str = DEFAULT_OUTPUT, max_new_tokens: int = 64,
           seed: int = 0, report: str | None = "saealign-report.html", top: int = 5,
           allow_pickle: bool = False) -> SteeredText:
     """Score the latents for `align_texts`, print the unsteered and steered continuations of `prompt` side by side
@@ -211,7 +212,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True)
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"{', '.join(MODEL_SPECS)} or a transformer_lens name")
     p.add_argument("--sae", default=None, help="RELEASE/SAE_ID (sae_lens), or an id of the model's shipped SAEs")
-    p.add_argument("--method", default="Swap", choices=sorted(method_names()))
+    p.add_argument("--method", default=DEFAULT_METHOD, choices=sorted(method_names()))
     p.add_argument("--output", default=DEFAULT_OUTPUT, choices=OUTPUT_MODES)
     p.add_argument("--allow-pickle", action="store_true",
                    help="load a transformer_lens model whose weights are a pickle (runs code from the file: trust it)")

@@ -17,12 +17,15 @@ from .evaluation import compare, evaluation_prompts, run_grid
 from .models import load_model
 from .reference import default_reference
 from .saes import load_sae
-from .scoring import topic_file
+from .scoring import score_latents, topic_file
+from .selection import compare_scorings, contrastive_scores, decoder_directions
+from .steering import make_method
 
 # %% auto #0
 __all__ = ['COMPARISON_SAE', 'COMPARISON_REFERENCE', 'COMPARISON_METHODS', 'SAE_METHODS', 'AXBENCH', 'TABLE_COLUMNS',
            'frozen_topics', 'comparison_grid_path', 'comparison_setup', 'with_harmonic', 'run_comparison',
-           'comparison_table', 'versus', 'gap_closed', 'comparison_chart', 'comparison_findings']
+           'comparison_table', 'versus', 'gap_closed', 'comparison_chart', 'comparison_findings', 'scoring_comparison',
+           'scoring_verdict', 'keep_contrastive', 'steering_geometry']
 
 # %% ../nbs/04h_comparison.ipynb #88674bf9
 COMPARISON_SAE = "blocks.6.hook_resid_post"  # the default SAE; its reference holds the paper's 8,192 prompts
@@ -144,3 +147,53 @@ def comparison_findings(df: pd.DataFrame) -> str:
     cost = df.groupby("method")["seconds_per_token"].mean()
     lines.append("Seconds per generated token: " + ", ".join(f"{m} {cost[m]:.3f}" for m in COMPARISON_METHODS if m in cost) + ".")
     return "\n\n".join(lines)
+
+# %% ../nbs/04h_comparison.ipynb #9672e03c
+def scoring_comparison(model, sae, reference, embedder, topics: dict | None = None, background: dict | None = None,
+                       *, ks=(5, 20)) -> pd.DataFrame:
+    """`compare_scorings` of the paper's score and the contrastive one. `topics`: name -> {"align": texts,
+    "heldout": texts} (default: the frozen topics); `background`: name -> texts, the contrast panel (default: the
+    general topics' alignment texts)."""
+    topics = topics or topic_file("frozen")
+    background = background or {t: v["align"] for t, v in topic_file("general").items()}
+    if overlap := set(topics) & set(background):
+        raise ValueError(f"{sorted(overlap)} are both scored and in the background panel: keep the panel apart.")
+    align = {t: v["align"] for t, v in topics.items()}
+    scorings = {"paper": score_latents(reference, align, embedder, model=model, sae=sae),
+                "contrastive": {t: contrastive_scores(reference, texts, embedder, background, model=model, sae=sae)
+                                for t, texts in align.items()}}
+    return compare_scorings(model, sae, scorings, {t: v["heldout"] for t, v in topics.items()}, ks=ks)
+
+
+def scoring_verdict(report: pd.DataFrame) -> pd.DataFrame:
+    "Per measure: both scorings' means over topics and contrastive − paper paired by topic (± 2 SE, verdict)."
+    measures = [c for c in report if c == "mean_tau" or c.startswith("gap@")]
+    long = report.assign(method=report.scoring, prompt="", seed=0, layer=-1, output="")
+    rows = {}
+    for m in measures:  # τ: lower is better (the ranking depends more on the topic); a gap: wider is better
+        c = compare(long, m, baseline="paper", pair_on=("topic",), higher_is_better=m != "mean_tau").iloc[0]
+        means = report.groupby("scoring")[m].mean()
+        rows[m] = {"paper": round(means["paper"], 3), "contrastive": round(means["contrastive"], 3),
+                   "change": f"{c.mean_diff:+.3f} ± {2 * c.se:.3f}", "verdict": c.verdict}
+    return pd.DataFrame(rows).T
+
+
+def keep_contrastive(verdict: pd.DataFrame) -> bool:
+    "The issue's rule: keep the contrastive score only if τ is lower and every gap wider, beyond the noise."
+    return bool((verdict.verdict == "better").all())
+
+# %% ../nbs/04h_comparison.ipynb #1520f096
+def steering_geometry(inputs) -> dict:
+    "AddSteer's and MatchedSteer's added vectors beside the difference of means, for one topic's `TopicInputs`."
+    diff = make_method("DiffMeans", inputs).vector
+    added = {}
+    for name in ("AddSteer", "MatchedSteer"):
+        steer = make_method(name, inputs)
+        added[name] = (steer.strengths[:, None] * decoder_directions(inputs.sae, steer.latents)).sum(0)
+    align, reference = inputs.means
+    most_raised = (align.latents - reference.latents).topk(20).indices
+    return {"|DiffMeans|": float(diff.norm()), "|AddSteer|": float(added["AddSteer"].norm()),
+            "|MatchedSteer|": float(added["MatchedSteer"].norm()),
+            "cosine": float(added["AddSteer"] @ diff / (added["AddSteer"].norm() * diff.norm())),
+            "output latents": len(steer.latents), "raised": int((steer.strengths > 0).sum()),
+            "top-20 raised in paper top-100": len(set(most_raised.tolist()) & set(inputs.scores.top(100).tolist()))}

@@ -302,9 +302,10 @@ def _check_grid_args(topics, prompts, seeds, methods, outputs, max_new_tokens):
 class _TopicState:
     "What a topic's units share, each built when first needed: alignment embeddings, topic words, scores, FT model."
 
-    def __init__(self, model, texts, embedder, references, background, fine_tune_options):
+    def __init__(self, model, texts, embedder, references, background, fine_tune_options, reference_means: dict):
         self.model, self.texts, self.embedder, self.references = model, texts, embedder, references
         self.background, self.fine_tune_options = background, fine_tune_options
+        self.reference_means = reference_means  # sae id -> ActivationMeans of its reference, one dict for all topics
         self._scores, self._inputs = {}, {}
 
     @functools.cached_property
@@ -328,8 +329,15 @@ class _TopicState:
         "What any method is built from at this SAE; kept, so output scores and means are measured once per topic."
         if sae_id not in self._inputs:
             self._inputs[sae_id] = TopicInputs(self.model, sae, self.references[sae_id], self.texts, self.embedder,
-                                               given_scores=self.scores(sae_id))
+                                               given_scores=self.scores(sae_id),
+                                               given_reference_means=self.reference_means.get(sae_id))
         return self._inputs[sae_id]
+
+    def share_reference_means(self, sae_id):
+        "Once a method here has measured the reference's activation means, the other topics reuse them."
+        inputs = self._inputs.get(sae_id)
+        if inputs is not None and "means" in vars(inputs):  # computed (a cached_property), not just declared
+            self.reference_means.setdefault(sae_id, inputs.means[1])
 
 
 def relevance(embedder, generations: list[Generation]) -> np.ndarray:
@@ -368,7 +376,9 @@ def torch_threads(model, threads: int | None = None):
 # %% ../nbs/04_evaluation.ipynb #c99b6a65
 # the fixed rules of the selection chapter's methods: a unit run under other values is run again
 SELECTION_SETTINGS = {"DiffMeans": {"multiplier": STEER_MULTIPLIER}, "AddSteer": {"multiplier": STEER_MULTIPLIER, "amplify": OUTPUT_AMPLIFY},
-                      "OutputSwap": {"amplify": OUTPUT_AMPLIFY}, "OutputClamp": {"amplify": OUTPUT_AMPLIFY}}
+                      "OutputSwap": {"amplify": OUTPUT_AMPLIFY}, "OutputClamp": {"amplify": OUTPUT_AMPLIFY},
+                      "MatchedSteer": {"multiplier": STEER_MULTIPLIER, "amplify": OUTPUT_AMPLIFY,
+                                       "strength": "the difference of means' norm"}}
 GRID_SAMPLING = {k: inspect.signature(generate).parameters[k].default for k in ("top_k", "temperature", "do_sample")}
 
 
@@ -409,7 +419,8 @@ def run_grid(path, *, model=None, embedder=None, saes: dict | None = None, refer
             settings |= {"sae_weights": sae_weights[sae_id], "reference": references[sae_id].fingerprint}
         keys[unit] = unit_key(unit, settings)
     done = _complete_units(path, rows)
-    states = {t: _TopicState(model, texts, embedder, references, background, fine_tune_options or {})
+    reference_means = {}  # they depend only on the SAE: measured for the first topic that needs them
+    states = {t: _TopicState(model, texts, embedder, references, background, fine_tune_options or {}, reference_means)
               for t, texts in topics.items()}
     shared = {}  # generations that do not depend on the topic (Original, SAE), made once
     with torch_threads(model, threads):
@@ -458,6 +469,7 @@ def _run_unit(path, unit, key, model, embedder, saes, state, prompts, seeds, max
     else:
         steering = make_method(method, state.inputs(sae_id, saes[sae_id]),
                                **((clamp_options or {}) if method == "Clamp" else {}))
+        state.share_reference_means(sae_id)
         run = lambda s: generate(model, saes[sae_id], prompt_list, steering, output=output,
                                  max_new_tokens=max_new_tokens, seed=s, pad_batch=True)
     gens, speed = [], {}

@@ -36,7 +36,8 @@ __all__ = ['log', 'FORMAT_VERSION', 'ENCODE_TOKENS', 'EMBED_BATCH', 'build_refer
            'sae_digest', 'save_pair', 'load_saved_pair', 'ReferenceSet', 'ChunkCache', 'check_prompts',
            'prompts_digest', 'reference_plan', 'embedding_cache_dir', 'merge_chunks', 'embed_texts', 'embedding_dim',
            'embedder_description', 'compute_chunk', 'compute_reference', 'embedder_key', 'EmbeddingCache',
-           'coverage_curve', 'coverage_chart', 'model_stories', 'default_reference_prompts', 'default_reference']
+           'coverage_curve', 'coverage_chart', 'model_stories', 'default_reference_prompts', 'default_reference_dir',
+           'default_reference']
 
 # %% ../nbs/01_reference.ipynb #c6e42448
 def build_reference_prompts(n: int, *, seed: int = 0, sources=("p3",), extra=None, model=None) -> list[str]:
@@ -724,10 +725,16 @@ def default_reference_prompts(model, n: int = 2048, *, seed: int = 0) -> list[st
     return build_reference_prompts(n - len(stories), seed=seed) + stories
 
 
+def default_reference_dir(model, sae, n: int) -> Path:
+    "Where `default_reference` caches: one folder per model, hook, SAE weights and size."
+    # the weights' digest in the name: two SAEs at one hook (TopK and JumpReLU) would otherwise evict each other's chunks
+    return cache_root() / "reference" / f"{model.cfg.model_name}-{sae.cfg.metadata.hook_name}-{sae_digest(sae)[:12]}-{n}"
+
+
 def default_reference(model, sae, embedder, *, n: int = 2048, max_tokens: int = 128, seed: int = 0,
                       cache_dir=None, progress: bool = True) -> ReferenceSet:
-    "The reference set of `model` + `sae` from `default_reference_prompts`, cached under `cache_root()`."
-    cache_dir = cache_dir or cache_root() / "reference" / f"{model.cfg.model_name}-{sae.cfg.metadata.hook_name}-{n}"
+    "The reference set of `model` + `sae` from `default_reference_prompts`, cached in `default_reference_dir`."
+    cache_dir = cache_dir or default_reference_dir(model, sae, n)
     prompts = default_reference_prompts(model, n, seed=seed)
     return compute_reference(model, sae, prompts, embedder, max_tokens=max_tokens, cache_dir=cache_dir,
                              progress=progress)

@@ -31,11 +31,11 @@ log = logging.getLogger(__name__)
 
 
 # %% auto #0
-__all__ = ['log', 'STEER_MULTIPLIER', 'OUTPUT_AMPLIFY', 'OUTPUT_FORMAT', 'ActivationMeans', 'activation_means',
+__all__ = ['log', 'STEER_MULTIPLIER', 'OUTPUT_AMPLIFY', 'OUTPUT_FORMAT', 'DEFAULT_METHOD', 'ActivationMeans', 'activation_means',
            'reference_sample', 'DiffMeans', 'decoder_directions', 'mean_difference_strengths', 'AddSteer',
-           'contrastive_scores', 'compare_scorings', 'token_counts', 'distinctive_tokens', 'OutputScores',
-           'output_scores', 'output_latents', 'OutputSwap', 'OutputClamp', 'prompt_prefix', 'generate_prompted',
-           'TopicInputs']
+           'matched_strengths', 'MatchedSteer', 'contrastive_scores', 'compare_scorings', 'token_counts',
+           'distinctive_tokens', 'OutputScores', 'output_scores', 'output_latents', 'OutputSwap', 'OutputClamp',
+           'prompt_prefix', 'generate_prompted', 'TopicInputs']
 
 # %% ../nbs/03a_selection.ipynb #6c6cadb6
 @dataclass(eq=False)
@@ -169,7 +169,24 @@ class AddSteer(Method):
         return edited
 
     def __repr__(self):
-        return f"AddSteer({len(self.latents)} latents, total strength {float(self.strengths.sum()):.3g})"
+        return f"{self.name}({len(self.latents)} latents, total strength {float(self.strengths.sum()):.3g})"
+
+# %% ../nbs/03a_selection.ipynb #2da70464
+def matched_strengths(sae, align: ActivationMeans, reference: ActivationMeans, latents,
+                      multiplier: float = STEER_MULTIPLIER) -> torch.Tensor:
+    """`mean_difference_strengths` scaled so that `Σ_j s_j d_j` has the norm of `multiplier × (align.resid −
+    reference.resid)`, the difference-of-means vector."""
+    plain = mean_difference_strengths(align, reference, latents)
+    added = (plain[:, None] * decoder_directions(sae, latents)).sum(0).norm()
+    if not added > 0:
+        raise ValueError("the alignment texts raise none of these latents above their mean on the reference prompts: "
+                         "there is no direction to scale.")
+    return _multiplier(multiplier) * float((align.resid - reference.resid).norm()) / float(added) * plain
+
+
+class MatchedSteer(AddSteer):
+    "AddSteer whose strengths come from `matched_strengths`."
+    name = "MatchedSteer"
 
 # %% ../nbs/03a_selection.ipynb #a151a3b9
 def _min_max(g: torch.Tensor, eligible: torch.Tensor, name: str) -> torch.Tensor:
@@ -509,9 +526,20 @@ def _add_steer(inputs: TopicInputs, **kw) -> AddSteer:
     return AddSteer(inputs.scores, latents, mean_difference_strengths(*inputs.means, latents, inputs.multiplier), **kw)
 
 
+
+def _matched_steer(inputs: TopicInputs, **kw) -> MatchedSteer:
+    latents = _output_set(inputs.output, inputs.scores.scores)
+    return MatchedSteer(inputs.scores, latents, matched_strengths(inputs.sae, *inputs.means, latents, inputs.multiplier), **kw)
+
+
+# the comparison chapter (04h) checks that this is still the best steering method of its table
+DEFAULT_METHOD = "Swap"
+
+
 register_method("OutputSwap", lambda inputs, **kw: OutputSwap(inputs.scores, inputs.output, **kw), inputs=TopicInputs)
 register_method("OutputClamp", lambda inputs, **kw: OutputClamp(inputs.scores, inputs.output, **kw), inputs=TopicInputs)
 register_method("AddSteer", _add_steer, inputs=TopicInputs)
+register_method("MatchedSteer", _matched_steer, inputs=TopicInputs)
 register_method("DiffMeans", lambda inputs, **kw: DiffMeans.from_means(inputs.scores, *inputs.means, inputs.multiplier, **kw),
                 inputs=TopicInputs)
 

@@ -11,7 +11,7 @@ import time
 
 import ipywidgets as W
 
-from .selection import TopicInputs
+from .selection import DEFAULT_METHOD, TopicInputs
 from .render import Column, chart_svg, columns_html, comparison_columns, contamination_chart, inspector_html
 from .scoring import LatentScores, check_reference, model_topics, score_latents
 from .steering import DEFAULT_OUTPUT, ORIGINAL, OUTPUT_MODES, Method, generate, make_method, method_names
@@ -118,7 +118,7 @@ class AlignmentExplorer(_LiveScoring):
         self.topic = W.Dropdown(options=[CUSTOM, *self.topics], value=first, description="topic")
         self.texts = W.Textarea(value="\n".join(self.topics.get(first, [])), rows=8, continuous_update=False,
                                 placeholder="alignment texts, one per line", layout=W.Layout(width="100%"))
-        self.method = W.Dropdown(options=[ORIGINAL, *method_names()], value="Swap", description="method")
+        self.method = W.Dropdown(options=[ORIGINAL, *method_names()], value=DEFAULT_METHOD, description="method")
         self.output = W.Dropdown(options=OUTPUT_MODES, value=DEFAULT_OUTPUT, description="output")
         self.max_new_tokens = W.BoundedIntText(value=48, min=1, max=model.cfg.n_ctx, description="new tokens")
         self.seed = W.IntText(value=0, description="seed")
@@ -147,7 +147,7 @@ class AlignmentExplorer(_LiveScoring):
     def _repr_mimebundle_(self, **kwargs):
         return self.widget._repr_mimebundle_(**kwargs)
 
-    def render_html(self, prompt: str, align_texts, *, method: str = "Swap", output: str | None = None,
+    def render_html(self, prompt: str, align_texts, *, method: str = DEFAULT_METHOD, output: str | None = None,
                     max_new_tokens: int = 64, seed: int = 0) -> str:
         """The HTML the widget shows for one generation: unsteered and `method` continuations of `prompt`, one
         span per generated token coloured by its contamination under `align_texts`' scores. `output` None:

@@ -8,10 +8,10 @@ import torch
 from saealign.reference import ReferenceSet
 from saealign.saes import random_sae
 from saealign.scoring import LatentScores, score_latents
-from saealign.selection import (ActivationMeans, AddSteer, DiffMeans, OutputClamp, OutputScores,
+from saealign.selection import (ActivationMeans, AddSteer, DiffMeans, MatchedSteer, OutputClamp, OutputScores,
                                 OutputSwap, _next_token_logprobs, TopicInputs, activation_means, contrastive_scores,
-                                decoder_directions, distinctive_tokens, generate_prompted, mean_difference_strengths,
-                                output_latents, output_scores, prompt_prefix)
+                                decoder_directions, distinctive_tokens, generate_prompted, matched_strengths,
+                                mean_difference_strengths, output_latents, output_scores, prompt_prefix)
 from saealign.steering import Clamp, Swap, generate, make_method, method_names, steer
 
 
@@ -154,6 +154,22 @@ def test_mean_difference_strengths_known_answer():
     assert mean_difference_strengths(align, reference, [0, 1, 2], multiplier=2.0).tolist() == [1.5, 0.0, 0.0]
 
 
+def test_matched_strengths_known_answer():
+    sae = random_sae("standard", d_in=4, d_sae=3, hook_name="blocks.0.hook_resid_post")
+    with torch.no_grad():  # latent j decodes to 2·e_j: one unit of it adds a vector of norm 2
+        sae.W_dec.copy_(2 * torch.eye(3, 4))
+        sae.b_dec.zero_()
+    align = ActivationMeans(torch.tensor([3.0, 4.0, 0.0, 0.0]), torch.tensor([1.0, 0.5, 2.0]), 10)
+    reference = ActivationMeans(torch.zeros(4), torch.tensor([0.25, 1.0, 0.0]), 10)
+    # plain [0.75, 0, 2] adds (1.5, 0, 4, 0), norm √18.25; the difference of means has norm 5
+    expected = torch.tensor([0.75, 0.0, 2.0]) * 5 / math.sqrt(18.25)
+    torch.testing.assert_close(matched_strengths(sae, align, reference, [0, 1, 2]), expected)
+    torch.testing.assert_close(matched_strengths(sae, align, reference, [0, 1, 2], multiplier=-2.0), -2 * expected)
+    assert matched_strengths(sae, align, reference, [0, 1, 2], multiplier=0.0).abs().sum() == 0
+    with pytest.raises(ValueError, match="no direction"):
+        matched_strengths(sae, align, reference, [1])
+
+
 def test_activation_means_parity(model, sae):
     text = "The boat sailed on the big blue sea."
     got = activation_means(model, sae, [text, "Lily saw a big dog."])
@@ -286,11 +302,15 @@ def test_every_registered_method_from_topic_inputs(model, sae):
     texts = ["The boat sailed on the big blue sea.", "Fish swam in the cold salty water."]
     inputs = TopicInputs(model, sae, ref, texts, None, given_scores=scores, given_output=out)
     methods = {name: make_method(name, inputs) for name in method_names()}
-    assert {"Swap", "Clamp", "Weight", "SAE", "OutputSwap", "OutputClamp", "AddSteer", "DiffMeans"} <= set(methods)
+    assert {"Swap", "Clamp", "Weight", "SAE", "OutputSwap", "OutputClamp", "AddSteer", "MatchedSteer", "DiffMeans"} <= set(methods)
     assert all(type(m).__name__ == name for name, m in methods.items() if name != "SAE")
     assert sorted(methods["AddSteer"].latents.tolist()) == sorted(output_latents(out).tolist())
     align, refm = activation_means(model, sae, texts), activation_means(model, sae, ref.prompts)
     torch.testing.assert_close(methods["DiffMeans"].vector, align.resid - refm.resid, atol=1e-6, rtol=0)
+    matched = methods["MatchedSteer"]
+    assert isinstance(matched, AddSteer) and matched.latents.tolist() == methods["AddSteer"].latents.tolist()
+    added = (matched.strengths[:, None] * decoder_directions(sae, matched.latents)).sum(0)
+    torch.testing.assert_close(added.norm(), methods["DiffMeans"].vector.norm(), rtol=1e-4, atol=0)
     assert make_method("Clamp", inputs, top_n=2).latents.tolist() == [0, 1]
     for m in methods.values():
         assert len(generate(model, sae, "Once upon a time", m, max_new_tokens=4)[0].tokens) == 4
@@ -300,3 +320,22 @@ def test_every_registered_method_from_topic_inputs(model, sae):
         make_method("DiffMeans", scores)
     with pytest.raises(ValueError, match="multiplier"):
         TopicInputs(model, sae, ref, texts, None, multiplier=float("nan"))
+
+
+def test_grid_measures_reference_means_once_for_all_topics(model, sae, embedder, monkeypatch, tmp_path):
+    "They depend only on the SAE: two topics running DiffMeans measure the reference once, each topic's texts once."
+    import saealign.selection as selection
+    from saealign.evaluation import run_grid
+    from saealign.scoring import STORY_TOPICS
+    ref = ReferenceSet.from_summaries(torch.eye(sae.cfg.d_sae)[:40] + 0.01, torch.nn.functional.normalize(
+        torch.randn(40, 384, generator=torch.Generator().manual_seed(0)), dim=1), prompts=[f"A story {i}." for i in range(40)])
+    measured, real = [], selection.activation_means
+    monkeypatch.setattr(selection, "activation_means", lambda m, s, texts, **kw: measured.append(list(texts)) or real(m, s, texts, **kw))
+    sae_id = sae.cfg.metadata.hook_name
+    topics = {"sea": STORY_TOPICS["sea"][:3], "food": STORY_TOPICS["food"][:3]}
+    rows = run_grid(tmp_path / "grid.jsonl", model=model, embedder=embedder, saes={sae_id: sae}, references={sae_id: ref},
+                    topics=topics, prompts={"Once upon a time": "neutral"}, seeds=(0,), methods=("DiffMeans",),
+                    outputs=("error",), max_new_tokens=4, progress=False)
+    assert len(rows) == 2
+    as_sets = lambda lists: sorted(tuple(sorted(t)) for t in lists)
+    assert as_sets(measured) == as_sets([topics["sea"], topics["food"], ref.prompts])
