@@ -33,7 +33,7 @@ def steer_by_text(align_texts: list[str], prompt: str, *, model=None, sae=None, 
                   max_new_tokens: int = 64, seed: int = 0, progress: bool = False, **method_options) -> SteeredText:
     """Score the SAE's latents against `align_texts` and continue `prompt` unsteered and steered by `method`
     (any name `method_names()` lists: Swap, Weight, Clamp, SAE, the selection chapter's OutputSwap, OutputClamp,
-    AddSteer, DiffMeans, or one registered later). Defaults: the default model, its default SAE and MiniLM."""
+    AddSteer, MatchedSteer (the default), DiffMeans, or one registered later). Defaults: the default model, its default SAE and MiniLM."""
     model = model or load_model()
     sae = sae or load_sae(model=model)
     embedder = embedder or load_embedder()

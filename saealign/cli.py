@@ -170,7 +170,7 @@ def align(align_texts: list[str], prompt: str, *, model_name: str = DEFAULT_MODE
 
 def demo(topic: str | None = None, prompt: str | None = None, *, model_name: str = DEFAULT_MODEL,
          max_new_tokens: int = 64, seed: int = 0, report: str | None = "saealign-report.html") -> SteeredText:
-    "The main job: a named topic (default: the model's demo topic), the model's default SAE, Swap."
+    "The main job: a named topic (default: the model's demo topic), the model's default SAE and method."
     spec = model_spec(model_name)
     topic, prompt = topic or spec.demo_topic, prompt or spec.demo_prompt
     return align(topic_texts(topic), prompt, model_name=model_name, topic=topic, max_new_tokens=max_new_tokens,

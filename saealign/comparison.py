@@ -24,13 +24,14 @@ from .steering import make_method
 # %% auto #0
 __all__ = ['COMPARISON_SAE', 'COMPARISON_REFERENCE', 'COMPARISON_METHODS', 'SAE_METHODS', 'AXBENCH', 'TABLE_COLUMNS',
            'frozen_topics', 'comparison_grid_path', 'comparison_setup', 'with_harmonic', 'run_comparison',
-           'comparison_table', 'versus', 'gap_closed', 'comparison_chart', 'comparison_findings', 'scoring_comparison',
-           'scoring_verdict', 'keep_contrastive', 'steering_geometry']
+           'comparison_table', 'versus', 'gap_closed', 'comparison_chart', 'best_method', 'comparison_findings',
+           'aim_table', 'scoring_comparison', 'scoring_verdict', 'keep_contrastive', 'steering_geometry']
 
 # %% ../nbs/04h_comparison.ipynb #88674bf9
 COMPARISON_SAE = "blocks.6.hook_resid_post"  # the default SAE; its reference holds the paper's 8,192 prompts
 COMPARISON_REFERENCE = 8192
-COMPARISON_METHODS = ("Original", "Prompting", "DiffMeans", "Clamp", "Swap", "OutputSwap", "OutputClamp", "AddSteer")
+COMPARISON_METHODS = ("Original", "Prompting", "DiffMeans", "Clamp", "Swap", "OutputSwap", "OutputClamp", "AddSteer",
+                      "MatchedSteer")
 SAE_METHODS = COMPARISON_METHODS[3:]  # the SAE methods: the paper's and the selection chapter's
 
 
@@ -126,11 +127,17 @@ def comparison_chart(df: pd.DataFrame, measures=("concept", "fluency", "relevanc
     return alt.concat(*panels, columns=2)
 
 # %% ../nbs/04h_comparison.ipynb #7268042a
+def best_method(df: pd.DataFrame, among=SAE_METHODS) -> str:
+    "The method of `among` with the highest mean harmonic score (over all generations of `df`)."
+    means = with_harmonic(df).groupby("method")["harmonic"].mean()
+    return means[[m for m in among if m in means]].idxmax()
+
+
 def comparison_findings(df: pd.DataFrame) -> str:
     "The comparison's findings in words, every number from `df`."
     df = with_harmonic(df)
     means = df.groupby("method")["harmonic"].mean()
-    best = means[[m for m in SAE_METHODS if m in means]].idxmax()
+    best = best_method(df, SAE_METHODS)
     lines = [f"Mean harmonic score (concept × fluency × relevance): " + ", ".join(
         f"{m} {means[m]:.3f}" for m in COMPARISON_METHODS if m in means) + f". Best SAE method: {best}."]
     for baseline in ("Swap", "DiffMeans", "Prompting"):
@@ -147,6 +154,18 @@ def comparison_findings(df: pd.DataFrame) -> str:
     cost = df.groupby("method")["seconds_per_token"].mean()
     lines.append("Seconds per generated token: " + ", ".join(f"{m} {cost[m]:.3f}" for m in COMPARISON_METHODS if m in cost) + ".")
     return "\n\n".join(lines)
+
+# %% ../nbs/04h_comparison.ipynb #4b4a64a5
+def aim_table(df: pd.DataFrame, method: str | None = None) -> pd.DataFrame:
+    "Per topic, the verdicts behind the issue's aim for `method` (default: the best SAE method) and whether it is met."
+    method = method or best_method(df)
+    verdicts = lambda baseline, metric: (v := versus(df, baseline, metric))[v.method == method].set_index("topic").verdict
+    table = pd.DataFrame({f"{metric} vs {baseline}": verdicts(baseline, metric)
+                          for baseline in ("Swap", "DiffMeans") for metric in ("concept", "fluency")})
+    table["gap closed"] = gap_closed(df)[method].round(2)
+    table["met"] = ((table[["concept vs Swap", "concept vs DiffMeans"]] == "better").all(axis=1)
+                    & (table[["fluency vs Swap", "fluency vs DiffMeans"]] != "worse").all(axis=1) & (table["gap closed"] >= 0.5))
+    return table.rename_axis(method)
 
 # %% ../nbs/04h_comparison.ipynb #9672e03c
 def scoring_comparison(model, sae, reference, embedder, topics: dict | None = None, background: dict | None = None,
@@ -182,7 +201,7 @@ def keep_contrastive(verdict: pd.DataFrame) -> bool:
     "The issue's rule: keep the contrastive score only if τ is lower and every gap wider, beyond the noise."
     return bool((verdict.verdict == "better").all())
 
-# %% ../nbs/04h_comparison.ipynb #1520f096
+# %% ../nbs/04h_comparison.ipynb #3738a774
 def steering_geometry(inputs) -> dict:
     "AddSteer's and MatchedSteer's added vectors beside the difference of means, for one topic's `TopicInputs`."
     diff = make_method("DiffMeans", inputs).vector

@@ -302,10 +302,10 @@ def _check_grid_args(topics, prompts, seeds, methods, outputs, max_new_tokens):
 class _TopicState:
     "What a topic's units share, each built when first needed: alignment embeddings, topic words, scores, FT model."
 
-    def __init__(self, model, texts, embedder, references, background, fine_tune_options, reference_means: dict):
+    def __init__(self, model, texts, embedder, references, background, fine_tune_options, shared_by_sae: dict):
         self.model, self.texts, self.embedder, self.references = model, texts, embedder, references
         self.background, self.fine_tune_options = background, fine_tune_options
-        self.reference_means = reference_means  # sae id -> ActivationMeans of its reference, one dict for all topics
+        self.shared_by_sae = shared_by_sae  # sae id -> what TopicInputs share there (reference means), for all topics
         self._scores, self._inputs = {}, {}
 
     @functools.cached_property
@@ -330,14 +330,8 @@ class _TopicState:
         if sae_id not in self._inputs:
             self._inputs[sae_id] = TopicInputs(self.model, sae, self.references[sae_id], self.texts, self.embedder,
                                                given_scores=self.scores(sae_id),
-                                               given_reference_means=self.reference_means.get(sae_id))
+                                               shared=self.shared_by_sae.setdefault(sae_id, {}))
         return self._inputs[sae_id]
-
-    def share_reference_means(self, sae_id):
-        "Once a method here has measured the reference's activation means, the other topics reuse them."
-        inputs = self._inputs.get(sae_id)
-        if inputs is not None and "means" in vars(inputs):  # computed (a cached_property), not just declared
-            self.reference_means.setdefault(sae_id, inputs.means[1])
 
 
 def relevance(embedder, generations: list[Generation]) -> np.ndarray:
@@ -419,8 +413,8 @@ def run_grid(path, *, model=None, embedder=None, saes: dict | None = None, refer
             settings |= {"sae_weights": sae_weights[sae_id], "reference": references[sae_id].fingerprint}
         keys[unit] = unit_key(unit, settings)
     done = _complete_units(path, rows)
-    reference_means = {}  # they depend only on the SAE: measured for the first topic that needs them
-    states = {t: _TopicState(model, texts, embedder, references, background, fine_tune_options or {}, reference_means)
+    shared_by_sae = {}  # the reference means depend only on the SAE: measured for the first topic that needs them
+    states = {t: _TopicState(model, texts, embedder, references, background, fine_tune_options or {}, shared_by_sae)
               for t, texts in topics.items()}
     shared = {}  # generations that do not depend on the topic (Original, SAE), made once
     with torch_threads(model, threads):
@@ -469,7 +463,6 @@ def _run_unit(path, unit, key, model, embedder, saes, state, prompts, seeds, max
     else:
         steering = make_method(method, state.inputs(sae_id, saes[sae_id]),
                                **((clamp_options or {}) if method == "Clamp" else {}))
-        state.share_reference_means(sae_id)
         run = lambda s: generate(model, saes[sae_id], prompt_list, steering, output=output,
                                  max_new_tokens=max_new_tokens, seed=s, pad_batch=True)
     gens, speed = [], {}

@@ -497,6 +497,7 @@ class TopicInputs(MethodInputs):
     n_latents: int = 100
     multiplier: float = STEER_MULTIPLIER
     cache_dir: object = None
+    shared: dict | None = None  # one dict for all topics on this model, SAE and reference: their reference means
 
     def __post_init__(self):
         self.align_texts = check_texts(self.align_texts, "align_texts")
@@ -516,8 +517,12 @@ class TopicInputs(MethodInputs):
 
     @cached_property
     def means(self) -> tuple[ActivationMeans, ActivationMeans]:
-        ref = (self.given_reference_means if self.given_reference_means is not None
-               else activation_means(self.model, self.sae, reference_sample(self.reference)))
+        ref = self.given_reference_means
+        if ref is None:
+            shared = {} if self.shared is None else self.shared
+            if "reference_means" not in shared:
+                shared["reference_means"] = activation_means(self.model, self.sae, reference_sample(self.reference))
+            ref = shared["reference_means"]
         return activation_means(self.model, self.sae, self.align_texts), ref
 
 
@@ -533,7 +538,7 @@ def _matched_steer(inputs: TopicInputs, **kw) -> MatchedSteer:
 
 
 # the comparison chapter (04h) checks that this is still the best steering method of its table
-DEFAULT_METHOD = "Swap"
+DEFAULT_METHOD = "MatchedSteer"
 
 
 register_method("OutputSwap", lambda inputs, **kw: OutputSwap(inputs.scores, inputs.output, **kw), inputs=TopicInputs)

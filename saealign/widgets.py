@@ -58,7 +58,7 @@ class _LiveScoring:
         key = (align_texts,) if isinstance(align_texts, str) else tuple(align_texts)
         if key not in self._inputs:
             self._inputs[key] = TopicInputs(self.model, self.sae, self.reference, list(key), self.embedder,
-                                            given_scores=self.score(align_texts))
+                                            given_scores=self.score(align_texts), shared=self._shared)
         return self._inputs[key]
 
     def _measured_output(self, align_texts):
@@ -113,6 +113,7 @@ class AlignmentExplorer(_LiveScoring):
         self.chart = None
         self._scored: dict[tuple[str, ...], LatentScores] = {}
         self._inputs: dict[tuple[str, ...], TopicInputs] = {}
+        self._shared: dict = {}  # what every topic's TopicInputs share here (the reference's activation means)
 
         first = next(iter(self.topics), CUSTOM)
         self.topic = W.Dropdown(options=[CUSTOM, *self.topics], value=first, description="topic")

@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 from conftest import needs_mirror
+from saealign.selection import DEFAULT_METHOD
 
 SCRIPT = Path(sys.executable).with_name("saealign")
 
@@ -18,7 +19,7 @@ def run(args, cwd):
 def test_demo_writes_a_self_contained_report(tmp_path):
     done = run(["demo", "--model", "stories260K", "--max-new-tokens", "24", "--report", "out.html"], tmp_path)
     assert done.returncode == 0, done.stderr
-    assert "Swap (error), contamination" in done.stdout and "per-token contamination" in done.stdout
+    assert f"{DEFAULT_METHOD} (error), contamination" in done.stdout and "per-token contamination" in done.stdout
     page = (tmp_path / "out.html").read_text()
     assert page.startswith("<!DOCTYPE html>") and page.count("<svg") >= 2 and "<script" not in page
 

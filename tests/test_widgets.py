@@ -13,6 +13,7 @@ import saealign.steering as steering
 import saealign.widgets as Wd
 from saealign.reference import ReferenceSet, build_reference_prompts, compute_reference
 from saealign.scoring import STORY_TOPICS
+from saealign.selection import DEFAULT_METHOD
 from saealign.steering import Clamp, Swap, Weight, generate
 from saealign.render import NEUTRAL, TokenDetail, contamination_colour, token_details, tokens_html, top_prompts
 from saealign.widgets import CUSTOM, AlignmentExplorer, sae_and_method
@@ -156,7 +157,7 @@ def test_render_html_one_span_per_token_with_its_colour(explorer, method):
 def test_render_html_output_none_uses_the_widget(explorer):
     explorer.output.value = "error"
     explorer.render_html("The cat", SEA, max_new_tokens=6)
-    assert explorer.columns[1].generation.output == "error" and explorer.columns[1].label == "Swap (error)"
+    assert explorer.columns[1].generation.output == "error" and explorer.columns[1].label == f"{DEFAULT_METHOD} (error)"
 
 
 def test_sae_and_method():
@@ -175,7 +176,8 @@ def test_explorer_offers_a_method_registered_later(explorer, monkeypatch):
     steering.register_method("Swap again", Swap)
     fresh = AlignmentExplorer(explorer.model, explorer.sae, explorer.reference, explorer.embedder)
     assert list(fresh.method.options) == ["Original", "SAE", "Clamp", "Swap", "Weight", "OutputSwap", "OutputClamp",
-                                          "AddSteer", "DiffMeans", "Swap again"]
+                                          "AddSteer", "MatchedSteer", "DiffMeans", "Swap again"]
+    assert fresh.method.value == DEFAULT_METHOD
     fresh.render_html("The cat", SEA, method="Swap again", max_new_tokens=4)
     assert fresh.columns[1].generation.method == "Swap"
 
