@@ -33,10 +33,12 @@ def steer_by_text(align_texts: list[str], prompt: str, *, model=None, sae=None, 
                   max_new_tokens: int = 64, seed: int = 0, progress: bool = False, **method_options) -> SteeredText:
     """Score the SAE's latents against `align_texts` and continue `prompt` unsteered and steered by `method`
     (any name `method_names()` lists: Swap, Weight, Clamp, SAE, the selection chapter's OutputSwap, OutputClamp,
-    AddSteer, MatchedSteer (the default), DiffMeans, or one registered later). Defaults: the default model, its default SAE and MiniLM."""
-    model = model or load_model()
-    sae = sae or load_sae(model=model)
-    embedder = embedder or load_embedder()
+    AddSteer, MatchedSteer (the default), DiffMeans, or one registered later). Defaults: the default model, its
+    default SAE and MiniLM."""
+    # `is None`, not `or`: sae_lens deprecates an SAE's truth value (it goes through len())
+    model = load_model() if model is None else model
+    sae = load_sae(model=model) if sae is None else sae
+    embedder = load_embedder() if embedder is None else embedder
     reference = reference or default_reference(model, sae, embedder, progress=progress)
     scores = score_latents(reference, align_texts, embedder, model=model, sae=sae)
     steering = make_method(method, TopicInputs(model, sae, reference, align_texts, embedder, given_scores=scores),

@@ -31,11 +31,11 @@ log = logging.getLogger(__name__)
 
 
 # %% auto #0
-__all__ = ['log', 'STEER_MULTIPLIER', 'OUTPUT_AMPLIFY', 'OUTPUT_FORMAT', 'DEFAULT_METHOD', 'ActivationMeans', 'activation_means',
-           'reference_sample', 'DiffMeans', 'decoder_directions', 'mean_difference_strengths', 'AddSteer',
-           'matched_strengths', 'MatchedSteer', 'contrastive_scores', 'compare_scorings', 'token_counts',
-           'distinctive_tokens', 'OutputScores', 'output_scores', 'output_latents', 'OutputSwap', 'OutputClamp',
-           'prompt_prefix', 'generate_prompted', 'TopicInputs']
+__all__ = ['log', 'STEER_MULTIPLIER', 'MEANS_FORMAT', 'OUTPUT_AMPLIFY', 'OUTPUT_FORMAT', 'DEFAULT_METHOD', 'ActivationMeans',
+           'activation_means', 'reference_sample', 'DiffMeans', 'reference_means', 'decoder_directions',
+           'mean_difference_strengths', 'AddSteer', 'matched_strengths', 'MatchedSteer', 'contrastive_scores',
+           'compare_scorings', 'token_counts', 'distinctive_tokens', 'OutputScores', 'output_scores', 'output_latents',
+           'OutputSwap', 'OutputClamp', 'prompt_prefix', 'generate_prompted', 'TopicInputs']
 
 # %% ../nbs/03a_selection.ipynb #6c6cadb6
 @dataclass(eq=False)
@@ -121,6 +121,31 @@ def _multiplier(value) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         raise ValueError(f"multiplier must be a finite number, got {value!r}.")
     return float(value)
+
+# %% ../nbs/03a_selection.ipynb #b54721d9
+MEANS_FORMAT = 1
+
+
+def reference_means(model, sae, reference: ReferenceSet, *, n: int = 256, cache_dir=None) -> ActivationMeans:
+    """`activation_means` of `reference_sample(reference, n)`, cached in `cache_dir` (default
+    `cache_root()/"activation-means"`; False: no cache)."""
+    blob = json.dumps({"format": MEANS_FORMAT, "model": model.cfg.model_name, "weights": tensor_digest(model, sample=4096),
+                       "sae": sae_digest(sae), "hook": sae.cfg.metadata.hook_name, "reference": reference.fingerprint,
+                       "n": n}, sort_keys=True)
+    folder = None if cache_dir is False else cache_folder(cache_dir or cache_root() / "activation-means", "activation-means")
+    path = None if folder is None else folder / f"{hashlib.sha256(blob.encode()).hexdigest()[:32]}.safetensors"
+    if path is not None:
+        try:
+            t, meta = load_tensors(path)
+            return ActivationMeans(t["resid"], t["latents"], int(meta["n_tokens"]))
+        except FileNotFoundError:
+            pass
+        except (DamagedFileError, KeyError, ValueError) as e:
+            log.warning("recomputing the reference's activation means: %s", e)
+    means = activation_means(model, sae, reference_sample(reference, n))
+    if path is not None:
+        save_tensors(path, {"resid": means.resid, "latents": means.latents}, {"n_tokens": str(means.n_tokens)})
+    return means
 
 # %% ../nbs/03a_selection.ipynb #e7d71f4f
 def _latent_ids(latents, size: int, what: str = "latents") -> torch.Tensor:
@@ -496,7 +521,7 @@ class TopicInputs(MethodInputs):
     neutral_prompts: tuple | None = None
     n_latents: int = 100
     multiplier: float = STEER_MULTIPLIER
-    cache_dir: object = None
+    cache_dir: object = None  # the output scores' folder (default: under cache_root()); False: no disk caches
     shared: dict | None = None  # one dict for all topics on this model, SAE and reference: their reference means
 
     def __post_init__(self):
@@ -521,7 +546,8 @@ class TopicInputs(MethodInputs):
         if ref is None:
             shared = {} if self.shared is None else self.shared
             if "reference_means" not in shared:
-                shared["reference_means"] = activation_means(self.model, self.sae, reference_sample(self.reference))
+                shared["reference_means"] = reference_means(self.model, self.sae, self.reference,
+                                                            cache_dir=False if self.cache_dir is False else None)
             ref = shared["reference_means"]
         return activation_means(self.model, self.sae, self.align_texts), ref
 
