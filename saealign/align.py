@@ -12,7 +12,7 @@ from .models import load_model
 from .reference import ReferenceSet, default_reference
 from .saes import load_sae
 from .scoring import LatentScores, score_latents
-from .selection import DEFAULT_METHOD, TopicInputs
+from .selection import DEFAULT_METHOD, OutputScores, TopicInputs
 from .steering import DEFAULT_OUTPUT, Generation, Method, generate, make_method
 
 # %% auto #0
@@ -21,11 +21,13 @@ __all__ = ['SteeredText', 'steer_by_text']
 # %% ../nbs/03b_align.ipynb #6b353853
 @dataclasses.dataclass
 class SteeredText:
-    "What `steer_by_text` returns: the latent scores, the method built on them, the unsteered and the steered generation."
+    """What `steer_by_text` returns: the latent scores, the method built on them, the unsteered and the steered
+    generation, and the topic's output scores when the method measured them (None otherwise)."""
     scores: LatentScores
     method: Method
     plain: Generation
     steered: Generation
+    output: OutputScores | None = None
 
 
 def steer_by_text(align_texts: list[str], prompt: str, *, model=None, sae=None, embedder=None,
@@ -41,8 +43,8 @@ def steer_by_text(align_texts: list[str], prompt: str, *, model=None, sae=None, 
     embedder = load_embedder() if embedder is None else embedder
     reference = reference or default_reference(model, sae, embedder, progress=progress)
     scores = score_latents(reference, align_texts, embedder, model=model, sae=sae)
-    steering = make_method(method, TopicInputs(model, sae, reference, align_texts, embedder, given_scores=scores),
-                           **method_options)
+    inputs = TopicInputs(model, sae, reference, align_texts, embedder, given_scores=scores)
+    steering = make_method(method, inputs, **method_options)
     plain = generate(model, None, prompt, max_new_tokens=max_new_tokens, seed=seed)[0]
     steered = generate(model, sae, prompt, steering, output=output, max_new_tokens=max_new_tokens, seed=seed)[0]
-    return SteeredText(scores, steering, plain, steered)
+    return SteeredText(scores, steering, plain, steered, inputs.measured("output"))

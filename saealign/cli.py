@@ -80,7 +80,7 @@ unaligned with the topic. Hover a token for its strongest latents and their scor
 <h2>Charts</h2>
 <div class="charts"><div>{chart_svg(contamination_chart(columns))}</div><div>{chart_svg(scores_chart(result.scores))}</div></div>
 <h2>Latent inspector</h2>
-{inspector_html(reference, result.scores)}
+{inspector_html(reference, result.scores, output=result.output)}
 <h2>Alignment texts ({len(result.scores.align_texts)})</h2>
 <ol>{texts}</ol>
 <p><small>saealign, {datetime.datetime.now().strftime("%Y-%m-%d %H:%M")}</small></p>

@@ -540,6 +540,12 @@ class TopicInputs(MethodInputs):
             self.model, self.sae, self.scores, self.align_texts, prompts, n_latents=self.n_latents,
             reference_texts=self.reference.prompts, cache_dir=self.cache_dir)
 
+    def measured(self, piece: str):
+        "`scores`, `output` or `means` if computed or given already, else None: asking computes nothing."
+        if piece not in ("scores", "output", "means"):
+            raise ValueError(f"piece must be 'scores', 'output' or 'means', not {piece!r}.")
+        return vars(self).get(piece, getattr(self, f"given_{piece}", None))
+
     @cached_property
     def means(self) -> tuple[ActivationMeans, ActivationMeans]:
         ref = self.given_reference_means

@@ -64,7 +64,7 @@ class _LiveScoring:
     def _measured_output(self, align_texts):
         "The output scores of `align_texts` if a method has measured them (`TopicInputs` keeps them once made)."
         key = (align_texts,) if isinstance(align_texts, str) else tuple(align_texts)
-        return vars(self._inputs[key]).get("output") if key in self._inputs else None
+        return self._inputs[key].measured("output") if key in self._inputs else None
 
     def _show_inspector(self, align_texts) -> None:
         self.inspector.value = inspector_html(self.reference, self.scores, self.n_latents, self.n_prompts,

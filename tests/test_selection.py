@@ -346,3 +346,17 @@ def test_grid_measures_reference_means_once_for_all_topics(model, sae, embedder,
              topics={"sea": topics["sea"]}, prompts={"Once upon a time": "neutral"}, seeds=(0,), methods=("DiffMeans",),
              outputs=("error",), max_new_tokens=4, progress=False)
     assert as_sets(measured) == as_sets([topics["sea"]])
+
+
+def test_topic_inputs_measured_computes_nothing(model, sae):
+    ref = ReferenceSet.from_summaries(torch.eye(sae.cfg.d_sae)[:40] + 0.01, torch.nn.functional.normalize(
+        torch.randn(40, 384, generator=torch.Generator().manual_seed(0)), dim=1), prompts=[f"A story {i}." for i in range(40)])
+    scores = LatentScores(torch.linspace(1, 0, sae.cfg.d_sae), torch.zeros(sae.cfg.d_sae),
+                          torch.ones(sae.cfg.d_sae, dtype=torch.bool), "sea", [], {})
+    inputs = TopicInputs(model, sae, ref, ["The boat sailed on the sea."], None, given_scores=scores, cache_dir=False)
+    assert inputs.measured("scores") is scores and inputs.measured("output") is None and inputs.measured("means") is None
+    assert "means" not in vars(inputs)  # asking computed nothing
+    align, _ = inputs.means
+    assert inputs.measured("means")[0] is align
+    with pytest.raises(ValueError, match="piece must be"):
+        inputs.measured("strengths")
