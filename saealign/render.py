@@ -160,12 +160,17 @@ def _short(text: str, n: int = 110) -> str:
     return text if len(text) <= n else text[:n - 1] + "…"
 
 
+def _percent(share: float) -> str:
+    "A share as a percentage, with two significant digits below 0.1% (a latent's share of a long prompt is tiny)."
+    return f"{share:.1%}" if share >= 1e-3 else f"{100 * share:.2g}%"
+
+
 def inspector_html(ref, scores: LatentScores, k: int = 10, n_prompts: int = 3, output=None) -> str:
     """The `k` best-scored latents: score, reference prompts fired on, and the prompts that fire them most. With
     `output` (the selection chapter's `OutputScores`), each latent's output score too ('–' where not measured)."""
     rows = []
     for rank, i in enumerate(scores.top(k).tolist(), 1):
-        prompts = "<br>".join(f"{share:.1%} &middot; {html.escape(_short(p))}" for p, share in top_prompts(ref, i, n_prompts))
+        prompts = "<br>".join(f"{_percent(share)} &middot; {html.escape(_short(p))}" for p, share in top_prompts(ref, i, n_prompts))
         measured = "" if output is None else f"<td>{_number(float(output.scores[i]))}</td>"
         rows.append(f'<tr data-latent="{i}"><td>{rank}</td><td>{i}</td><td>{float(scores.scores[i]):.3f}</td>{measured}'
                     f'<td>{int(ref.prompt_counts[i])}</td><td>{prompts}</td></tr>')
