@@ -102,9 +102,9 @@ def versus(df: pd.DataFrame, baseline: str, metric: str = "harmonic", *, higher_
 
 # %% ../nbs/04h_comparison.ipynb #da9ba700
 def gap_closed(df: pd.DataFrame, metric: str = "concept") -> pd.DataFrame:
-    "Per topic (rows) and SAE method (columns): (method − Swap) / (Prompting − Swap) of the mean `metric`."
+    "Per topic and method (DiffMeans, the SAE methods): (method − Swap) / (Prompting − Swap) of the mean `metric`."
     means = with_harmonic(df).groupby(["topic", "method"])[metric].mean().unstack()
-    methods = [m for m in SAE_METHODS if m in means]
+    methods = [m for m in ("DiffMeans", *SAE_METHODS) if m in means]
     return means[methods].sub(means["Swap"], axis=0).div(means["Prompting"] - means["Swap"], axis=0)
 
 # %% ../nbs/04h_comparison.ipynb #b1466b96
