@@ -117,7 +117,7 @@ def explorer_bench(model, sae, tokens=48):
           f"{min(output_s):.1f}–{max(output_s):.1f} s over 2 topics (uncached), activation means of its texts "
           f"{topic_means_s:.1f} s; the reference's means, once per SAE: {reference_means_s:.1f} s")
     for method, t in side.items():
-        print(f"  {tokens}-token side-by-side (unsteered + {method}, rendered, its inputs measured): {min(t):.1f} s best "
+        print(f"  {tokens}-token side-by-side (unsteered + {method}, rendered, the topic's inputs kept): {min(t):.1f} s best "
               f"of 2 seeds, {max(t):.1f} s worst (target < 30 s)")
 
 
