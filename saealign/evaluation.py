@@ -25,7 +25,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from ._utils import hook_layer
+from ._utils import check_positive_int, hook_layer
 from .core import atomic_write, cache_root, load_embedder, load_texts
 from .models import DEFAULT_MODEL, load_model, model_spec
 from .saes import load_sae, shipped_sae_ids
@@ -34,15 +34,15 @@ from .reference import (build_reference_prompts, compute_reference, default_refe
 from .scoring import STORY_TOPICS, model_topics, score_latents
 from .selection import OUTPUT_AMPLIFY, STEER_MULTIPLIER, TopicInputs, generate_prompted, prompt_prefix
 from .steering import (DEFAULT_OUTPUT, ORIGINAL, OUTPUT_MODES, PAPER_CLAMP, Clamp, Generation, Method, Swap, Weight,
-                               check_sampling, generate, make_method, method_names, steer)
+                               check_sampling, generate, make_method, method_names, method_settings, steer)
 
 # %% auto #0
-__all__ = ['METAPHOR_PROMPTS', 'METRICS', 'METHODS', 'GRID_HEADER', 'UNIT_KEY', 'SAE_FREE', 'SELECTION_SETTINGS', 'GRID_SAMPLING',
-           'evaluation_prompts', 'evaluation_topics', 'perplexity', 'alignment_distances', 'words', 'topic_words',
-           'topic_word_rate', 'fine_tune', 'default_grid_path', 'read_rows', 'grid_units', 'unit_key', 'relevance',
-           'measure', 'torch_threads', 'run_grid', 'contamination_under', 'clamp_sweep', 'config_label',
-           'summary_table', 'compare', 'verdict_table', 'overview_table', 'seed_noise', 'metric_chart', 'topic_chart',
-           'cost_table']
+__all__ = ['METAPHOR_PROMPTS', 'METRICS', 'METHODS', 'GRID_HEADER', 'UNIT_KEY', 'PROMPTINGS', 'SAE_FREE', 'SELECTION_SETTINGS',
+           'GRID_SAMPLING', 'evaluation_prompts', 'evaluation_topics', 'perplexity', 'alignment_distances', 'words',
+           'ranked_topic_words', 'topic_words', 'instruction_prefix', 'topic_word_rate', 'fine_tune',
+           'default_grid_path', 'read_rows', 'grid_units', 'unit_key', 'relevance', 'measure', 'torch_threads',
+           'run_grid', 'contamination_under', 'clamp_sweep', 'config_label', 'summary_table', 'compare',
+           'verdict_table', 'overview_table', 'seed_noise', 'metric_chart', 'topic_chart', 'cost_table']
 
 # %% ../nbs/04_evaluation.ipynb #3223b367
 METAPHOR_PROMPTS = [
@@ -119,17 +119,37 @@ def words(text: str) -> list[str]:
     return _WORD.findall(text.lower())
 
 
-def topic_words(align_texts: list[str], background_texts: list[str], *, min_ratio: float = 5.0,
-                common: int = 300, max_words: int = 300) -> set[str]:
+def ranked_topic_words(align_texts: list[str], background_texts: list[str], *, min_ratio: float = 5.0,
+                       common: int = 300, max_words: int = 300) -> list[str]:
     """Words at least `min_ratio` times more frequent in `align_texts` than in `background_texts` (add-one
-    smoothed), leaving out the background's `common` most frequent words (function words, whatever the topic)."""
+    smoothed), leaving out the background's `common` most frequent words (function words, whatever the topic),
+    the most distinctive first."""
     topic = Counter(w for t in align_texts for w in words(t))
     background = Counter(w for t in background_texts for w in words(t))
     n_topic, n_background = sum(topic.values()) or 1, sum(background.values()) or 1
     frequent = {w for w, _ in background.most_common(common)}
     ratio = {w: (c / n_topic) / ((background[w] + 1) / n_background) for w, c in topic.items() if w not in frequent}
     ranked = sorted((w for w, r in ratio.items() if r >= min_ratio), key=lambda w: (-ratio[w], w))
-    return set(ranked[:max_words])
+    return ranked[:max_words]
+
+
+def topic_words(align_texts: list[str], background_texts: list[str], **options) -> set[str]:
+    "`ranked_topic_words` as a set."
+    return set(ranked_topic_words(align_texts, background_texts, **options))
+
+
+def instruction_prefix(align_texts: list[str], background_texts: list[str], *, n_words: int = 6) -> str:
+    """An instruction-style prompt built from the texts alone: 'This text is about w1, w2, ... and wn.' with the
+    texts' `n_words` most frequent distinctive words (`ranked_topic_words`), then a blank line."""
+    check_positive_int("n_words", n_words)
+    found = ranked_topic_words(align_texts, background_texts)
+    counts = Counter(w for t in align_texts for w in words(t))
+    chosen = sorted(found, key=lambda w: (-counts[w], found.index(w)))[:n_words]
+    if not chosen:
+        raise ValueError("the alignment texts share no distinctive words with which to write an instruction: "
+                         "give a topic sentence instead (prompt_prefix(topic=...)).")
+    listed = chosen[0] if len(chosen) == 1 else ", ".join(chosen[:-1]) + " and " + chosen[-1]
+    return f"This text is about {listed}.\n\n"
 
 
 def topic_word_rate(texts: list[str], vocabulary: set[str]) -> np.ndarray:
@@ -243,7 +263,10 @@ def _complete_units(path: Path, rows: list[dict]) -> set[str]:
     return {r["unit"] for r in kept}
 
 # %% ../nbs/04_evaluation.ipynb #74a38be9
-SAE_FREE = (ORIGINAL, "FT", "Prompting")  # run without an SAE: once per topic, not per SAE and output mode
+PROMPTINGS = {  # the prompting baselines: name -> (alignment texts, background texts) -> the prefix
+    "Prompting": lambda texts, background: prompt_prefix(texts),
+    "PromptingWords": instruction_prefix}
+SAE_FREE = (ORIGINAL, "FT", *PROMPTINGS)  # run without an SAE: once per topic, not per SAE and output mode
 
 
 def grid_units(topics, methods=METHODS, sae_ids=("",), outputs=(DEFAULT_OUTPUT,)) -> list[tuple]:
@@ -407,7 +430,8 @@ def run_grid(path, *, model=None, embedder=None, saes: dict | None = None, refer
     keys = {}
     for unit in grid_units(topics, methods, tuple(saes), outputs):
         topic, method, sae_id, _ = unit
-        options = {"Clamp": clamp_options, "FT": fine_tune_options}.get(method) or SELECTION_SETTINGS.get(method, {})
+        options = ({"Clamp": clamp_options, "FT": fine_tune_options}.get(method) or SELECTION_SETTINGS.get(method)
+                   or method_settings(method))
         settings = {**common, "texts": _digest(topics[topic]), "options": options}
         if sae_id:
             settings |= {"sae_weights": sae_weights[sae_id], "reference": references[sae_id].fingerprint}
@@ -457,14 +481,14 @@ def _run_unit(path, unit, key, model, embedder, saes, state, prompts, seeds, max
                          for g in generate(tuned, None, prompt_list, max_new_tokens=max_new_tokens, seed=s, pad_batch=True)]
     elif method == "Original":
         run = lambda s: generate(model, None, prompt_list, max_new_tokens=max_new_tokens, seed=s, pad_batch=True)
-    elif method == "Prompting":
-        prefix = prompt_prefix(state.texts)
+    elif method in PROMPTINGS:
+        prefix = PROMPTINGS[method](state.texts, state.background)
         run = lambda s: generate_prompted(model, prompt_list, prefix, max_new_tokens=max_new_tokens, seed=s, pad_batch=True)
     else:
         steering = make_method(method, state.inputs(sae_id, saes[sae_id]),
                                **((clamp_options or {}) if method == "Clamp" else {}))
-        run = lambda s: generate(model, saes[sae_id], prompt_list, steering, output=output,
-                                 max_new_tokens=max_new_tokens, seed=s, pad_batch=True)
+        run = lambda s: generate(model, saes[sae_id], prompt_list, steering, output=output, max_new_tokens=max_new_tokens,
+                                 seed=s, pad_batch=True, prefix=getattr(steering, "prefix", ""))
     gens, speed = [], {}
     for s in seeds:
         memo = (method, sae_id, output, s, max_new_tokens)

@@ -499,9 +499,8 @@ def generate_prompted(model, prompts, prefix: str, **generate_kwargs) -> list:
         raise ValueError("prefix must be a non-empty string (see prompt_prefix).")
     if {"sae", "method"} & set(generate_kwargs):
         raise ValueError("prompting runs the unmodified model: do not pass sae or method.")
-    prompts = _checked_prompts(model, prompts)
-    made = generate(model, None, [prefix + p for p in prompts], **generate_kwargs)
-    return [dataclasses.replace(g, prompt=p, method="Prompting") for g, p in zip(made, prompts)]
+    made = generate(model, None, _checked_prompts(model, prompts), prefix=prefix, **generate_kwargs)
+    return [dataclasses.replace(g, method="Prompting") for g in made]
 
 # %% ../nbs/03a_selection.ipynb #2e903eac
 from .steering import MethodInputs, make_method, register_method

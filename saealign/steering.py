@@ -20,9 +20,9 @@ from .saes import check_sae_fits
 # %% auto #0
 __all__ = ['OUTPUT_MODES', 'DEFAULT_OUTPUT', 'SUPPORTED_ARCHITECTURES', 'CLAMP_VALUE', 'ORIGINAL', 'PAPER_CLAMP',
            'check_architecture', 'activation_input', 'apply_activation', 'encode_with_inputs', 'as_scores', 'Method',
-           'Swap', 'Weight', 'Clamp', 'Unchanged', 'MethodInputs', 'register_method', 'method_names', 'make_method',
-           'SteeringRecord', 'steer', 'check_sampling', 'encode_prompts', 'Generation', 'generate', 'side_by_side',
-           'format_side_by_side', 'layer_metrics', 'layer_charts']
+           'Swap', 'Weight', 'Clamp', 'Unchanged', 'MethodInputs', 'register_method', 'method_names', 'method_settings',
+           'make_method', 'SteeringRecord', 'steer', 'check_sampling', 'encode_prompts', 'Generation', 'generate',
+           'side_by_side', 'format_side_by_side', 'layer_metrics', 'layer_charts']
 
 # %% ../nbs/03_steering.ipynb #7cb6fc4b
 OUTPUT_MODES = ("reconstruction", "error")
@@ -101,6 +101,12 @@ class Method:
 
     def residual_delta(self, sae) -> torch.Tensor | None:
         "A vector [d_in] that `steer` adds to the SAE's output wherever the SAE is spliced in; None adds nothing."
+        return None
+
+    def residual_at(self, x: torch.Tensor, step: int) -> torch.Tensor | None:
+        """What to add to the SAE's output in one forward pass, when that depends on the pass: `x` the SAE's input
+        `[batch, pos, d_in]`, `step` the pass (0 the prompt, k the k-th single-token pass of cached decoding).
+        None (every method here): `steer` adds the fixed `residual_delta` instead."""
         return None
 
     def contamination(self, acts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -190,12 +196,14 @@ class MethodInputs:
 
 
 _FACTORIES: dict[str, tuple[Callable[..., Method], type | None]] = {}
+_SETTINGS: dict[str, dict] = {}
 
 
-def register_method(name: str, factory: Callable[..., Method], *, inputs: type | None = None) -> None:
+def register_method(name: str, factory: Callable[..., Method], *, inputs: type | None = None,
+                    settings: dict | None = None) -> None:
     """Let `make_method(name, given, **options)` return `factory(scores, **options)`, or with `inputs` (a
-    `MethodInputs` subclass) `factory(given, **options)` on a `given` of that class. A name registered again is
-    replaced."""
+    `MethodInputs` subclass) `factory(given, **options)` on a `given` of that class. `settings`: the fixed rules
+    the method is built by (JSON-able), which a grid keys its results on. A name registered again is replaced."""
     if not isinstance(name, str) or not name.strip() or name == ORIGINAL:
         raise ValueError(f"a method's name is a non-empty string other than {ORIGINAL!r} (no SAE), not {name!r}.")
     if not callable(factory):
@@ -203,11 +211,17 @@ def register_method(name: str, factory: Callable[..., Method], *, inputs: type |
     if inputs is not None and not (isinstance(inputs, type) and issubclass(inputs, MethodInputs)):
         raise TypeError(f"inputs of {name!r} must be a subclass of MethodInputs, not {inputs!r}.")
     _FACTORIES[name] = (factory, inputs)
+    _SETTINGS[name] = dict(settings or {})
 
 
 def method_names() -> tuple[str, ...]:
     "The registered methods' names, in the order they were registered."
     return tuple(_FACTORIES)
+
+
+def method_settings(name: str) -> dict:
+    "The settings `name` was registered with (empty for a name that has none or is not registered)."
+    return dict(_SETTINGS.get(name, {}))
 
 
 def make_method(name: str, given, **options) -> Method:
@@ -255,11 +269,13 @@ def _check_output(output: str) -> None:
         raise ValueError(f"output must be one of {OUTPUT_MODES}, not {output!r}.")
 
 
-def _checked_delta(sae, delta) -> torch.Tensor | None:
+def _checked_delta(sae, delta, *, per_position: bool = False) -> torch.Tensor | None:
+    "`delta` as a finite tensor ending in the SAE's d_in (`[d_in]`; with `per_position`, anything that broadcasts)."
     if delta is None:
         return None
     delta = torch.as_tensor(delta).detach()
-    if tuple(delta.shape) != (sae.cfg.d_in,) or not torch.isfinite(delta).all():
+    fits = delta.shape[-1:] == (sae.cfg.d_in,) if per_position else tuple(delta.shape) == (sae.cfg.d_in,)
+    if not fits or not torch.isfinite(delta).all():
         raise ValueError(f"a residual vector must be finite with shape ({sae.cfg.d_in},) (the SAE's d_in), "
                          f"got shape {tuple(delta.shape)}.")
     if sae.cfg.normalize_activations not in (None, "none"):
@@ -291,6 +307,18 @@ def steer(model, sae, method: Method | None = None, *, output: str = DEFAULT_OUT
         return edited
 
     hooks = [(f"{hook}.hook_sae_acts_pre", read_pre), (f"{hook}.hook_sae_acts_post", edit)]
+    if method is not None and type(method).residual_at is not Method.residual_at:
+        passes = iter(range(1 << 62))
+
+        def read_input(x, hook):
+            stash["x"] = x
+
+        def add_at(recons, hook):
+            step = next(passes)
+            added = method.residual_at(stash.pop("x"), step)
+            return recons if added is None else recons + _checked_delta(sae, added, per_position=True).to(recons)
+
+        hooks += [(f"{hook}.hook_sae_input", read_input), (f"{hook}.hook_sae_recons", add_at)]
     if delta is not None:
         # hook_sae_recons holds D(z') before sae_lens adds the error term (computed with hooks off) and before it
         # restores the original activation at excluded special tokens: the vector reaches exactly the positions
@@ -379,14 +407,18 @@ def _left_padding(tokenizer):
 
 def generate(model, sae=None, prompts: str | list[str] = "", method: Method | None = None, *,
              output: str = DEFAULT_OUTPUT, max_new_tokens: int = 64, top_k: int | None = 5,
-             temperature: float = 1.0, seed: int = 0, do_sample: bool = True, pad_batch: bool = False) -> list[Generation]:
+             temperature: float = 1.0, seed: int = 0, do_sample: bool = True, pad_batch: bool = False,
+             prefix: str = "") -> list[Generation]:
     """Continue each prompt, steered by `method` through `sae` (or unmodified); one `Generation` per prompt.
     `pad_batch=True` runs all prompts as one left-padded batch: several times faster for prompts of many lengths,
-    but each prompt's random draws then depend on the batch it is in."""
+    but each prompt's random draws then depend on the batch it is in. `prefix` goes before every prompt (prompting);
+    each Generation's `prompt` is still the user's prompt."""
     _check_output(output)
     check_sampling(max_new_tokens, top_k, temperature)
+    if not isinstance(prefix, str):
+        raise ValueError(f"prefix must be a string, got {type(prefix).__name__}.")
     prompts = [prompts] if isinstance(prompts, str) else prompts
-    encoded = encode_prompts(model, prompts, max_new_tokens)
+    encoded = encode_prompts(model, [prefix + p for p in prompts] if prefix else prompts, max_new_tokens)
     stops, results = _stop_ids(model), [None] * len(prompts)
     label = ORIGINAL if sae is None else (method.name if method is not None else "SAE")
     for rows, batch in _batches(model, encoded, pad_batch):
