@@ -39,7 +39,7 @@ from .steering import (DEFAULT_OUTPUT, ORIGINAL, OUTPUT_MODES, PAPER_CLAMP, Clam
 # %% auto #0
 __all__ = ['METAPHOR_PROMPTS', 'METRICS', 'METHODS', 'GRID_HEADER', 'UNIT_KEY', 'PROMPTINGS', 'SAE_FREE', 'SELECTION_SETTINGS',
            'GRID_SAMPLING', 'evaluation_prompts', 'evaluation_topics', 'perplexity', 'alignment_distances', 'words',
-           'ranked_topic_words', 'topic_words', 'instruction_prefix', 'topic_word_rate', 'fine_tune',
+           'ranked_topic_words', 'topic_words', 'instruction_prefix', 'repetition', 'topic_word_rate', 'fine_tune',
            'default_grid_path', 'read_rows', 'grid_units', 'unit_key', 'relevance', 'measure', 'torch_threads',
            'run_grid', 'contamination_under', 'clamp_sweep', 'config_label', 'summary_table', 'compare',
            'verdict_table', 'overview_table', 'seed_noise', 'metric_chart', 'topic_chart', 'cost_table']
@@ -150,6 +150,13 @@ def instruction_prefix(align_texts: list[str], background_texts: list[str], *, n
                          "give a topic sentence instead (prompt_prefix(topic=...)).")
     listed = chosen[0] if len(chosen) == 1 else ", ".join(chosen[:-1]) + " and " + chosen[-1]
     return f"This text is about {listed}.\n\n"
+
+
+def repetition(text: str, n: int = 3) -> float:
+    "Share of a text's word n-grams that repeat an earlier one: 0 for no loop (CoLA does not see loops); NaN if too short."
+    ws = text.lower().split()
+    grams = [tuple(ws[i:i + n]) for i in range(len(ws) - n + 1)]
+    return 1 - len(set(grams)) / len(grams) if grams else math.nan
 
 
 def topic_word_rate(texts: list[str], vocabulary: set[str]) -> np.ndarray:
@@ -375,7 +382,8 @@ def measure(model, embedder, generations: list[Generation], align_texts, *, alig
     ppl, related = perplexity(model, generations), relevance(embedder, generations)
     return [dict(n_tokens=len(g.tokens), perplexity=ppl[i], acceptability=float(accept[i]),
                  distance=float(dist["distance"][i]), centroid_cosine=float(dist["centroid_cosine"][i]),
-                 topic_word_rate=float(rate[i]), relevance=float(related[i]), contamination=g.mean_contamination)
+                 topic_word_rate=float(rate[i]), relevance=float(related[i]), contamination=g.mean_contamination,
+                 repetition=repetition(g.continuation))
             for i, g in enumerate(generations)]
 
 
