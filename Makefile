@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 TORCH := torch==2.13.0
 
-.PHONY: demo test install install-dev export-check clean-check nbtest pytest bench saes browser-deps grid
+.PHONY: demo test install install-dev export-check clean-check classifier nbtest pytest bench saes browser-deps grid
 
 $(BIN)/python:
 	python3 -m venv $(VENV)
@@ -48,10 +48,15 @@ clean-check: install-dev
 	after=$$(find nbs -name '*.ipynb' | sort | xargs md5sum); \
 	if [ "$$before" != "$$after" ]; then echo "nbdev_clean changed nbs/: run nbdev_clean and commit"; diff <(echo "$$before") <(echo "$$after"); exit 1; fi
 
-nbtest: install-dev
+# The default steer calibrates its strength with the CoLA classifier: train it once (about 6 minutes on two idle
+# cores; cached) before the notebooks and tests, which run in parallel, would each start training it.
+classifier: install-dev
+	$(BIN)/python -c "from saealign.acceptability import load_acceptability; load_acceptability()"
+
+nbtest: install-dev classifier
 	$(BIN)/nbdev_test --n_workers 2
 
-pytest: install-dev browser-deps
+pytest: install-dev classifier browser-deps
 	$(BIN)/python -m pytest -q tests
 
 # The real-browser tests need Debian's chromium and playwright-core (pinned in tests/browser); they skip,
@@ -71,7 +76,7 @@ tests/browser/node_modules/.installed: tests/browser/package.json tests/browser/
 		|| echo "browser-deps: npm ci failed; the browser tests will skip"; \
 	else echo "browser-deps: no npm; the browser tests will skip"; fi
 
-test: export-check clean-check nbtest pytest
+test: export-check clean-check classifier nbtest pytest
 
 # The evaluation chapter's full grid (about half an hour on 2 cores); run it again to resume after an interruption.
 grid: install
