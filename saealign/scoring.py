@@ -20,10 +20,10 @@ from .reference import (ReferenceSet, embed_texts, embedder_description, embeddi
                                 load_saved_pair, sae_digest, save_pair, tensor_digest, tokenize)
 
 # %% auto #0
-__all__ = ['STORY_TOPICS', 'TOPICS_DIR', 'TOPIC_NAMES', 'LatentScores', 'check_texts', 'check_reference', 'summaries_by_latent',
-           'topic_distances', 'score_latents', 'strawman_latents', 'topk_token_share', 'validation_curve',
-           'validation_chart', 'top_latent_tokens', 'kendall_tau', 'score_violin', 'topic_distance_table', 'topic_file',
-           'topic_texts', 'model_topics']
+__all__ = ['STORY_TOPICS', 'TOPICS_DIR', 'TOPIC_NAMES', 'LatentScores', 'check_texts', 'check_reference', 'sae_identity',
+           'summaries_by_latent', 'topic_distances', 'score_latents', 'strawman_latents', 'topk_token_share',
+           'validation_curve', 'validation_chart', 'top_latent_tokens', 'kendall_tau', 'score_violin',
+           'topic_distance_table', 'topic_file', 'topic_texts', 'model_topics']
 
 # %% ../nbs/02_scoring.ipynb #d1bc882f
 @dataclass(eq=False)
@@ -104,6 +104,11 @@ def check_reference(ref: ReferenceSet, embedder, model, sae) -> None:
         raise ValueError(f"the SAE has {sae.cfg.d_sae} latents but the ReferenceSet {ref.d_sae}.")
 
 
+def sae_identity(ref: ReferenceSet) -> dict:
+    "The SAE a reference was computed with (hook and weights' digest), for scores to carry: a method checks it."
+    return {k: ref.meta[k] for k in ("hook", "sae_weights") if k in ref.meta}
+
+
 def summaries_by_latent(ref: ReferenceSet) -> torch.Tensor:
     """S^T as CSR float64 [d_sae, n_prompts], built once per ReferenceSet: CSR @ dense is torch's fast sparse
     product, and float64 keeps g exact enough for the min-max normalisation, which magnifies small errors."""
@@ -177,7 +182,7 @@ def score_latents(ref: ReferenceSet, align_texts, embedder, *, min_prompts: int 
         settings = {"min_prompts": min_prompts, "distance_power": distance_power, "n_eligible": int(eligible.sum()),
                     "reference_fingerprint": ref.fingerprint, "n_reference_prompts": ref.n_prompts,
                     "normalisation": "min-max over eligible latents; ineligible score 0",
-                    "embeddings": "L2-normalised, Euclidean distance"}
+                    "embeddings": "L2-normalised, Euclidean distance", **sae_identity(ref)}
         out[name] = LatentScores(scores.float(), g[:, j].float(), eligible.clone(), name, list(texts), settings)
     return out["topic"] if single else out
 
