@@ -8,7 +8,9 @@ from __future__ import annotations
 import functools
 import importlib.resources
 import json
+import re
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,16 +68,27 @@ class LatentScores:
         return cls(t["scores"], t["g"], t["eligible"], info["topic"], info["align_texts"], info["settings"])
 
 # %% ../nbs/02_scoring.ipynb #91f6ea14
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")  # control characters but tab, newline, carriage return
+
+
 def check_texts(texts, what: str) -> list[str]:
-    "`texts` as a list of non-blank strings; else a ValueError that names `what` and says what to change."
+    """`texts` as a list of strings that each hold something to read; else a ValueError that names `what` and says what
+    to change. NUL and other control characters (all but tab, newline and carriage return) are refused: a file of them
+    read as text would otherwise be scored as a topic."""
     if isinstance(texts, str):
         raise ValueError(f"{what} is a single string: pass a list of texts, e.g. [{texts[:30]!r}]")
+    if isinstance(texts, (bytes, bytearray)) or not isinstance(texts, Iterable):
+        raise ValueError(f"{what} must be a list of strings (decoded text), not {type(texts).__name__}.")
     texts = list(texts)
     if not texts:
         raise ValueError(f"{what} is empty: give at least one alignment text (the paper uses 6 or 20).")
     bad = [i for i, t in enumerate(texts) if not isinstance(t, str) or not t.strip()]
     if bad:
         raise ValueError(f"{what} has empty, whitespace-only or non-string texts at positions {bad[:10]}: remove them.")
+    control = [i for i, t in enumerate(texts) if _CONTROL.search(t)]
+    if control:
+        raise ValueError(f"{what} has texts with NUL or other control characters at positions {control[:10]} (is it "
+                         "a binary file?): give plain text.")
     return texts
 
 
