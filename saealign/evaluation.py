@@ -283,9 +283,16 @@ def _complete_units(path: Path) -> set[str]:
     if damaged:
         log.warning("%s: lines %s do not match the sha256 stored with them (edited or damaged): running their units "
                     "again", path, damaged[:10])
+    if len(by_unit) > len(complete):
+        log.warning("%s: %d units lack rows or repeat one (a run cut short, or lines deleted or copied): running them "
+                    "again", path, len(by_unit) - len(complete))
     if len(kept) < len(rows) or damaged or header == LEGACY_HEADER:
-        if header == LEGACY_HEADER:
-            kept = [_sealed(r, i) for u in complete for i, r in enumerate(by_unit[u])]
+        if header == LEGACY_HEADER:  # its rows, in file order, get their index in their unit and their digest
+            index, sealed = Counter(), []
+            for r in kept:
+                sealed.append(_sealed(r, index[r["unit"]]))
+                index[r["unit"]] += 1
+            kept = sealed
         atomic_write(path, "".join(json.dumps(r) + "\n" for r in [GRID_HEADER, *kept]))
     return complete
 

@@ -300,8 +300,10 @@ def conversion_problem(folder: Path, gguf_sha256: str) -> str | None:
     if record.get("gguf_sha256") != gguf_sha256:
         return "it comes from another GGUF"
     present = {p.name for p in folder.iterdir()} - {"conversion.json"}
-    if present != set(files):
-        return f"its files differ from those written (missing {sorted(set(files) - present)}, extra {sorted(present - set(files))})"
+    if missing := sorted(set(files) - present):
+        return f"{', '.join(missing)} is missing"
+    if extra := sorted(present - set(files)):
+        return f"it holds {', '.join(extra)}, which the conversion did not write"
     changed = [name for name, digest in files.items() if sha256_of(folder / name) != digest]
     return f"{', '.join(changed)} changed since it was written" if changed else None
 

@@ -583,20 +583,25 @@ class TopicInputs(MethodInputs):
         return activation_means(self.model, self.sae, self.align_texts), ref
 
 
+def _strength(inputs: TopicInputs, multiplier) -> float:
+    "A `multiplier` option overrides the inputs' one; checked before anything is measured."
+    return inputs.multiplier if multiplier is None else _multiplier(multiplier)
+
+
 def _add_steer(inputs: TopicInputs, multiplier=None, **kw) -> AddSteer:
+    m = _strength(inputs, multiplier)
     latents = _output_set(inputs.output, inputs.scores.scores)
-    strengths = mean_difference_strengths(*inputs.means, latents, inputs.multiplier if multiplier is None else multiplier)
-    return AddSteer(inputs.scores, latents, strengths, **kw)
+    return AddSteer(inputs.scores, latents, mean_difference_strengths(*inputs.means, latents, m), **kw)
 
 
 def _matched_steer(inputs: TopicInputs, multiplier=None, **kw) -> MatchedSteer:
+    m = _strength(inputs, multiplier)
     latents = _output_set(inputs.output, inputs.scores.scores)
-    strengths = matched_strengths(inputs.sae, *inputs.means, latents, inputs.multiplier if multiplier is None else multiplier)
-    return MatchedSteer(inputs.scores, latents, strengths, **kw)
+    return MatchedSteer(inputs.scores, latents, matched_strengths(inputs.sae, *inputs.means, latents, m), **kw)
 
 
 def _diff_means(inputs: TopicInputs, multiplier=None, **kw) -> DiffMeans:
-    return DiffMeans.from_means(inputs.scores, *inputs.means, inputs.multiplier if multiplier is None else multiplier, **kw)
+    return DiffMeans.from_means(inputs.scores, *inputs.means, _strength(inputs, multiplier), **kw)
 
 
 # the comparison chapter (04h) checks that this is still the best steering method of its table
