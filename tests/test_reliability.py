@@ -635,6 +635,16 @@ def test_output_scores_under_another_key_are_measured_again(model, sae, ref, emb
     assert run("sea").cached  # rewritten whole
 
 
+def test_sampled_tokens_under_another_key_are_sampled_again(model, caplog):
+    first = R.model_stories(model, 4, length=8, seed=5)
+    R.model_stories(model, 4, length=8, seed=6)
+    mine, other = (next((cache_root() / "reference" / "stories").glob(f"*seed{s}.safetensors")) for s in (5, 6))
+    mine.write_bytes(other.read_bytes())  # seed 6's stories under seed 5's name
+    with caplog.at_level(logging.WARNING, logger="saealign.embedded"):
+        assert R.model_stories(model, 4, length=8, seed=5) == first
+    assert "not for this key" in caplog.text and "sampling again" in caplog.text
+
+
 # --- scores know their SAE ------------------------------------------------------------------------------
 
 def test_scores_of_another_sae_are_refused(model, sae, ref, embedder, tmp_path):
