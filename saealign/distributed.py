@@ -141,7 +141,9 @@ def compute_reference_ray(recipe: Recipe, prompts, *, workers: int = 2, num_gpus
     `cache_dir` as `compute_reference` does (same files, same fingerprint), so a rerun after the driver dies reuses
     them and either engine reuses the other's cache. An actor that dies is restarted and its chunk retried (Ray
     Data's policy). `embedding_cache` as in `compute_reference`; the workers read and write it, so on a cluster
-    give a folder every node sees, or False. Ray runs where `ray.init` pointed it (a local instance by default)."""
+    give a folder every node sees, or False. Ray runs where `ray.init` pointed it (a local instance by default).
+    Asking for more GPUs per worker than the cluster has fails at once (Ray would queue the work for ever), and an
+    error raised in a worker is raised here as itself, not inside Ray's wrapper."""
     ray = _ray()
     prompts = check_prompts(prompts)
     for name, value in (("batch_size", batch_size), ("workers", workers), ("num_cpus", num_cpus),
