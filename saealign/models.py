@@ -256,7 +256,7 @@ def _dequantize(gguf: Path, out: Path) -> None:
 
 
 def _umask() -> int:
-    mask = os.umask(0o022)
+    mask = os.umask(0o022)  # Python reads the umask only by setting it
     os.umask(mask)
     return mask
 
@@ -293,7 +293,7 @@ def conversion_problem(folder: Path, gguf_sha256: str) -> str | None:
         files = record["files"] if record.get("format") == CONVERSION_FORMAT else None
     except FileNotFoundError:
         return "it has no conversion.json" if folder.exists() else "it does not exist"
-    except (OSError, ValueError, TypeError, KeyError) as e:
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
         return f"its conversion.json is unreadable ({type(e).__name__})"
     if files is None or not isinstance(files, dict):
         return "it was written by an older saealign"
