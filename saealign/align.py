@@ -16,7 +16,7 @@ from .selection import DEFAULT_METHOD, OutputScores, TopicInputs
 from .steering import DEFAULT_OUTPUT, Generation, Method, generate, make_method
 
 # %% auto #0
-__all__ = ['SteeredText', 'steer_by_text']
+__all__ = ['TOPIC_OPTIONS', 'SteeredText', 'steer_by_text']
 
 # %% ../nbs/03b_align.ipynb #6b353853
 @dataclasses.dataclass
@@ -28,6 +28,9 @@ class SteeredText:
     plain: Generation
     steered: Generation
     output: OutputScores | None = None
+
+
+TOPIC_OPTIONS = ("n_latents", "neutral_prompts", "cache_dir")  # `steer_by_text` options that go to TopicInputs
 
 
 def steer_by_text(align_texts: list[str], prompt: str, *, model=None, sae=None, embedder=None,
@@ -43,8 +46,16 @@ def steer_by_text(align_texts: list[str], prompt: str, *, model=None, sae=None, 
     embedder = load_embedder() if embedder is None else embedder
     reference = reference or default_reference(model, sae, embedder, progress=progress)
     scores = score_latents(reference, align_texts, embedder, model=model, sae=sae)
-    inputs = TopicInputs(model, sae, reference, align_texts, embedder, given_scores=scores)
-    steering = make_method(method, inputs, **method_options)
+    # what the topic's pieces are measured with goes to TopicInputs; the rest (a multiplier, Clamp's value) to the method
+    topic = {k: method_options.pop(k) for k in TOPIC_OPTIONS if k in method_options}
+    inputs = TopicInputs(model, sae, reference, align_texts, embedder, given_scores=scores, **topic)
+    try:
+        steering = make_method(method, inputs, **method_options)
+    except TypeError as e:
+        if not method_options:
+            raise
+        raise ValueError(f"{method} does not take {', '.join(sorted(method_options))} ({e}): the options are its own "
+                         f"(multiplier: AddSteer, MatchedSteer, DiffMeans) or TopicInputs' {', '.join(TOPIC_OPTIONS)}.") from e
     plain = generate(model, None, prompt, max_new_tokens=max_new_tokens, seed=seed)[0]
     steered = generate(model, sae, prompt, steering, output=output, max_new_tokens=max_new_tokens, seed=seed)[0]
     return SteeredText(scores, steering, plain, steered, inputs.measured("output"))

@@ -11,6 +11,7 @@ import html
 import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from .align import SteeredText, steer_by_text
 from .selection import DEFAULT_METHOD
 from .evaluation import default_grid_path, read_rows, run_grid, summary_table, torch_threads
 from .reference import default_reference
-from .scoring import TOPIC_NAMES, topic_texts
+from .scoring import _CONTROL, TOPIC_NAMES, topic_texts
 from .steering import (DEFAULT_OUTPUT, OUTPUT_MODES, check_sampling, encode_prompts, format_side_by_side,
                                method_names)
 from .render import chart_svg, columns_html, comparison_columns, contamination_chart, inspector_html
@@ -34,9 +35,13 @@ def read_topic_file(path) -> list[str]:
     "Alignment texts from `path`: a JSON list of strings (`.json`), else one text per non-blank line."
     path = Path(path)
     try:
-        raw = path.read_text(encoding="utf-8")
+        raw = path.read_text(encoding="utf-8-sig")  # a byte-order mark (Windows editors) is not part of the text
     except (OSError, UnicodeDecodeError) as e:
         raise ValueError(f"cannot read topic file {path}: {e.strerror if isinstance(e, OSError) else e}") from e
+    if (bad := _CONTROL.search(raw)) is not None:
+        line = raw.count("\n", 0, bad.start()) + 1
+        raise ValueError(f"topic file {path} holds a control character ({bad.group()!r}, line {line}): is it a binary "
+                         "file? Give plain text, one alignment text per line.")
     if path.suffix == ".json":
         try:
             texts = json.loads(raw)
@@ -109,15 +114,20 @@ def check_report_path(report) -> Path | None:
     if not path.parent.is_dir():
         raise ValueError(f"the report path {report} is in {path.parent}, which is not an existing folder: create it "
                          "or give another path.")
-    if not os.access(path.parent, os.W_OK | os.X_OK):  # the report replaces the file by a rename in that folder
-        raise ValueError(f"the report path {report} cannot be written: {path.parent} is not writable.")
+    if path.exists() and not path.is_file():
+        raise ValueError(f"the report path {report} exists and is not a regular file: give another path.")
+    try:  # the report replaces the file by a rename in that folder: a probe file there, as root too (os.access says yes)
+        tempfile.TemporaryFile(dir=path.parent).close()
+    except OSError as e:
+        raise ValueError(f"the report path {report} cannot be written: {path.parent} takes no new files "
+                         f"({e.strerror}).") from None
     return path
 
 # %% ../nbs/06_cli.ipynb #34ab0874
 def align(align_texts: list[str], prompt: str, *, model_name: str = DEFAULT_MODEL, sae_name: str | None = None,
           topic: str = "topic", method: str = DEFAULT_METHOD, output: str = DEFAULT_OUTPUT, max_new_tokens: int = 64,
           seed: int = 0, report: str | None = "saealign-report.html", top: int = 5,
-          allow_pickle: bool = False) -> SteeredText:
+          allow_pickle: bool = False, trust_remote_code: bool = False) -> SteeredText:
     """Score the latents for `align_texts`, print the unsteered and steered continuations of `prompt` side by side
     with per-token contamination, and write the HTML report to `report` (None: no report). Settings and the
     report's path are checked before anything is loaded."""
@@ -127,7 +137,7 @@ def align(align_texts: list[str], prompt: str, *, model_name: str = DEFAULT_MODE
         raise ValueError(f"method must be one of {', '.join(method_names())} and output one of {', '.join(OUTPUT_MODES)}"
                          f" (got {method!r}, {output!r}).")
     report = check_report_path(report)
-    model = load_model(model_name, allow_pickle=allow_pickle)
+    model = load_model(model_name, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     encode_prompts(model, [prompt], max_new_tokens)  # a prompt too long for the context, before the reference pass
     if sae_name is None or "/" not in sae_name:
         spec = model_spec(model)
@@ -216,6 +226,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default=DEFAULT_OUTPUT, choices=OUTPUT_MODES)
     p.add_argument("--allow-pickle", action="store_true",
                    help="load a transformer_lens model whose weights are a pickle (runs code from the file: trust it)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="load a model whose hub repository's own Python code transformer_lens runs (trust it)")
     generation_options(p)
     p = sub.add_parser("grid", help="run or resume the full evaluation grid")
     p.add_argument("--out", default=None, help="JSON-lines file (default: the cache's evaluation/grid.jsonl)")
@@ -238,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
             align(read_topic_file(args.topic_file), args.prompt, model_name=args.model, sae_name=args.sae,
                   topic=Path(args.topic_file).stem, method=args.method, output=args.output,
                   max_new_tokens=args.max_new_tokens, seed=args.seed, report=args.report or None,
-                  allow_pickle=args.allow_pickle)
+                  allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
         elif args.command == "grid":
             grid(args.out, seeds=args.seeds, max_new_tokens=args.max_new_tokens, classifier=args.classifier)
         elif args.command == "train-saes":

@@ -403,6 +403,10 @@ def cache_folder(path, kind: str) -> Path:
     marker = path / CACHE_MARKER
     if path.exists() and not path.is_dir():
         raise ValueError(f"{path} is a file; the {kind} cache must be a folder: give a folder path.")
+    # another process may be making this folder right now: its marker's temporary file is no content, and a marker
+    # that appears between the two looks is read like one found at the first
+    entries = [] if not path.is_dir() else [p.name for p in path.iterdir()
+                                            if not (p.name.startswith(f".{CACHE_MARKER}.") and p.name.endswith(".tmp"))]
     if marker.is_file() and not marker.is_symlink():
         try:
             found = json.loads(marker.read_text()).get("kind")
@@ -411,7 +415,7 @@ def cache_folder(path, kind: str) -> Path:
         if found != kind:
             raise ValueError(f"{path} is saealign's {found} cache, not a {kind} cache: give another folder.")
         return path
-    if path.is_dir() and any(path.iterdir()):
+    if entries:
         raise ValueError(f"{path} is not empty and is not a saealign cache (it has no {CACHE_MARKER} marker): "
                          f"give a new or empty folder for the {kind} cache; saealign writes only in folders it made.")
     path.mkdir(parents=True, exist_ok=True)

@@ -5,8 +5,10 @@
 # %% ../nbs/01b_distributed.ipynb #af064e59
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Callable
 
@@ -42,12 +44,13 @@ class Recipe:
     embedder: str | bool = True
     allow_pickle: bool = False
     loader: Callable | None = None
+    trust_remote_code: bool = False
 
     def load(self, device: str = "cpu") -> tuple:
         "(model, sae, embedder) on `device`; embedder None when the recipe has none."
         if self.loader is not None:
             return self.loader(device)
-        model = load_model(self.model, device, allow_pickle=self.allow_pickle)
+        model = load_model(self.model, device, allow_pickle=self.allow_pickle, trust_remote_code=self.trust_remote_code)
         sae = load_sae(self.sae_release, self.sae_id, model=model, device=device)
         if self.embedder is False:
             return model, sae, None
@@ -61,6 +64,41 @@ def _ray():
     except ImportError as e:
         raise ImportError(f"the Ray engine needs Ray, an optional extra of saealign: {RAY_INSTALL}") from e
     return ray
+
+
+def _remote_cause(e: BaseException) -> BaseException:
+    "The user's own exception inside Ray's wrappers (a task's or a Ray Data UDF's), whose first line is a traceback header."
+    from ray.exceptions import RayTaskError
+    from ray.data.exceptions import UserCodeException
+    while isinstance(e, (RayTaskError, UserCodeException)) and isinstance(getattr(e, "cause", None) or e.__cause__, BaseException):
+        e = getattr(e, "cause", None) or e.__cause__
+    return e
+
+
+@contextlib.contextmanager
+def _plain_errors():
+    "Raise what the remote code raised (a ValueError that says what to change), not Ray's wrapper around it."
+    from ray.exceptions import RayTaskError
+    from ray.data.exceptions import UserCodeException
+    try:
+        yield
+    except (RayTaskError, UserCodeException) as e:
+        if (cause := _remote_cause(e)) is e:
+            raise
+        raise cause.with_traceback(None) from e
+
+
+def _check_gpus(ray, num_gpus) -> None:
+    "Fail now, not wait forever: Ray queues a task that asks for more GPUs than the cluster has."
+    if isinstance(num_gpus, bool) or not isinstance(num_gpus, numbers.Real) or not 0 <= num_gpus < math.inf:
+        raise ValueError(f"num_gpus must be a number >= 0 (GPUs per worker; 0 runs on CPUs), got {num_gpus!r}.")
+    if num_gpus:
+        if not ray.is_initialized():
+            ray.init()
+        have = ray.cluster_resources().get("GPU", 0)
+        if have < num_gpus:
+            raise ValueError(f"num_gpus={num_gpus:g} per worker, but the Ray cluster has {have:g} GPUs: pass num_gpus=0 "
+                             "to run on CPUs, or ray.init(address=...) a cluster with GPUs first.")
 
 
 def _plan(recipe: Recipe, device: str, digest: str, chunk_size: int, max_tokens: int | None) -> dict:
@@ -103,14 +141,19 @@ def compute_reference_ray(recipe: Recipe, prompts, *, workers: int = 2, num_gpus
     `cache_dir` as `compute_reference` does (same files, same fingerprint), so a rerun after the driver dies reuses
     them and either engine reuses the other's cache. An actor that dies is restarted and its chunk retried (Ray
     Data's policy). `embedding_cache` as in `compute_reference`; the workers read and write it, so on a cluster
-    give a folder every node sees, or False. Ray runs where `ray.init` pointed it (a local instance by default)."""
+    give a folder every node sees, or False. Ray runs where `ray.init` pointed it (a local instance by default).
+    Asking for more GPUs per worker than the cluster has fails at once (Ray would queue the work for ever), and an
+    error raised in a worker is raised here as itself, not inside Ray's wrapper."""
     ray = _ray()
     prompts = check_prompts(prompts)
-    for name, value in (("batch_size", batch_size), ("workers", workers), ("num_cpus", num_cpus)):
+    for name, value in (("batch_size", batch_size), ("workers", workers), ("num_cpus", num_cpus),
+                        ("chunk_size", chunk_size), ("max_tokens", 1 if max_tokens is None else max_tokens)):
         check_positive_int(name, value)
+    _check_gpus(ray, num_gpus)
     device, digest = "cuda" if num_gpus else "cpu", prompts_digest(prompts)
     resources = {"num_cpus": num_cpus, "num_gpus": num_gpus}
-    plan = ray.get(ray.remote(_plan).options(**resources).remote(recipe, device, digest, chunk_size, max_tokens))
+    with _plain_errors():
+        plan = ray.get(ray.remote(_plan).options(**resources).remote(recipe, device, digest, chunk_size, max_tokens))
     n_chunks = math.ceil(len(prompts) / chunk_size)
     cache = (None if cache_dir is None else
              ChunkCache(cache_dir, plan["fingerprint"], len(prompts), chunk_size, plan["meta"]["d_sae"]))
@@ -131,10 +174,11 @@ def compute_reference_ray(recipe: Recipe, prompts, *, workers: int = 2, num_gpus
             ds = ds.map_batches(_ChunkWorker, batch_size=1, compute=pool, **resources, fn_constructor_kwargs=dict(
                 recipe=recipe, device=device, plan=plan, digest=digest, chunk_size=chunk_size,
                 batch_size=batch_size, threads=num_cpus, embedding_cache=embedding_cache))
-            for row in ds.iter_rows():
-                c, chunk = int(row["chunk"]), tensors_from_bytes(row["tensors"])
-                if cache is not None:
-                    cache.save(c, chunk)
-                chunks[c] = chunk
-                bar.update(len(chunk["token_counts"]))
+            with _plain_errors():
+                for row in ds.iter_rows():
+                    c, chunk = int(row["chunk"]), tensors_from_bytes(row["tensors"])
+                    if cache is not None:
+                        cache.save(c, chunk)
+                    chunks[c] = chunk
+                    bar.update(len(chunk["token_counts"]))
     return merge_chunks([chunks[c] for c in range(n_chunks)], prompts, plan)

@@ -114,15 +114,19 @@ def mirror_rows(tokenizer, n: int, length: int = 256, seed: int = 0, split: str 
 # %% ../nbs/00c_embedded_saes.ipynb #169a26c3
 def cached_tokens(path: Path, make):
     """Tensor 'tokens' from a checksummed file in a saealign cache folder, or `make()`'s, saved there atomically
-    (sampling is the slow part); a damaged file is made again, with a warning."""
+    (sampling is the slow part). The file's name is its key and is recorded in it: a damaged file, or one written
+    under another name, is made again, with a warning."""
     cache_folder(path.parent, "sampled tokens")
     if path.exists():
         try:
-            return load_tensors(path)[0]["tokens"]
-        except DamagedFileError as e:
+            t, meta = load_tensors(path)
+            if meta.get("key") != path.name:
+                raise DamagedFileError(f"{path} was written for {meta.get('key')!r}, not for this key")
+            return t["tokens"]
+        except (DamagedFileError, KeyError) as e:
             log.warning("token cache: %s: sampling again", e)
     tokens = make()
-    save_tensors(path, {"tokens": tokens})
+    save_tensors(path, {"tokens": tokens}, {"key": path.name})
     return tokens
 
 # %% ../nbs/00c_embedded_saes.ipynb #ebbd146b

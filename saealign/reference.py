@@ -31,13 +31,13 @@ warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta"
 FORMAT_VERSION = 2  # 2: every saved file carries checksums
 
 # %% auto #0
-__all__ = ['log', 'FORMAT_VERSION', 'ENCODE_TOKENS', 'EMBED_BATCH', 'build_reference_prompts', 'tokenize', 'pad_right',
-           'hook_activations', 'content_mask', 'check_no_saes', 'latent_acts', 'summarize_batch', 'tensor_digest',
-           'sae_digest', 'save_pair', 'load_saved_pair', 'ReferenceSet', 'ChunkCache', 'check_prompts',
-           'prompts_digest', 'reference_plan', 'embedding_cache_dir', 'merge_chunks', 'embed_texts', 'embedding_dim',
-           'embedder_description', 'compute_chunk', 'compute_reference', 'embedder_key', 'EmbeddingCache',
-           'coverage_curve', 'coverage_chart', 'model_stories', 'default_reference_prompts', 'default_reference_dir',
-           'default_reference']
+__all__ = ['log', 'FORMAT_VERSION', 'ENCODE_TOKENS', 'BATCH_TOKENS', 'MAX_TOKENS', 'EMBED_BATCH', 'build_reference_prompts',
+           'tokenize', 'pad_right', 'hook_activations', 'content_mask', 'check_no_saes', 'latent_acts',
+           'summarize_batch', 'tensor_digest', 'sae_digest', 'save_pair', 'load_saved_pair', 'ReferenceSet',
+           'ChunkCache', 'check_prompts', 'prompts_digest', 'reference_plan', 'embedding_cache_dir', 'merge_chunks',
+           'embed_texts', 'embedding_dim', 'embedder_description', 'compute_chunk', 'compute_reference', 'embedder_key',
+           'EmbeddingCache', 'coverage_curve', 'coverage_chart', 'model_stories', 'default_reference_prompts',
+           'default_reference_dir', 'default_reference']
 
 # %% ../nbs/01_reference.ipynb #c6e42448
 def build_reference_prompts(n: int, *, seed: int = 0, sources=("p3",), extra=None, model=None) -> list[str]:
@@ -158,6 +158,8 @@ def check_no_saes(model) -> None:
 
 # %% ../nbs/01_reference.ipynb #e642df93
 ENCODE_TOKENS = 8192  # positions encoded at once: bounds the dense [tokens, d_sae] latents (0.8 GB at 24,576)
+BATCH_TOKENS = 8192  # padded positions per batch of the reference pass: 32 prompts of 256 tokens, 8 of 1,024
+MAX_TOKENS = 1024  # the pass's default cut (or the context, if shorter): Gemma 3's 32,768 with 32 prompts was 24 GB+
 
 
 def _encode(sae, act: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -478,10 +480,13 @@ def reference_plan(model, sae, embedder, digest: str, chunk_size: int, max_token
     check_no_saes(model)  # first: with an SAE spliced in, the hook is gone and check_sae_fits would mislead
     check_sae_fits(model, sae)
     check_positive_int("chunk_size", chunk_size)
-    max_tokens = model.cfg.n_ctx if max_tokens is None else check_positive_int("max_tokens", max_tokens)
+    max_tokens = min(model.cfg.n_ctx, MAX_TOKENS) if max_tokens is None else check_positive_int("max_tokens", max_tokens)
     if max_tokens > model.cfg.n_ctx:
         raise ValueError(f"max_tokens={max_tokens} exceeds {model.cfg.model_name}'s context of {model.cfg.n_ctx} "
-                         "tokens: give at most that, or None for the whole context.")
+                         f"tokens: give at most that, or None for {min(model.cfg.n_ctx, MAX_TOKENS)}.")
+    if max_tokens > MAX_TOKENS:  # attention scores and pattern: 2 × heads × T² float32 per prompt, in every layer
+        gb = 2 * model.cfg.n_heads * max_tokens ** 2 * 4 / 1e9
+        log.warning("max_tokens=%d: one prompt that long needs about %.1f GB for its attention alone", max_tokens, gb)
     hook = sae.cfg.metadata.hook_name
     # batch_size is not a setting: results do not depend on it (to float rounding, see the tests)
     settings = {"max_tokens": max_tokens, "chunk_size": chunk_size, "special_tokens": "excluded",
@@ -544,8 +549,11 @@ def compute_chunk(model, sae, prompts, embedder, batch_size, max_tokens, bar, em
     rows: list = [None] * len(ids)
     token_counts = torch.zeros(len(ids), dtype=torch.long)
     special = torch.tensor(_special_ids(model))
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
+    start = 0
+    while start < len(order):
+        # the longest prompt comes first and sets the padded length: at most BATCH_TOKENS positions per batch
+        idx = order[start:start + min(batch_size, max(1, BATCH_TOKENS // max(1, len(ids[order[start]]))))]
+        start += len(idx)
         tokens, mask = pad_right([ids[i] for i in idx], pad_id, model.cfg.device)
         for i, r in zip(idx, _csr_rows(summarize_batch(model, sae, tokens, mask).cpu())):
             rows[i] = r  # back to the original order
@@ -561,10 +569,11 @@ def compute_chunk(model, sae, prompts, embedder, batch_size, max_tokens, bar, em
 def compute_reference(model, sae, prompts, embedder, *, batch_size: int = 32, cache_dir=None,
                       chunk_size: int = 512, max_tokens: int | None = None, progress: bool = True,
                       embedding_cache=None) -> ReferenceSet:
-    """Run `model` up to the SAE's hook on every prompt (right-padded batches, sorted by length within each
-    chunk of `chunk_size` prompts), summarise the SAE latents per prompt, and embed the prompts with
-    `embedder` (None: no embeddings). Prompts longer than `max_tokens` (default: the model's context) are
-    truncated; `meta["n_truncated"]` counts them. With `cache_dir`, each finished chunk is written there
+    """Run `model` up to the SAE's hook on every prompt (right-padded batches of at most `batch_size` prompts and
+    `BATCH_TOKENS` padded positions, sorted by length within each chunk of `chunk_size` prompts), summarise the SAE
+    latents per prompt, and embed the prompts with `embedder` (None: no embeddings). Prompts longer than
+    `max_tokens` (default: `MAX_TOKENS`, or the model's context if shorter) are truncated; `meta["n_truncated"]`
+    counts them. With `cache_dir`, each finished chunk is written there
     atomically with checksums and reused by a later call with the same fingerprint (resume after a kill); a chunk
     that is damaged, or from a different model, SAE, embedder, prompt list or setting, is recomputed with a logged
     warning. `cache_dir` must be a folder saealign made (or a new or empty one): any other is refused.

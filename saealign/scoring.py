@@ -8,7 +8,9 @@ from __future__ import annotations
 import functools
 import importlib.resources
 import json
+import re
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,10 +22,10 @@ from .reference import (ReferenceSet, embed_texts, embedder_description, embeddi
                                 load_saved_pair, sae_digest, save_pair, tensor_digest, tokenize)
 
 # %% auto #0
-__all__ = ['STORY_TOPICS', 'TOPICS_DIR', 'TOPIC_NAMES', 'LatentScores', 'check_texts', 'check_reference', 'summaries_by_latent',
-           'topic_distances', 'score_latents', 'strawman_latents', 'topk_token_share', 'validation_curve',
-           'validation_chart', 'top_latent_tokens', 'kendall_tau', 'score_violin', 'topic_distance_table', 'topic_file',
-           'topic_texts', 'model_topics']
+__all__ = ['STORY_TOPICS', 'TOPICS_DIR', 'TOPIC_NAMES', 'LatentScores', 'check_texts', 'check_reference', 'sae_identity',
+           'summaries_by_latent', 'topic_distances', 'score_latents', 'strawman_latents', 'topk_token_share',
+           'validation_curve', 'validation_chart', 'top_latent_tokens', 'kendall_tau', 'score_violin',
+           'topic_distance_table', 'topic_file', 'topic_texts', 'model_topics']
 
 # %% ../nbs/02_scoring.ipynb #d1bc882f
 @dataclass(eq=False)
@@ -66,16 +68,27 @@ class LatentScores:
         return cls(t["scores"], t["g"], t["eligible"], info["topic"], info["align_texts"], info["settings"])
 
 # %% ../nbs/02_scoring.ipynb #91f6ea14
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")  # control characters but tab, newline, carriage return
+
+
 def check_texts(texts, what: str) -> list[str]:
-    "`texts` as a list of non-blank strings; else a ValueError that names `what` and says what to change."
+    """`texts` as a list of strings that each hold something to read; else a ValueError that names `what` and says what
+    to change. NUL and other control characters (all but tab, newline and carriage return) are refused: a file of them
+    read as text would otherwise be scored as a topic."""
     if isinstance(texts, str):
         raise ValueError(f"{what} is a single string: pass a list of texts, e.g. [{texts[:30]!r}]")
+    if isinstance(texts, (bytes, bytearray)) or not isinstance(texts, Iterable):
+        raise ValueError(f"{what} must be a list of strings (decoded text), not {type(texts).__name__}.")
     texts = list(texts)
     if not texts:
         raise ValueError(f"{what} is empty: give at least one alignment text (the paper uses 6 or 20).")
     bad = [i for i, t in enumerate(texts) if not isinstance(t, str) or not t.strip()]
     if bad:
         raise ValueError(f"{what} has empty, whitespace-only or non-string texts at positions {bad[:10]}: remove them.")
+    control = [i for i, t in enumerate(texts) if _CONTROL.search(t)]
+    if control:
+        raise ValueError(f"{what} has texts with NUL or other control characters at positions {control[:10]} (is it "
+                         "a binary file?): give plain text.")
     return texts
 
 
@@ -102,6 +115,11 @@ def check_reference(ref: ReferenceSet, embedder, model, sae) -> None:
                              "differ: recompute the reference with this SAE.")
     if sae is not None and sae.cfg.d_sae != ref.d_sae:
         raise ValueError(f"the SAE has {sae.cfg.d_sae} latents but the ReferenceSet {ref.d_sae}.")
+
+
+def sae_identity(ref: ReferenceSet) -> dict:
+    "The SAE a reference was computed with (hook and weights' digest), for scores to carry: a method checks it."
+    return {k: ref.meta[k] for k in ("hook", "sae_weights") if k in ref.meta}
 
 
 def summaries_by_latent(ref: ReferenceSet) -> torch.Tensor:
@@ -177,7 +195,7 @@ def score_latents(ref: ReferenceSet, align_texts, embedder, *, min_prompts: int 
         settings = {"min_prompts": min_prompts, "distance_power": distance_power, "n_eligible": int(eligible.sum()),
                     "reference_fingerprint": ref.fingerprint, "n_reference_prompts": ref.n_prompts,
                     "normalisation": "min-max over eligible latents; ineligible score 0",
-                    "embeddings": "L2-normalised, Euclidean distance"}
+                    "embeddings": "L2-normalised, Euclidean distance", **sae_identity(ref)}
         out[name] = LatentScores(scores.float(), g[:, j].float(), eligible.clone(), name, list(texts), settings)
     return out["topic"] if single else out
 

@@ -9,7 +9,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import math
 import numbers
 import random
 import time
@@ -23,19 +22,20 @@ from .core import DamagedFileError, cache_folder, cache_root, load_tensors, save
 from .models import model_spec
 from .reference import (ReferenceSet, check_no_saes, content_mask, hook_activations, pad_right, sae_digest,
                                 tensor_digest, tokenize)
-from .scoring import (LatentScores, check_reference, check_texts, kendall_tau, score_latents, summaries_by_latent,
-                              topic_distances, validation_curve)
+from .scoring import (LatentScores, check_reference, check_texts, kendall_tau, sae_identity, score_latents,
+                              summaries_by_latent, topic_distances, validation_curve)
 from .steering import CLAMP_VALUE, Clamp, Method, Swap, Weight, as_scores, generate
 
 log = logging.getLogger(__name__)
 
 
 # %% auto #0
-__all__ = ['log', 'STEER_MULTIPLIER', 'MEANS_FORMAT', 'OUTPUT_AMPLIFY', 'OUTPUT_FORMAT', 'DEFAULT_METHOD', 'ActivationMeans',
-           'activation_means', 'reference_sample', 'DiffMeans', 'reference_means', 'decoder_directions',
-           'mean_difference_strengths', 'AddSteer', 'matched_strengths', 'MatchedSteer', 'contrastive_scores',
-           'compare_scorings', 'token_counts', 'distinctive_tokens', 'OutputScores', 'output_scores', 'output_latents',
-           'OutputSwap', 'OutputClamp', 'prompt_prefix', 'generate_prompted', 'TopicInputs']
+__all__ = ['log', 'STEER_MULTIPLIER', 'MAX_MULTIPLIER', 'MIN_DIFFERENCE', 'MEANS_FORMAT', 'OUTPUT_AMPLIFY', 'OUTPUT_FORMAT',
+           'DEFAULT_METHOD', 'ActivationMeans', 'activation_means', 'reference_sample', 'DiffMeans', 'reference_means',
+           'decoder_directions', 'mean_difference_strengths', 'AddSteer', 'matched_strengths', 'MatchedSteer',
+           'contrastive_scores', 'compare_scorings', 'token_counts', 'distinctive_tokens', 'OutputScores',
+           'output_scores', 'output_latents', 'OutputSwap', 'OutputClamp', 'prompt_prefix', 'generate_prompted',
+           'TopicInputs']
 
 # %% ../nbs/03a_selection.ipynb #6c6cadb6
 @dataclass(eq=False)
@@ -79,6 +79,8 @@ def reference_sample(ref: ReferenceSet, n: int = 256, *, seed: int = 0) -> list[
 
 # %% ../nbs/03a_selection.ipynb #3bde25ba
 STEER_MULTIPLIER = 1.0  # the plain difference of means, one strength for every topic (sweep: end of chapter)
+MAX_MULTIPLIER = 100.0  # stories260K writes letter soup from 16 on; far past that, strengths only overflow
+MIN_DIFFERENCE = 1e-4  # a mean difference below this share of the reference's mean activation is no direction
 
 
 def _vector(value, what: str) -> torch.Tensor:
@@ -100,7 +102,12 @@ class DiffMeans(Method):
     @classmethod
     def from_means(cls, scores, align: ActivationMeans, reference: ActivationMeans,
                    multiplier: float = STEER_MULTIPLIER) -> "DiffMeans":
-        return cls(scores, _multiplier(multiplier) * (align.resid - reference.resid))
+        difference = align.resid - reference.resid
+        # the same texts measured in other batches differ in the last bits only: that is no direction
+        if not difference.norm() > MIN_DIFFERENCE * reference.resid.norm():
+            raise ValueError("the alignment texts' mean activation equals the reference prompts' (are they the "
+                             "reference prompts?): there is no direction to add. Give texts about the topic.")
+        return cls(scores, _multiplier(multiplier) * difference)
 
     def check(self, sae) -> None:
         super().check(sae)
@@ -117,9 +124,10 @@ class DiffMeans(Method):
         return f"DiffMeans(|vector|={float(self.vector.norm()):.3g})"
 
 
-def _multiplier(value) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise ValueError(f"multiplier must be a finite number, got {value!r}.")
+def _multiplier(value, name: str = "multiplier") -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not abs(value) <= MAX_MULTIPLIER:
+        raise ValueError(f"{name} must be a finite number within ±{MAX_MULTIPLIER:g} (1 is the plain difference of "
+                         f"means), got {value!r}.")
     return float(value)
 
 # %% ../nbs/03a_selection.ipynb #b54721d9
@@ -132,11 +140,16 @@ def reference_means(model, sae, reference: ReferenceSet, *, n: int = 256, cache_
     blob = json.dumps({"format": MEANS_FORMAT, "model": model.cfg.model_name, "weights": tensor_digest(model, sample=4096),
                        "sae": sae_digest(sae), "hook": sae.cfg.metadata.hook_name, "reference": reference.fingerprint,
                        "n": n}, sort_keys=True)
+    key = hashlib.sha256(blob.encode()).hexdigest()[:32]
     folder = None if cache_dir is False else cache_folder(cache_dir or cache_root() / "activation-means", "activation-means")
-    path = None if folder is None else folder / f"{hashlib.sha256(blob.encode()).hexdigest()[:32]}.safetensors"
+    path = None if folder is None else folder / f"{key}.safetensors"
     if path is not None:
         try:
             t, meta = load_tensors(path)
+            if meta.get("key") != key:  # a valid file of another model, SAE or reference under this name
+                raise DamagedFileError(f"{path} was written for another model, SAE or reference (its key differs)")
+            if t["resid"].shape != (sae.cfg.d_in,) or t["latents"].shape != (sae.cfg.d_sae,):
+                raise DamagedFileError(f"{path} holds means of other shapes than this SAE's")
             return ActivationMeans(t["resid"], t["latents"], int(meta["n_tokens"]))
         except FileNotFoundError:
             pass
@@ -144,7 +157,7 @@ def reference_means(model, sae, reference: ReferenceSet, *, n: int = 256, cache_
             log.warning("recomputing the reference's activation means: %s", e)
     means = activation_means(model, sae, reference_sample(reference, n))
     if path is not None:
-        save_tensors(path, {"resid": means.resid, "latents": means.latents}, {"n_tokens": str(means.n_tokens)})
+        save_tensors(path, {"resid": means.resid, "latents": means.latents}, {"n_tokens": str(means.n_tokens), "key": key})
     return means
 
 # %% ../nbs/03a_selection.ipynb #e7d71f4f
@@ -202,6 +215,9 @@ def matched_strengths(sae, align: ActivationMeans, reference: ActivationMeans, l
     """`mean_difference_strengths` scaled so that `Σ_j s_j d_j` has the norm of `multiplier × (align.resid −
     reference.resid)`, the difference-of-means vector."""
     plain = mean_difference_strengths(align, reference, latents)
+    if not (align.resid - reference.resid).norm() > MIN_DIFFERENCE * reference.resid.norm():
+        raise ValueError("the alignment texts' mean activation equals the reference prompts' (are they the reference "
+                         "prompts?): there is no norm to match. Give texts about the topic.")
     added = (plain[:, None] * decoder_directions(sae, latents)).sum(0).norm()
     if not added > 0:
         raise ValueError("the alignment texts raise none of these latents above their mean on the reference prompts: "
@@ -264,7 +280,7 @@ def contrastive_scores(ref: ReferenceSet, align_texts, embedder, background: dic
         settings = {"min_prompts": min_prompts, "n_eligible": int(eligible.sum()), "reference_fingerprint": ref.fingerprint,
                     "contrast": "distance to the topic minus mean distance to the background topics",
                     "background": [b for b, t in panel.items() if b != name and t != texts],
-                    "normalisation": "min-max over eligible latents; ineligible score 0"}
+                    "normalisation": "min-max over eligible latents; ineligible score 0", **sae_identity(ref)}
         out[name] = LatentScores(_min_max(g[:, j], eligible, name), g[:, j].float(), eligible.clone(), name,
                                  list(texts), settings)
     return out["topic"] if single else out
@@ -363,15 +379,20 @@ def _output_key(model, sae, texts, prompts, latents, tokens, settings) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
-def _load_output(path, settings) -> OutputScores | None:
+def _load_output(path, key, settings, latents, tokens) -> OutputScores | None:
+    "The cached output scores at `path` when they verify and were written for `key`, these latents and tokens; else None."
     try:
         t, meta = load_tensors(path)
+        if meta.get("key") != key:  # a valid file of another topic, model or SAE under this name
+            raise DamagedFileError(f"{path} was written for another topic, model or SAE (its key differs)")
+        if not (torch.equal(t["latents"], latents) and torch.equal(t["tokens"], tokens)):
+            raise DamagedFileError(f"{path} measured other latents or tokens")
+        return OutputScores(t["scores"], t["kl"], t["latents"], t["tokens"], settings, float(meta["seconds"]), cached=True)
     except FileNotFoundError:
         return None
-    except DamagedFileError as e:
+    except (DamagedFileError, KeyError, ValueError) as e:
         log.warning("recomputing output scores: %s", e)
         return None
-    return OutputScores(t["scores"], t["kl"], t["latents"], t["tokens"], settings, float(meta["seconds"]), cached=True)
 
 
 def _checked_prompts(model, prompts):
@@ -402,10 +423,11 @@ def output_scores(model, sae, scores, align_texts, prompts, *, n_latents: int = 
         tokens = distinctive_tokens(model, texts, reference_texts)
     tokens = _latent_ids(tokens, model.cfg.d_vocab, "tokens")
     latents = s.top(n_latents)
-    settings = {"n_latents": n_latents, "amplify": _multiplier(amplify), "measure": "mean log P(D) gain at the next token"}
+    settings = {"n_latents": n_latents, "amplify": _multiplier(amplify, "amplify"), "measure": "mean log P(D) gain at the next token"}
     folder = None if cache_dir is False else cache_folder(cache_dir or cache_root() / "output-scores", "output-scores")
-    path = None if folder is None else folder / f"{_output_key(model, sae, texts, prompts, latents, tokens, settings)}.safetensors"
-    if path is not None and (found := _load_output(path, settings)) is not None:
+    key = _output_key(model, sae, texts, prompts, latents, tokens, settings)
+    path = None if folder is None else folder / f"{key}.safetensors"
+    if path is not None and (found := _load_output(path, key, settings, latents, tokens)) is not None:
         return found
 
     check_no_saes(model)
@@ -430,7 +452,7 @@ def output_scores(model, sae, scores, align_texts, prompts, *, n_latents: int = 
     seconds = time.perf_counter() - start
     if path is not None:
         save_tensors(path, {"scores": gain, "kl": kl, "latents": latents, "tokens": tokens},
-                     {"seconds": seconds, "settings": json.dumps(settings)})
+                     {"seconds": seconds, "settings": json.dumps(settings), "key": key})
     return OutputScores(gain, kl, latents, tokens, settings, seconds)
 
 # %% ../nbs/03a_selection.ipynb #44090dbb
@@ -464,6 +486,7 @@ class OutputSwap(Swap):
         dropped = ~torch.isin(output.latents, self.latents)
         restricted[output.latents[dropped]] = 0
         super().__init__(restricted)
+        self.sae_weights = getattr(scores, "settings", {}).get("sae_weights")
 
 
 class OutputClamp(Clamp):
@@ -474,7 +497,8 @@ class OutputClamp(Clamp):
         values = as_scores(scores)
         eligible = torch.zeros(len(values), dtype=torch.bool)
         eligible[_output_set(output, values)] = True
-        super().__init__(LatentScores(values, torch.full_like(values, torch.nan), eligible, "", [], {}), top_n, value, mode)
+        settings = getattr(scores, "settings", {})  # the SAE the scores are of, checked by `check`
+        super().__init__(LatentScores(values, torch.full_like(values, torch.nan), eligible, "", [], settings), top_n, value, mode)
 
     def __repr__(self):
         return "Output" + super().__repr__()
@@ -557,15 +581,25 @@ class TopicInputs(MethodInputs):
         return activation_means(self.model, self.sae, self.align_texts), ref
 
 
-def _add_steer(inputs: TopicInputs, **kw) -> AddSteer:
+def _strength(inputs: TopicInputs, multiplier) -> float:
+    "A `multiplier` option overrides the inputs' one; checked before anything is measured."
+    return inputs.multiplier if multiplier is None else _multiplier(multiplier)
+
+
+def _add_steer(inputs: TopicInputs, multiplier=None, **kw) -> AddSteer:
+    m = _strength(inputs, multiplier)
     latents = _output_set(inputs.output, inputs.scores.scores)
-    return AddSteer(inputs.scores, latents, mean_difference_strengths(*inputs.means, latents, inputs.multiplier), **kw)
+    return AddSteer(inputs.scores, latents, mean_difference_strengths(*inputs.means, latents, m), **kw)
 
 
-
-def _matched_steer(inputs: TopicInputs, **kw) -> MatchedSteer:
+def _matched_steer(inputs: TopicInputs, multiplier=None, **kw) -> MatchedSteer:
+    m = _strength(inputs, multiplier)
     latents = _output_set(inputs.output, inputs.scores.scores)
-    return MatchedSteer(inputs.scores, latents, matched_strengths(inputs.sae, *inputs.means, latents, inputs.multiplier), **kw)
+    return MatchedSteer(inputs.scores, latents, matched_strengths(inputs.sae, *inputs.means, latents, m), **kw)
+
+
+def _diff_means(inputs: TopicInputs, multiplier=None, **kw) -> DiffMeans:
+    return DiffMeans.from_means(inputs.scores, *inputs.means, _strength(inputs, multiplier), **kw)
 
 
 # the comparison chapter (04h) checks that this is still the best steering method of its table
@@ -576,6 +610,5 @@ register_method("OutputSwap", lambda inputs, **kw: OutputSwap(inputs.scores, inp
 register_method("OutputClamp", lambda inputs, **kw: OutputClamp(inputs.scores, inputs.output, **kw), inputs=TopicInputs)
 register_method("AddSteer", _add_steer, inputs=TopicInputs)
 register_method("MatchedSteer", _matched_steer, inputs=TopicInputs)
-register_method("DiffMeans", lambda inputs, **kw: DiffMeans.from_means(inputs.scores, *inputs.means, inputs.multiplier, **kw),
-                inputs=TopicInputs)
+register_method("DiffMeans", _diff_means, inputs=TopicInputs)
 

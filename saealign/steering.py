@@ -15,6 +15,7 @@ import torch
 
 from ._utils import check_positive_int, hook_layer
 from .models import model_spec
+from .reference import sae_digest
 from .saes import check_sae_fits
 
 # %% auto #0
@@ -91,9 +92,15 @@ class Method:
 
     def __init__(self, scores):
         self.scores = as_scores(scores)
+        # scores of a known SAE (score_latents records its weights' digest): `check` refuses any other SAE
+        self.sae_weights = getattr(scores, "settings", {}).get("sae_weights")
 
     def check(self, sae) -> None:
         as_scores(self.scores, sae.cfg.d_sae)
+        if self.sae_weights is not None and self.sae_weights != sae_digest(sae):
+            raise ValueError(f"{self.name}'s scores were computed for another SAE (its weights differ from this "
+                             f"{sae.cfg.metadata.hook_name} SAE's): score this SAE's latents, with a reference set "
+                             "computed with it, and steer with those.")
 
     def edit(self, sae, h: torch.Tensor, acts: torch.Tensor) -> torch.Tensor:
         "Edited activations from the activation inputs `h` and the SAE's activations `acts` = σ(h)."

@@ -442,3 +442,421 @@ def test_pickled_checkpoints_are_refused_before_any_download(monkeypatch):
     code, err = run_cli(["align", "--topic-file", __file__, "--prompt", "x", "--model", "solu-1l", "--sae", "a/b",
                          "--report", ""])
     assert code == 1 and "--allow-pickle" in err and len(loaded) == 2
+
+
+# === Issue 26: the surfaces added since (converted model, per-topic caches, scores, strengths, grid rows, Ray) ===
+
+FAKE_GGUF = b"GGUF: a stand-in for the assembled file"
+
+
+@pytest.fixture
+def fake_gemma(monkeypatch):
+    "gemma_folder with a stand-in GGUF package and dequantization writing three small files: every check, no model."
+    import hashlib
+    import types
+    pkg = types.SimpleNamespace(MODEL_NAME="fake.gguf", EXPECTED_SHA256=hashlib.sha256(FAKE_GGUF).hexdigest(),
+                                assemble=lambda path: path.write_bytes(FAKE_GGUF) and path)
+    conversions = []
+
+    def dequantize(gguf, out):
+        conversions.append(out)
+        (out / "model.safetensors").write_bytes(b"weights")
+        (out / "config.json").write_text('{"tie_word_embeddings": true}')
+        (out / "tokenizer.json").write_text('{"model": "bpe"}')
+
+    monkeypatch.setattr(models, "gguf_package", lambda: pkg)
+    monkeypatch.setattr(models, "_dequantize", dequantize)
+    return pkg, conversions
+
+
+def _rewrite_record(folder):
+    (folder / "conversion.json").write_text(json.dumps({"format": 1, "gguf_sha256": "x", "weights_sha256": "y"}))
+
+
+@pytest.mark.parametrize("damage, why", [
+    (lambda f: (f / "config.json").write_text('{"tie_word_embeddings": false}'), "config.json changed"),
+    (lambda f: (f / "config.json").write_bytes((f / "config.json").read_bytes()[:9]), "config.json changed"),
+    (lambda f: (f / "config.json").write_bytes(b"\x00\xffgarbage"), "config.json changed"),
+    (lambda f: (f / "tokenizer.json").unlink(), "tokenizer.json is missing"),
+    (lambda f: (f / "tokenizer.json").write_text("{}"), "tokenizer.json changed"),
+    (lambda f: (f / "pytorch_model.bin").write_bytes(b"?"), "it holds pytorch_model.bin, which the conversion did not write"),
+    (lambda f: (f / "conversion.json").write_text("{not json"), "its conversion.json is unreadable"),
+    (_rewrite_record, "it was written by an older saealign")])
+def test_damaged_converted_folder_is_rebuilt_saying_why(fake_gemma, capsys, damage, why):
+    _, conversions = fake_gemma
+    folder = models.gemma_folder()
+    good = snapshot(folder)
+    assert models.gemma_folder() == folder and len(conversions) == 1  # intact: not converted again
+    damage(folder)
+    capsys.readouterr()
+    assert models.gemma_folder() == folder and snapshot(folder) == good and len(conversions) == 2
+    assert f"rebuilt: {why}" in capsys.readouterr().out
+
+
+def test_conversion_record_covers_every_file(fake_gemma):
+    folder = models.gemma_folder()
+    record = json.loads((folder / "conversion.json").read_text())
+    assert record["format"] == models.CONVERSION_FORMAT and set(record["files"]) == {"model.safetensors", "config.json",
+                                                                                      "tokenizer.json"}
+
+
+def test_what_a_killed_conversion_left_is_removed(fake_gemma):
+    pkg, _ = fake_gemma
+    root = cache_root() / "models"
+    folder = models.gemma_folder()
+    partial, assembled = root / f"{folder.name}.k1ll3d.partial", root / f".{folder.name}.gguf-k1ll3d"
+    for left in (partial, assembled):
+        left.mkdir()
+        (left / "big").write_bytes(b"x" * 1000)
+    (folder / "config.json").write_text("{}")  # so that the next call converts
+    models.gemma_folder()
+    assert not partial.exists() and not assembled.exists()
+    assert sorted(p.name for p in root.iterdir()) == sorted([".saealign-cache", f".{folder.name}.lock", folder.name])
+
+
+def test_two_conversions_at_once_convert_once(fake_gemma):
+    import threading
+    _, conversions = fake_gemma
+    found, errors = [], []
+
+    def run():
+        try:
+            found.append(models.gemma_folder())
+        except Exception as e:  # noqa: BLE001 (reported below)
+            errors.append(e)
+
+    threads = [threading.Thread(target=run) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(set(found)) == 1 and len(conversions) == 1
+
+
+def test_converted_folder_is_readable_by_others(fake_gemma):
+    mask = os.umask(0o022)
+    try:
+        folder = models.gemma_folder()
+    finally:
+        os.umask(mask)
+    assert folder.stat().st_mode & 0o777 == 0o755
+    assert {p.stat().st_mode & 0o777 for p in folder.iterdir()} == {0o644}
+
+
+def test_damaged_gguf_part_says_how_to_reinstall(fake_gemma):
+    pkg, conversions = fake_gemma
+
+    def bad_assemble(path):
+        raise ValueError("Assembled file sha256 did not match expected value")
+
+    pkg.assemble = bad_assemble
+    with pytest.raises(ValueError, match=r"could not assemble fake.gguf.*did not match.*--force-reinstall"):
+        models.gemma_folder()
+    root = cache_root() / "models"
+    assert not conversions and not [p for p in root.iterdir() if p.name.endswith(("partial", "fake.gguf"))]
+    assert not list(root.glob(".*gguf-*"))
+
+
+def test_trust_remote_code_is_an_opt_in(monkeypatch):
+    from sae_lens import HookedSAETransformer
+    from transformer_lens.loading_from_pretrained import NEED_REMOTE_CODE_MODELS, OFFICIAL_MODEL_NAMES
+    loaded = []
+    monkeypatch.setattr(models, "hub_reachable", lambda: True)
+    monkeypatch.setattr(models, "fast_weights", lambda model: model)
+    monkeypatch.setattr(HookedSAETransformer, "from_pretrained",
+                        classmethod(lambda cls, name, **k: loaded.append(name) or torch.nn.Identity()))
+    remote = [n for n in OFFICIAL_MODEL_NAMES if n.startswith(NEED_REMOTE_CODE_MODELS)]
+    assert "microsoft/phi-2" in remote and any(n.startswith("Qwen/") for n in remote)
+    for name in remote + ["phi-2"]:
+        with pytest.raises(ValueError, match="runs Python code from the model's hub repository.*trust_remote_code=True"):
+            load_model(name)
+    assert loaded == []
+    load_model("phi-2", trust_remote_code=True)
+    assert loaded == ["phi-2"]
+    code, err = run_cli(["align", "--topic-file", __file__, "--prompt", "x", "--model", "phi-2", "--sae", "a/b",
+                         "--report", ""])
+    assert code == 1 and "--trust-remote-code" in err and len(loaded) == 1
+
+
+# --- the reference pass's memory ------------------------------------------------------------------------
+
+def test_reference_batches_hold_at_most_a_token_budget(model, sae, embedder, prompts, ref, monkeypatch):
+    shapes, real = [], R.summarize_batch
+    monkeypatch.setattr(R, "BATCH_TOKENS", 40)
+    monkeypatch.setattr(R, "summarize_batch", lambda m, s, tokens, mask: shapes.append(tuple(tokens.shape))
+                        or real(m, s, tokens, mask))
+    small = compute_reference(model, sae, prompts, embedder, max_tokens=MAX_TOKENS, chunk_size=16, progress=False)
+    assert shapes and max(b * t for b, t in shapes) <= 40 and sum(b for b, _ in shapes) == len(prompts)
+    assert small.fingerprint == ref.fingerprint  # batching is not a setting: the same cache, the same result
+    torch.testing.assert_close(small.summaries.to_dense(), ref.summaries.to_dense(), atol=1e-6, rtol=0)
+
+
+def test_default_cut_fits_a_long_context(model, sae, monkeypatch, caplog):
+    monkeypatch.setattr(model.cfg, "n_ctx", 32768)  # Gemma 3's context, which was the default cut
+    assert R.reference_plan(model, sae, None, "d", 8, None)["max_tokens"] == R.MAX_TOKENS == 1024
+    with caplog.at_level(logging.WARNING, logger="saealign.reference"):
+        R.reference_plan(model, sae, None, "d", 8, 32768)
+    assert re.search(r"max_tokens=32768: one prompt that long needs about [\d.]+ GB", caplog.text)
+
+
+# --- per-topic caches record their own key ------------------------------------------------------------------
+
+def test_activation_means_under_another_key_are_measured_again(model, sae, ref, tmp_path, caplog):
+    from saealign.selection import reference_means
+    want = reference_means(model, sae, ref, n=48, cache_dir=tmp_path)
+    (mine,) = tmp_path.glob("*.safetensors")
+    reference_means(model, sae, ref, n=16, cache_dir=tmp_path)
+    (other,) = set(tmp_path.glob("*.safetensors")) - {mine}
+    mine.write_bytes(other.read_bytes())  # a valid file, of other means, under this key's name
+    with caplog.at_level(logging.WARNING, logger="saealign.selection"):
+        got = reference_means(model, sae, ref, n=48, cache_dir=tmp_path)
+    assert "its key differs" in caplog.text
+    torch.testing.assert_close(got.resid, want.resid)
+    torch.testing.assert_close(got.latents, want.latents)
+    assert got.n_tokens == want.n_tokens and mine.read_bytes() != other.read_bytes()  # rewritten
+
+
+def test_output_scores_under_another_key_are_measured_again(model, sae, ref, embedder, tmp_path, caplog):
+    from saealign.selection import output_scores
+    neutral = ["Once upon a time", "One day"]
+    scores = {t: score_latents(ref, STORY_TOPICS[t], embedder, min_prompts=1) for t in ("sea", "food")}
+    run = lambda t: output_scores(model, sae, scores[t], STORY_TOPICS[t], neutral, n_latents=6,
+                                  reference_texts=ref.prompts, cache_dir=tmp_path)
+    sea = run("sea")
+    (mine,) = tmp_path.glob("*.safetensors")
+    run("food")
+    (other,) = set(tmp_path.glob("*.safetensors")) - {mine}
+    mine.write_bytes(other.read_bytes())  # the food topic's file under the sea topic's key
+    with caplog.at_level(logging.WARNING, logger="saealign.selection"):
+        again = run("sea")
+    assert not again.cached and "its key differs" in caplog.text
+    assert torch.equal(again.latents, sea.latents)
+    torch.testing.assert_close(again.scores, sea.scores, equal_nan=True)
+    assert run("sea").cached  # rewritten whole
+
+
+def test_sampled_tokens_under_another_key_are_sampled_again(model, caplog):
+    first = R.model_stories(model, 4, length=8, seed=5)
+    R.model_stories(model, 4, length=8, seed=6)
+    mine, other = (next((cache_root() / "reference" / "stories").glob(f"*seed{s}.safetensors")) for s in (5, 6))
+    mine.write_bytes(other.read_bytes())  # seed 6's stories under seed 5's name
+    with caplog.at_level(logging.WARNING, logger="saealign.embedded"):
+        assert R.model_stories(model, 4, length=8, seed=5) == first
+    assert "not for this key" in caplog.text and "sampling again" in caplog.text
+
+
+# --- scores know their SAE ------------------------------------------------------------------------------
+
+def test_scores_of_another_sae_are_refused(model, sae, ref, embedder, tmp_path):
+    from saealign.saes import load_sae
+    from saealign.selection import OutputSwap, OutputScores
+    scores = score_latents(ref, STORY_TOPICS["sea"], embedder, min_prompts=1)
+    other = load_sae(model=model)
+    with torch.no_grad():
+        other.W_enc[0, 0] += 1.0  # the same width, other weights
+    assert generate(model, sae, "Once upon a time", Swap(scores), max_new_tokens=2)  # its own SAE
+    d = sae.cfg.d_sae
+    measured = OutputScores(torch.linspace(1, 0, d), torch.zeros(d), torch.arange(8), torch.tensor([5]), {}, 0.0)
+    for method in (Swap(scores), Clamp(scores), OutputSwap(scores, measured), Swap(LatentScores.load(scores.save(tmp_path)))):
+        with pytest.raises(ValueError, match="scores were computed for another SAE"):
+            generate(model, other, "Once upon a time", method, max_new_tokens=2)
+    generate(model, other, "Once upon a time", Swap(scores.scores), max_new_tokens=2)  # a bare vector: nothing to check
+
+
+# --- strengths ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("multiplier", [-1e9, 1e9, 101.0, float("inf"), float("nan"), True, "2"])
+def test_multiplier_out_of_bounds_is_refused(model, sae, ref, multiplier):
+    from saealign.selection import TopicInputs
+    with pytest.raises(ValueError, match="multiplier must be a finite number within ±100"):
+        TopicInputs(model, sae, ref, STORY_TOPICS["sea"], None, multiplier=multiplier)
+
+
+def test_multiplier_within_bounds_is_taken(model, sae, ref):
+    from saealign.selection import TopicInputs
+    for multiplier in (-100, -2.0, 0, 16, 100.0):
+        assert TopicInputs(model, sae, ref, STORY_TOPICS["sea"], None, multiplier=multiplier).multiplier == multiplier
+
+
+def test_a_mean_difference_of_float_noise_is_refused(model, sae, ref):
+    from saealign.selection import DiffMeans, TopicInputs, activation_means, matched_strengths
+    from saealign.steering import make_method
+    texts = ref.prompts[:16]
+    align = activation_means(model, sae, texts)
+    same = activation_means(model, sae, texts[::-1], batch_size=5)  # the same texts in other batches
+    with pytest.raises(ValueError, match="there is no direction to add"):
+        DiffMeans.from_means(torch.ones(sae.cfg.d_sae), align, same)
+    with pytest.raises(ValueError, match="there is no norm to match"):
+        matched_strengths(sae, align, same, [0, 1])
+    inputs = TopicInputs(model, sae, ref, ref.prompts, None, given_reference_means=activation_means(model, sae, ref.prompts[::-1]),
+                         given_scores=LatentScores.of(torch.ones(sae.cfg.d_sae)))
+    with pytest.raises(ValueError, match="no direction"):
+        make_method("DiffMeans", inputs)
+
+
+# --- grid rows ------------------------------------------------------------------------------------------
+
+def _edit_line(path, number, edit):
+    lines = path.read_text().splitlines()
+    lines[number - 1] = edit(lines[number - 1], lines)
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _with(key, value):
+    return lambda line, lines: json.dumps({**json.loads(line), key: value})
+
+
+@pytest.mark.parametrize("edit", [
+    lambda line, lines: re.sub(r'("perplexity": \d+\.)(\d)', lambda m: m[1] + str((int(m[2]) + 1) % 10), line),
+    _with("continuation", " an edited continuation"),
+    _with("unit_rows", 1),
+    lambda line, lines: lines[2]],  # line 3 copied over line 2: valid, but its unit repeats a row and lacks one
+    ids=["one digit", "valid JSON", "unit_rows", "a row repeated"])
+def test_edited_grid_row_runs_its_unit_again(tmp_path, tiny_grid, caplog, edit):
+    from saealign.evaluation import read_rows, run_grid
+    grid = {**tiny_grid, "seeds": (0, 1)}
+    path = tmp_path / "grid.jsonl"
+    first = run_grid(path, **grid)
+    assert len(first) == 4 and first.unit.nunique() == 2
+    _edit_line(path, 2, edit)
+    with caplog.at_level(logging.WARNING, logger="saealign.evaluation"):
+        again = run_grid(path, **grid)
+    assert "running" in caplog.text and "again" in caplog.text
+    key = ["unit", "seed", "continuation", "perplexity"]
+    assert again.sort_values(key)[key].values.tolist() == first.sort_values(key)[key].values.tolist()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="saealign.evaluation"):
+        assert len(read_rows(path)) == 4 and len(run_grid(path, **grid)) == 4
+    assert not caplog.text  # the file is whole again
+
+
+def test_grid_of_format_2_is_read_and_sealed_on_resume(tmp_path, tiny_grid, monkeypatch):
+    from saealign import evaluation as E
+    path = tmp_path / "grid.jsonl"
+    first = E.run_grid(path, **tiny_grid)
+    rows = [{k: v for k, v in json.loads(line).items() if k not in ("unit_row", "row_sha256")}
+            for line in path.read_text().splitlines()[1:]]
+    path.write_text("".join(json.dumps(r) + "\n" for r in [E.LEGACY_HEADER, *rows]))  # as the repository's results
+    assert [r["continuation"] for r in E.read_rows(path)] == first.continuation.tolist()
+    monkeypatch.setattr(E, "_run_unit", lambda *a, **k: pytest.fail("a unit of the legacy file was run again"))
+    assert E.run_grid(path, **tiny_grid).continuation.tolist() == first.continuation.tolist()
+    lines = path.read_text().splitlines()
+    assert json.loads(lines[0]) == E.GRID_HEADER and all(E.row_digest(json.loads(l)) == json.loads(l)["row_sha256"]
+                                                         for l in lines[1:])
+
+
+# --- topic texts ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("texts, match", [(None, "must be a list of strings.*not NoneType"),
+                                          (b"sea", "must be a list of strings.*not bytes"),
+                                          (["\x00" * 8], "NUL or other control characters at positions \\[0\\]"),
+                                          (["The sea.", "\x1b[2J\x07"], "control characters at positions \\[1\\]")])
+def test_texts_that_are_not_text_are_refused(ref, embedder, texts, match):
+    with pytest.raises(ValueError, match=match):
+        score_latents(ref, texts, embedder)
+
+
+def test_topic_file_of_control_characters_is_refused_and_a_bom_stripped(tmp_path, monkeypatch):
+    from saealign import cli
+    monkeypatch.setattr(cli, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
+    (tmp_path / "nul.txt").write_bytes(b"\x00" * 100)
+    (tmp_path / "ctl.txt").write_bytes(b"The sea.\nwith with\x08\x08 happ\n")
+    for name, line in (("nul.txt", 1), ("ctl.txt", 2)):
+        code, err = run_cli(["align", "--topic-file", str(tmp_path / name), "--prompt", "x", "--report", ""])
+        assert code == 1 and "control character" in err and f"line {line}" in err, err
+    (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbfThe sea.\nThe waves.\n")
+    (tmp_path / "bom.json").write_bytes(b'\xef\xbb\xbf["The sea."]')
+    assert cli.read_topic_file(tmp_path / "bom.txt") == ["The sea.", "The waves."]
+    assert cli.read_topic_file(tmp_path / "bom.json") == ["The sea."]
+
+
+@pytest.mark.parametrize("report, match", [("/proc/version", "takes no new files"), ("/dev/null", "not a regular file")])
+def test_report_path_that_cannot_be_written_is_refused_before_the_run(tmp_path, monkeypatch, report, match):
+    from saealign import cli
+    monkeypatch.setattr(cli, "load_model", lambda *a, **k: pytest.fail("loaded a model"))
+    (tmp_path / "t.txt").write_text("The sea.\n")
+    code, err = run_cli(["align", "--topic-file", str(tmp_path / "t.txt"), "--prompt", "x", "--report", report])
+    assert code == 1 and match in err, err
+
+
+# --- steer_by_text's options ---------------------------------------------------------------------------------
+
+def test_steer_by_text_takes_the_multiplier_and_names_what_a_method_does_not_take(model, sae, embedder, ref):
+    from saealign.align import steer_by_text
+    run = lambda **k: steer_by_text(STORY_TOPICS["sea"], "Once upon a time", model=model, sae=sae, embedder=embedder,
+                                    reference=ref, max_new_tokens=4, **k)
+    one, two = run(method="DiffMeans"), run(method="DiffMeans", multiplier=2.0)
+    torch.testing.assert_close(two.method.vector, 2 * one.method.vector)
+    for kwargs, match in [({"method": "DiffMeans", "multiplier": float("nan")}, "multiplier must be a finite number"),
+                          ({"multiplier": -1e9}, "within ±100"), ({"method": "Swap", "multiplier": 2.0},
+                                                                   "Swap does not take multiplier")]:
+        with pytest.raises(ValueError, match=match):
+            run(**kwargs)
+
+
+# --- cache folders made by two processes at once ----------------------------------------------------------------
+
+def test_cache_folder_another_process_is_making_is_adopted(tmp_path):
+    folder = tmp_path / "new"
+    folder.mkdir()
+    (folder / f".{core.CACHE_MARKER}.1a2b3c.tmp").write_text("{")  # the other's marker, not yet renamed
+    assert cache_folder(folder, "embeddings") == folder
+    assert json.loads((folder / core.CACHE_MARKER).read_text())["kind"] == "embeddings"
+
+
+def test_cache_folder_races_give_no_false_error(tmp_path):
+    import threading
+    errors = []
+    for round_ in range(40):
+        target = tmp_path / f"race{round_}"
+        gate = threading.Barrier(4)
+
+        def make():
+            gate.wait()
+            try:
+                cache_folder(target, "reference")
+            except ValueError as e:
+                errors.append(e)
+
+        threads = [threading.Thread(target=make) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert not errors, errors[0]
+
+
+# --- Ray: fail fast, the user's own error --------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def ray_one_cpu():
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=1, include_dashboard=False)
+    yield ray
+    ray.shutdown()
+
+
+def test_ray_bad_sizes_are_refused_on_the_driver(monkeypatch):
+    from saealign.distributed import Recipe, compute_reference_ray
+    ray = pytest.importorskip("ray")
+    for kwargs, match in [({"chunk_size": 0}, "chunk_size must be a positive int"),
+                          ({"max_tokens": -5}, "max_tokens must be a positive int"),
+                          ({"num_gpus": -1}, "num_gpus must be a number >= 0")]:
+        with pytest.raises(ValueError, match=match):
+            compute_reference_ray(Recipe("stories260K"), ["Once upon a time"], **kwargs)
+    assert not ray.is_initialized()  # refused before Ray started
+
+
+def test_ray_gpus_asked_for_on_a_cpu_cluster_fail_at_once(ray_one_cpu):
+    import time
+    from saealign.distributed import Recipe, compute_reference_ray
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match="num_gpus=1 per worker, but the Ray cluster has 0 GPUs"):
+        compute_reference_ray(Recipe("stories260K"), ["Once upon a time"], num_gpus=1)
+    assert time.perf_counter() - start < 10
+
+
+def test_ray_remote_error_is_raised_as_the_users(ray_one_cpu):
+    from saealign.distributed import Recipe, compute_reference_ray
+    with pytest.raises(ValueError, match=r"^unknown model 'no-such-model'"):
+        compute_reference_ray(Recipe("no-such-model", embedder=False), ["Once upon a time"], progress=False)

@@ -121,7 +121,7 @@ def test_permutation_invariance_and_multi_topic():
     assert list(many) == ["t", "s", "f"] and many["t"].topic == "t" and many["s"].align_texts == ["side", "other"]
     for name, texts in {"t": ["topic"], "s": ["side", "other"], "f": ["far"]}.items():
         one = score_latents(hand_ref(), texts, EMB, min_prompts=0)
-        torch.testing.assert_close(many[name].scores, one.scores, atol=0, rtol=0)
+        torch.testing.assert_close(many[name].scores, one.scores, atol=1e-6, rtol=0)  # other matmul shapes
     assert many["f"].top(1).tolist() == [2]  # far topic: latent 2 is the aligned one
 
 

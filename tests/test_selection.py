@@ -62,10 +62,11 @@ def test_contrastive_dict_form_and_panel_rules():
     together = contrastive_scores(ref, {"A": ["A"], "B": ["B"], "C": ["C"]}, TABLE, min_prompts=0)
     for name, others in [("A", ("B", "C")), ("B", ("A", "C"))]:
         alone = contrastive_scores(ref, [name], TABLE, {o: [o] for o in others}, min_prompts=0)
-        assert torch.equal(together[name].scores, alone.scores)
+        # one distance matrix for all topics has other shapes than one per topic: equal within float error
+        torch.testing.assert_close(together[name].scores, alone.scores, atol=1e-6, rtol=0)
     # a panel entry with the topic's own texts is skipped, so it cannot cancel the topic
     same = contrastive_scores(ref, ["A"], TABLE, {"copy": ["A"], "B": ["B"], "C": ["C"]}, min_prompts=0)
-    assert torch.equal(same.scores, together["A"].scores)
+    torch.testing.assert_close(same.scores, together["A"].scores, atol=1e-6, rtol=0)
     # the min over several alignment texts, as in the paper: "A2" is never nearer than "A" for prompt 0..1
     two = contrastive_scores(ref, ["A", "A2"], TABLE, {"B": ["B"], "C": ["C"]}, min_prompts=0)
     assert two.top(1).tolist() == [0]
