@@ -159,7 +159,7 @@ def check_no_saes(model) -> None:
 # %% ../nbs/01_reference.ipynb #e642df93
 ENCODE_TOKENS = 8192  # positions encoded at once: bounds the dense [tokens, d_sae] latents (0.8 GB at 24,576)
 BATCH_TOKENS = 8192  # padded positions per batch of the reference pass: 32 prompts of 256 tokens, 8 of 1,024
-MAX_TOKENS = 1024  # the pass's default cut (or the context, if shorter): Gemma 3's 32,768 with 32 prompts was 24 GB+
+MAX_TOKENS = 1024  # a cut asked for above this is warned about: one prompt's attention grows with its length squared
 
 
 def _encode(sae, act: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -480,11 +480,12 @@ def reference_plan(model, sae, embedder, digest: str, chunk_size: int, max_token
     check_no_saes(model)  # first: with an SAE spliced in, the hook is gone and check_sae_fits would mislead
     check_sae_fits(model, sae)
     check_positive_int("chunk_size", chunk_size)
-    max_tokens = min(model.cfg.n_ctx, MAX_TOKENS) if max_tokens is None else check_positive_int("max_tokens", max_tokens)
+    asked = max_tokens is not None
+    max_tokens = model.cfg.n_ctx if max_tokens is None else check_positive_int("max_tokens", max_tokens)
     if max_tokens > model.cfg.n_ctx:
         raise ValueError(f"max_tokens={max_tokens} exceeds {model.cfg.model_name}'s context of {model.cfg.n_ctx} "
-                         f"tokens: give at most that, or None for {min(model.cfg.n_ctx, MAX_TOKENS)}.")
-    if max_tokens > MAX_TOKENS:  # attention scores and pattern: 2 × heads × T² float32 per prompt, in every layer
+                         "tokens: give at most that, or None for the whole context.")
+    if asked and max_tokens > MAX_TOKENS:  # attention scores and pattern: 2 × heads × T² float32 per prompt, per layer
         gb = 2 * model.cfg.n_heads * max_tokens ** 2 * 4 / 1e9
         log.warning("max_tokens=%d: one prompt that long needs about %.1f GB for its attention alone", max_tokens, gb)
     hook = sae.cfg.metadata.hook_name
@@ -572,7 +573,7 @@ def compute_reference(model, sae, prompts, embedder, *, batch_size: int = 32, ca
     """Run `model` up to the SAE's hook on every prompt (right-padded batches of at most `batch_size` prompts and
     `BATCH_TOKENS` padded positions, sorted by length within each chunk of `chunk_size` prompts), summarise the SAE
     latents per prompt, and embed the prompts with `embedder` (None: no embeddings). Prompts longer than
-    `max_tokens` (default: `MAX_TOKENS`, or the model's context if shorter) are truncated; `meta["n_truncated"]`
+    `max_tokens` (default: the model's context) are truncated; `meta["n_truncated"]`
     counts them. With `cache_dir`, each finished chunk is written there
     atomically with checksums and reused by a later call with the same fingerprint (resume after a kill); a chunk
     that is damaged, or from a different model, SAE, embedder, prompt list or setting, is recomputed with a logged

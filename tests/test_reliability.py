@@ -591,10 +591,12 @@ def test_reference_batches_hold_at_most_a_token_budget(model, sae, embedder, pro
     torch.testing.assert_close(small.summaries.to_dense(), ref.summaries.to_dense(), atol=1e-6, rtol=0)
 
 
-def test_default_cut_fits_a_long_context(model, sae, monkeypatch, caplog):
-    monkeypatch.setattr(model.cfg, "n_ctx", 32768)  # Gemma 3's context, which was the default cut
-    assert R.reference_plan(model, sae, None, "d", 8, None)["max_tokens"] == R.MAX_TOKENS == 1024
+def test_a_long_cut_asked_for_is_warned_about(model, sae, monkeypatch, caplog):
+    monkeypatch.setattr(model.cfg, "n_ctx", 32768)  # Gemma 3's context
     with caplog.at_level(logging.WARNING, logger="saealign.reference"):
+        # the default keeps the context as the cut (cached reference sets keep their fingerprints): no warning
+        assert R.reference_plan(model, sae, None, "d", 8, None)["max_tokens"] == 32768
+        assert "one prompt that long" not in caplog.text
         R.reference_plan(model, sae, None, "d", 8, 32768)
     assert re.search(r"max_tokens=32768: one prompt that long needs about [\d.]+ GB", caplog.text)
 
