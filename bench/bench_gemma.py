@@ -21,7 +21,8 @@ from saealign.evaluation import evaluation_topics
 from saealign.models import GEMMA_HUB_ID, gemma_folder, load_model, model_spec
 from saealign.reference import build_reference_prompts, compute_reference, default_reference, pad_right, reference_plan, tokenize
 from saealign.saes import load_sae
-from saealign.selection import DEFAULT_METHOD, activation_means, output_scores, reference_sample
+from saealign.calibration import DEFAULT_METHOD
+from saealign.selection import activation_means, output_scores, reference_sample
 from saealign.steering import Swap, generate
 from saealign.widgets import AlignmentExplorer
 

@@ -12,7 +12,8 @@ from .models import load_model
 from .reference import ReferenceSet, default_reference
 from .saes import load_sae
 from .scoring import LatentScores, score_latents
-from .selection import DEFAULT_METHOD, OutputScores, TopicInputs
+from .calibration import DEFAULT_METHOD
+from .selection import OutputScores, TopicInputs
 from .steering import DEFAULT_OUTPUT, Generation, Method, generate, make_method
 
 # %% auto #0
@@ -38,8 +39,8 @@ def steer_by_text(align_texts: list[str], prompt: str, *, model=None, sae=None, 
                   max_new_tokens: int = 64, seed: int = 0, progress: bool = False, **method_options) -> SteeredText:
     """Score the SAE's latents against `align_texts` and continue `prompt` unsteered and steered by `method`
     (any name `method_names()` lists: Swap, Weight, Clamp, SAE, the selection chapter's OutputSwap, OutputClamp,
-    AddSteer, MatchedSteer (the default), DiffMeans, or one registered later). Defaults: the default model, its
-    default SAE and MiniLM."""
+    AddSteer, MatchedSteer, DiffMeans, the calibration chapter's TopicSteer family (the default, `DEFAULT_METHOD`),
+    or one registered later). Defaults: the default model, its default SAE and MiniLM."""
     # `is None`, not `or`: sae_lens deprecates an SAE's truth value (it goes through len())
     model = load_model() if model is None else model
     sae = load_sae(model=model) if sae is None else sae
@@ -55,7 +56,8 @@ def steer_by_text(align_texts: list[str], prompt: str, *, model=None, sae=None, 
         if not method_options:
             raise
         raise ValueError(f"{method} does not take {', '.join(sorted(method_options))} ({e}): the options are its own "
-                         f"(multiplier: AddSteer, MatchedSteer, DiffMeans) or TopicInputs' {', '.join(TOPIC_OPTIONS)}.") from e
+                         f"(multiplier: AddSteer, MatchedSteer, DiffMeans; strength: the TopicSteer family) or "
+                         f"TopicInputs' {', '.join(TOPIC_OPTIONS)}.") from e
     plain = generate(model, None, prompt, max_new_tokens=max_new_tokens, seed=seed)[0]
     steered = generate(model, sae, prompt, steering, output=output, max_new_tokens=max_new_tokens, seed=seed)[0]
     return SteeredText(scores, steering, plain, steered, inputs.measured("output"))

@@ -19,15 +19,15 @@ import torch
 from .core import cache_folder, cache_root, load_embedder, tensor_sha256, write_json
 from .evaluation import alignment_distances, relevance
 from .reference import sae_digest, tensor_digest
-from .selection import ActivationMeans, TopicInputs, prompt_prefix
+from .selection import MIN_DIFFERENCE, ActivationMeans, TopicInputs, prompt_prefix
 from .steering import Method, generate, register_method
 
 log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['log', 'POSITIONS', 'MAX_STRENGTH', 'TUNING_PROMPTS', 'CALIBRATION_STRENGTHS', 'CALIBRATION_TOKENS',
-           'CALIBRATION_FORMAT', 'PROTECTIONS', 'finite_number', 'decay_factors', 'TopicSteer', 'harmonic',
-           'pick_strength', 'Calibration', 'calibrate', 'topic_steer']
+           'CALIBRATION_FORMAT', 'CALIBRATION_BATCH_TOKENS', 'PROTECTIONS', 'DEFAULT_METHOD', 'finite_number',
+           'decay_factors', 'TopicSteer', 'harmonic', 'pick_strength', 'Calibration', 'calibrate', 'topic_steer']
 
 # %% ../nbs/03d_calibration.ipynb #eed00396
 POSITIONS = ("all", "prompt", "generation")
@@ -136,8 +136,10 @@ class TopicSteer(Method):
 
     def with_strength(self, strength) -> "TopicSteer":
         "The same steer at another strength."
-        return TopicSteer(self.scores, self.direction, strength=strength, half_life=self.half_life,
-                          positions=self.positions, floor=self.floor, prefix=self.prefix)
+        steer = TopicSteer(self.scores, self.direction, strength=strength, half_life=self.half_life,
+                           positions=self.positions, floor=self.floor, prefix=self.prefix)
+        steer.name = self.name  # the registered name it was built under, if any
+        return steer
 
     @classmethod
     def from_means(cls, scores, align: ActivationMeans, reference: ActivationMeans, *, lift: bool = False,
@@ -145,7 +147,11 @@ class TopicSteer(Method):
         """The difference of means as the direction; with `lift`, the floor is the reference mean's projection
         on it (a position already as far along as the reference mean plus the strength gets nothing)."""
         direction = align.resid - reference.resid
-        floor = float(reference.resid @ direction / direction.norm()) if lift and direction.norm() > 0 else None
+        # the same texts measured in other batches differ in the last bits only: that is no direction
+        if not direction.norm() > MIN_DIFFERENCE * reference.resid.norm():
+            raise ValueError("the alignment texts' mean activation equals the reference prompts' (are they the "
+                             "reference prompts?): there is nothing to steer toward. Give texts about the topic.")
+        floor = float(reference.resid @ direction / direction.norm()) if lift else None
         return cls(scores, direction, floor=floor, **options)
 
 # %% ../nbs/03d_calibration.ipynb #1f675b33
@@ -177,6 +183,7 @@ TUNING_PROMPTS = (  # neutral prompts for calibration only: never among the eval
 CALIBRATION_STRENGTHS = (0.5, 1.0, 1.5, 2.0, 3.0)
 CALIBRATION_TOKENS = 32
 CALIBRATION_FORMAT = 1
+CALIBRATION_BATCH_TOKENS = 2048  # prompt positions per generation call: with a prefix, 40 rows of 400 tokens were 17 GB
 
 
 @dataclass
@@ -250,8 +257,13 @@ def calibrate(model, sae, steer: TopicSteer, align_texts, *, embedder=None, acce
         return found
     acceptability = load_acceptability() if acceptability is None else acceptability
     rows = torch.tensor(strengths).repeat_interleave(len(prompts))  # strength-major: one row per (strength, prompt)
-    made = generate(model, sae, prompts * len(strengths), steer.with_strength(rows), max_new_tokens=max_new_tokens,
-                    seed=seed, pad_batch=True, prefix=steer.prefix)
+    # transformer_lens's prompt pass computes logits at every position (262,144 each on Gemma): bound the positions
+    width = max(len(model.to_tokens(steer.prefix + p)[0]) for p in prompts)
+    per_call = max(1, CALIBRATION_BATCH_TOKENS // width)
+    every, made = prompts * len(strengths), []
+    for start in range(0, len(every), per_call):
+        made += generate(model, sae, every[start:start + per_call], steer.with_strength(rows[start:start + per_call]),
+                         max_new_tokens=max_new_tokens, seed=seed, pad_batch=True, prefix=steer.prefix)
     concept = alignment_distances(embedder, [g.continuation for g in made], texts)["centroid_cosine"]
     scores = harmonic(concept, acceptability([g.text for g in made]), relevance(embedder, made))
     scores = scores.reshape(len(strengths), len(prompts))
@@ -264,15 +276,16 @@ def calibrate(model, sae, steer: TopicSteer, align_texts, *, embedder=None, acce
         write_json(path, {"saealign": "calibration", "payload": payload, "sha256": _payload_sha256(payload)})
     return result
 
-# %% ../nbs/03d_calibration.ipynb #fdf58fe0
+# %% ../nbs/03d_calibration.ipynb #b1350e80
 def topic_steer(inputs: TopicInputs, *, strength=None, lift: bool = False, prompted: bool = False,
-                acceptability=None, calibration: dict | None = None, **options) -> TopicSteer:
+                acceptability=None, calibration: dict | None = None, name: str = "TopicSteer", **options) -> TopicSteer:
     """A `TopicSteer` for one topic: the difference of means at the SAE's hook (`lift`: only up to a target),
     behind the topic's texts as a prompt when `prompted`, at `strength`, or at the strength `calibrate` chooses
-    (options for it in `calibration`; the result is kept as the steer's `calibration`). `options`: `half_life`,
-    `positions`."""
+    (options for it in `calibration`; the result is kept as the steer's `calibration`), labelled `name`.
+    `options`: `half_life`, `positions`."""
     prefix = prompt_prefix(inputs.align_texts) if prompted else ""
     steer = TopicSteer.from_means(inputs.scores, *inputs.means, lift=lift, prefix=prefix, **options)
+    steer.name = name  # generations are labelled with it
     chosen = None if strength is not None else calibrate(
         inputs.model, inputs.sae, steer, inputs.align_texts, embedder=inputs.embedder, acceptability=acceptability,
         **(calibration or {}))
@@ -287,5 +300,10 @@ PROTECTIONS = {  # name -> the protection's options; each calibrated on its own
 _CALIBRATION_RULES = {"prompts": TUNING_PROMPTS, "strengths": CALIBRATION_STRENGTHS, "tokens": CALIBRATION_TOKENS,
                       "pick": "gentlest within one SE of the best mean harmonic"}
 for _name, _options in PROTECTIONS.items():
-    register_method(_name, lambda inputs, _o=_options, **kw: topic_steer(inputs, **{**_o, **kw}), inputs=TopicInputs,
+    register_method(_name, lambda inputs, _o=_options, _n=_name, **kw: topic_steer(inputs, name=_n, **{**_o, **kw}),
+                    inputs=TopicInputs,
                     settings={**_options, "calibration": _CALIBRATION_RULES})
+
+# what steer_by_text, the command line, the demo and the explorer use: the calibrated comparison (04i) checks
+# that it is the steer its tuning topics chose
+DEFAULT_METHOD = "TopicSteer-generation"

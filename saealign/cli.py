@@ -19,7 +19,7 @@ from .core import atomic_write, load_embedder
 from .models import DEFAULT_MODEL, MODEL_SPECS, load_model, model_spec
 from .saes import load_sae
 from .align import SteeredText, steer_by_text
-from .selection import DEFAULT_METHOD
+from .calibration import DEFAULT_METHOD
 from .evaluation import default_grid_path, read_rows, run_grid, summary_table, torch_threads
 from .reference import default_reference
 from .scoring import _CONTROL, TOPIC_NAMES, topic_texts

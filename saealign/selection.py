@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['log', 'STEER_MULTIPLIER', 'MAX_MULTIPLIER', 'MIN_DIFFERENCE', 'MEANS_FORMAT', 'OUTPUT_AMPLIFY', 'OUTPUT_FORMAT',
-           'DEFAULT_METHOD', 'ActivationMeans', 'activation_means', 'reference_sample', 'DiffMeans', 'reference_means',
+           'ActivationMeans', 'activation_means', 'reference_sample', 'DiffMeans', 'reference_means',
            'decoder_directions', 'mean_difference_strengths', 'AddSteer', 'matched_strengths', 'MatchedSteer',
            'contrastive_scores', 'compare_scorings', 'token_counts', 'distinctive_tokens', 'OutputScores',
            'output_scores', 'output_latents', 'OutputSwap', 'OutputClamp', 'prompt_prefix', 'generate_prompted',
@@ -600,10 +600,6 @@ def _matched_steer(inputs: TopicInputs, multiplier=None, **kw) -> MatchedSteer:
 
 def _diff_means(inputs: TopicInputs, multiplier=None, **kw) -> DiffMeans:
     return DiffMeans.from_means(inputs.scores, *inputs.means, _strength(inputs, multiplier), **kw)
-
-
-# the comparison chapter (04h) checks that this is still the best steering method of its table
-DEFAULT_METHOD = "MatchedSteer"
 
 
 register_method("OutputSwap", lambda inputs, **kw: OutputSwap(inputs.scores, inputs.output, **kw), inputs=TopicInputs)

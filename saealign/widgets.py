@@ -11,7 +11,8 @@ import time
 
 import ipywidgets as W
 
-from .selection import DEFAULT_METHOD, TopicInputs
+from .calibration import DEFAULT_METHOD
+from .selection import TopicInputs
 from .render import Column, chart_svg, columns_html, comparison_columns, contamination_chart, inspector_html
 from .scoring import LatentScores, check_reference, model_topics, score_latents
 from .steering import DEFAULT_OUTPUT, ORIGINAL, OUTPUT_MODES, Method, generate, make_method, method_names

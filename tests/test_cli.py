@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 from conftest import needs_mirror
-from saealign.selection import DEFAULT_METHOD
+from saealign.calibration import DEFAULT_METHOD
 
 SCRIPT = Path(sys.executable).with_name("saealign")
 

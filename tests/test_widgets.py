@@ -13,7 +13,7 @@ import saealign.steering as steering
 import saealign.widgets as Wd
 from saealign.reference import ReferenceSet, build_reference_prompts, compute_reference
 from saealign.scoring import STORY_TOPICS
-from saealign.selection import DEFAULT_METHOD
+from saealign.calibration import DEFAULT_METHOD
 from saealign.steering import Clamp, Swap, Weight, generate
 from saealign.render import NEUTRAL, TokenDetail, contamination_colour, token_details, tokens_html, top_prompts
 from saealign.widgets import CUSTOM, AlignmentExplorer, sae_and_method
