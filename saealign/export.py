@@ -385,7 +385,7 @@ def _llama_cpp():
         import llama_cpp
     except ImportError as e:
         raise ImportError(f"llama.cpp's Python bindings are not installed: {LLAMACPP_INSTALL} (it compiles llama.cpp "
-                          "with cmake and a C++ compiler: about half an hour on two cores).") from e
+                          "with cmake and a C++ compiler, which takes long on a small machine).") from e
     return llama_cpp
 
 
