@@ -24,7 +24,8 @@ setuptools.setup(
     # the shipped SAEs (sae_lens save format: cfg.json + safetensors) and the topic texts
     package_data={"saealign": ["saes/*/*.json", "saes/*/*/*.json", "saes/*/*/*.safetensors", "topics/*.json"]},
     install_requires=cfg["requirements"].split(),
-    extras_require={"dev": cfg["dev_requirements"].split(), "ray": cfg["ray_requirements"].split()},
+    extras_require={"dev": cfg["dev_requirements"].split(), "ray": cfg["ray_requirements"].split(),
+                    "llamacpp": cfg["llamacpp_requirements"].split()},
     entry_points={
         "console_scripts": cfg["console_scripts"].split(),
         "nbdev": [f"{cfg['lib_path']}={cfg['lib_path']}._modidx:d"],

@@ -20,15 +20,18 @@ from .models import DEFAULT_MODEL, MODEL_SPECS, load_model, model_spec
 from .saes import load_sae
 from .align import SteeredText, steer_by_text
 from .calibration import DEFAULT_METHOD
+from .selection import TopicInputs
 from .evaluation import default_grid_path, read_rows, run_grid, summary_table, torch_threads
 from .reference import default_reference
 from .scoring import _CONTROL, TOPIC_NAMES, topic_texts
 from .steering import (DEFAULT_OUTPUT, OUTPUT_MODES, check_sampling, encode_prompts, format_side_by_side,
-                               method_names)
+                               make_method, method_names)
+from .export import FORMATS, POSITIONS, export_steer, load_vector
 from .render import chart_svg, columns_html, comparison_columns, contamination_chart, inspector_html
 
 # %% auto #0
-__all__ = ['read_topic_file', 'scores_chart', 'report_html', 'check_report_path', 'align', 'demo', 'grid', 'main']
+__all__ = ['EXPORT_METHOD', 'read_topic_file', 'scores_chart', 'report_html', 'check_report_path', 'align', 'demo', 'export',
+           'grid', 'main']
 
 # %% ../nbs/06_cli.ipynb #19e6df66
 def read_topic_file(path) -> list[str]:
@@ -186,6 +189,51 @@ def demo(topic: str | None = None, prompt: str | None = None, *, model_name: str
     return align(topic_texts(topic), prompt, model_name=model_name, topic=topic, max_new_tokens=max_new_tokens,
                  seed=seed, report=report)
 
+# %% ../nbs/06_cli.ipynb #0cdd005f
+def _sae_for(model, model_name: str, sae_name: str | None):
+    "The SAE `--sae` names (RELEASE/SAE_ID, or an id among the model's shipped SAEs), else the model's default."
+    if sae_name is not None and "/" in sae_name:
+        return load_sae(*sae_name.split("/", 1), model=model)
+    spec = model_spec(model)
+    if spec.sae_release is None:
+        raise ValueError(f"--sae is required for {model_name}, which has no default SAE: give RELEASE/SAE_ID, "
+                         "e.g. gpt2-small-res-jb/blocks.8.hook_resid_pre.")
+    return load_sae(spec.sae_release, sae_name or spec.sae_id, model=model)
+
+
+# the default's calibrated vector added at every position: llama.cpp and a plain forward hook cannot replay
+# the default's generation-only schedule, so the export offers the steer they can
+EXPORT_METHOD = "TopicSteer"
+
+
+def export(align_texts: list[str], out: str | None = None, *, fmt: str = "gguf", model_name: str = DEFAULT_MODEL,
+           sae_name: str | None = None, topic: str = "topic", method: str = EXPORT_METHOD, strength: float = 1.0,
+           positions: str = "all", allow_pickle: bool = False) -> Path:
+    """Build `method` for `align_texts` and export it to `out` (default: `<topic>.gguf` or `<topic>.safetensors`
+    in the working folder) in format `fmt`; the path written. Settings and the path are checked before loading."""
+    if fmt not in FORMATS or method not in method_names() or positions not in POSITIONS:
+        raise ValueError(f"format must be one of {', '.join(FORMATS)}, method one of {', '.join(method_names())} and "
+                         f"positions one of {', '.join(POSITIONS)} (got {fmt!r}, {method!r}, {positions!r}).")
+    out = Path(out or f"{topic}.{fmt}").expanduser()
+    if out.is_dir() or not out.parent.is_dir():
+        raise ValueError(f"the output path {out} must be a file path in an existing folder.")
+    model = load_model(model_name, allow_pickle=allow_pickle)
+    sae = _sae_for(model, model_name, sae_name)
+    embedder = load_embedder()
+    with torch_threads(model):
+        inputs = TopicInputs(model, sae, default_reference(model, sae, embedder), align_texts, embedder)
+        path = export_steer(make_method(method, inputs), sae, model, out, fmt, texts=align_texts, strength=strength,
+                            positions=positions)
+    sv = load_vector(path)
+    print(f"{method} towards {topic!r} ({len(align_texts)} alignment texts) on {model_name}, SAE at {sv.sae['hook']}: "
+          f"adds a vector of norm {float(sv.vector.norm()):.3g} to block {sv.layer}'s output")
+    print(f"wrote {path}")
+    if fmt == "gguf":
+        print(f"llama.cpp: llama-server -m MODEL.gguf --control-vector {path}  (or --control-vector-scaled {path} S)")
+    else:
+        print(f"transformers: with saealign.export.apply(saealign.export.load_vector({str(path)!r}), hf_model): ...")
+    return path
+
 # %% ../nbs/06_cli.ipynb #ac290a21
 def grid(out: str | None = None, *, seeds: int = 3, max_new_tokens: int = 64, classifier: str | None = None) -> None:
     "Run or resume the full evaluation grid into `out` (default: `default_grid_path()`); acceptability from `classifier` ('none' to skip)."
@@ -229,6 +277,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-remote-code", action="store_true",
                    help="load a model whose hub repository's own Python code transformer_lens runs (trust it)")
     generation_options(p)
+    p = sub.add_parser("export", help="export the topic's steer for transformers or llama.cpp (additive methods)")
+    p.add_argument("--topic-file", required=True, help="alignment texts: one per line, or a .json list of strings")
+    p.add_argument("--format", default="gguf", choices=FORMATS, help="gguf: a llama.cpp control vector (default)")
+    p.add_argument("--out", default=None, help="file to write (default: the topic file's name, .gguf or .safetensors)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"{', '.join(MODEL_SPECS)} or a transformer_lens name")
+    p.add_argument("--sae", default=None, help="RELEASE/SAE_ID (sae_lens), or an id of the model's shipped SAEs")
+    p.add_argument("--method", default=EXPORT_METHOD, choices=sorted(method_names()))
+    p.add_argument("--strength", type=float, default=1.0, help="multiplies the vector")
+    p.add_argument("--positions", default="all", choices=POSITIONS,
+                   help="where the transformers hook adds it: all (as llama.cpp) or non-special (as saealign)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="load a transformer_lens model whose weights are a pickle (runs code from the file: trust it)")
     p = sub.add_parser("grid", help="run or resume the full evaluation grid")
     p.add_argument("--out", default=None, help="JSON-lines file (default: the cache's evaluation/grid.jsonl)")
     p.add_argument("--seeds", type=int, default=3)
@@ -251,6 +311,10 @@ def main(argv: list[str] | None = None) -> int:
                   topic=Path(args.topic_file).stem, method=args.method, output=args.output,
                   max_new_tokens=args.max_new_tokens, seed=args.seed, report=args.report or None,
                   allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
+        elif args.command == "export":
+            export(read_topic_file(args.topic_file), args.out, fmt=args.format, model_name=args.model,
+                   sae_name=args.sae, topic=Path(args.topic_file).stem, method=args.method, strength=args.strength,
+                   positions=args.positions, allow_pickle=args.allow_pickle)
         elif args.command == "grid":
             grid(args.out, seeds=args.seeds, max_new_tokens=args.max_new_tokens, classifier=args.classifier)
         elif args.command == "train-saes":
