@@ -21,9 +21,9 @@ from .steering import (DEFAULT_OUTPUT, Generation, Method, Unchanged, _pieces, a
 
 # %% auto #0
 __all__ = ['MODE_FIELDS', 'SIGN', 'ReferenceTokens', 'reference_tokens', 'Calibration', 'calibrate', 'TokenPass', 'token_pass',
-           'steer_attribution', 'latent_attribution', 'highlight', 'highlighted_columns', 'token_rows',
-           'format_token_rows', 'first_sentence', 'heldout_paragraphs', 'text_generation', 'on_topic_labels', 'auroc',
-           'separation']
+           'steer_attribution', 'latent_attribution', 'highlight', 'highlighted_columns', 'highlight_result',
+           'token_rows', 'format_token_rows', 'first_sentence', 'heldout_paragraphs', 'text_generation',
+           'on_topic_labels', 'auroc', 'separation']
 
 # %% ../nbs/04d_highlighting.ipynb #b779af9a
 @dataclass(eq=False)
@@ -217,6 +217,14 @@ def highlighted_columns(model, sae, plain: Generation, steered: Generation, scor
     given = dict(calibration=calibration, reference=reference, output=steered.output)
     return [Column("unsteered", f"unsteered ({ORIGINAL})", plain, highlight(model, sae, plain, scores, method, steered=False, **given)),
             Column("steered", label, steered, highlight(model, sae, steered, scores, method, **given))]
+
+# %% ../nbs/04d_highlighting.ipynb #7a08fb87
+def highlight_result(result, *, model, sae, reference: ReferenceSet, tokens: ReferenceTokens | None = None) -> list[Column]:
+    """The highlighted columns of a `steer_by_text` result (its `plain`, `steered`, `scores` and `method`), calibrated on
+    `tokens` (default: `reference_tokens(model, sae, reference)`)."""
+    tokens = tokens if tokens is not None else reference_tokens(model, sae, reference)
+    return highlighted_columns(model, sae, result.plain, result.steered, result.scores, result.method, reference=reference,
+                               calibration=calibrate(sae, tokens, Unchanged(as_scores(result.scores, sae.cfg.d_sae))))
 
 # %% ../nbs/04d_highlighting.ipynb #6258d2a7
 def token_rows(details: list[TokenDetail]) -> list[dict]:
