@@ -5,10 +5,8 @@ extra that attribution needs), best of `--repeats`, rounds interleaved.
 Target (issue 25): attribution adds at most one teacher-forced pass per continuation, i.e. highlight ≈ 2 passes and
 highlight − token_details ≈ 1 pass.
 
-Run: `.venv/bin/python bench/bench_highlight.py [--gemma]` (part of `make bench`, with Gemma 3 270M).
+Run: `.venv/bin/python bench/bench_highlight.py` (part of `make bench`).
 """
-import sys
-
 from benchlib import interleaved_best_of, options, torch_inference
 
 import torch
@@ -40,15 +38,11 @@ def bench(title, model, prompt, n_tokens, repeats):
 
 
 def main():
-    gemma = "--gemma" in sys.argv
-    if gemma:
-        sys.argv.remove("--gemma")
     args = options(tokens=64)
     torch_inference()
     bench("stories260K + embedded SAE", load_model("stories260K"), "Once upon a time", args.tokens, args.repeats)
-    if gemma:
-        bench("Gemma 3 270M + TopK 4,096 @ blocks.6.hook_resid_post", load_model("gemma-3-270m"),
-              "The patient was diagnosed with", args.tokens, args.repeats)
+    bench("Gemma 3 270M + TopK 4,096 @ blocks.6.hook_resid_post", load_model("gemma-3-270m"),
+          "The patient was diagnosed with", args.tokens, args.repeats)
 
 
 if __name__ == "__main__":
