@@ -75,3 +75,20 @@ def test_bad_input_is_refused(model, sae, scores, tokens):
     empty.tokens, empty.pieces = [], []
     with pytest.raises(ValueError, match="no tokens"):
         token_pass(model, sae, empty)
+
+
+def test_attribution_costs_one_pass_more_than_the_details(model, sae, scores):
+    "Forward passes counted at the embedding: highlight runs twice what token_details runs (its one pass), or the same without a method."
+    from saealign.render import token_details
+    g = generate(model, sae, "Once upon a time", Swap(scores), max_new_tokens=8, seed=0)[0]
+
+    def passes(fn):
+        seen = []
+        with model.hooks(fwd_hooks=[("hook_embed", lambda act, hook: seen.append(1))]):
+            fn()
+        return len(seen)
+
+    one = passes(lambda: token_details(model, sae, g, scores, Swap(scores)))
+    assert one >= 1
+    assert passes(lambda: highlight(model, sae, g, scores, Swap(scores))) == 2 * one
+    assert passes(lambda: highlight(model, sae, g, scores, None)) == one
