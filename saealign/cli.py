@@ -27,7 +27,8 @@ from .scoring import _CONTROL, TOPIC_NAMES, topic_texts
 from .steering import (DEFAULT_OUTPUT, OUTPUT_MODES, check_sampling, encode_prompts, format_side_by_side,
                                make_method, method_names)
 from .export import FORMATS, POSITIONS, export_steer, load_vector
-from .render import chart_svg, columns_html, comparison_columns, contamination_chart, inspector_html
+from .render import chart_svg, columns_html, contamination_chart, inspector_html
+from .highlighting import format_token_rows, highlight_result
 
 # %% auto #0
 __all__ = ['EXPORT_METHOD', 'read_topic_file', 'scores_chart', 'report_html', 'check_report_path', 'align', 'demo', 'export',
@@ -69,9 +70,10 @@ def scores_chart(scores):
         x=alt.X("score:Q", bin=alt.Bin(maxbins=25), title="score", axis=alt.Axis(format=".1f", tickCount=5)), y=alt.Y("count():Q", title="latents"))
 
 
-def report_html(result: SteeredText, *, model, sae, reference, title: str, settings: dict) -> str:
-    "A self-contained HTML page: settings, coloured continuations, contamination and score charts, latent inspector."
-    columns = comparison_columns(model, sae, result.plain, result.steered, result.scores, result.method)
+def report_html(result: SteeredText, *, model, sae, reference, title: str, settings: dict, columns=None) -> str:
+    """A self-contained HTML page: settings, coloured continuations, contamination and score charts, latent inspector.
+    `columns`: the highlighted columns if already made (`highlighting.highlight_result`)."""
+    columns = columns or highlight_result(result, model=model, sae=sae, reference=reference)
     rows = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>" for k, v in settings.items())
     texts = "".join(f"<li>{html.escape(t)}</li>" for t in result.scores.align_texts)
     return f"""<!DOCTYPE html>
@@ -82,9 +84,11 @@ table.settings th {{text-align: left; padding-right: 1em}} .charts {{display: fl
 <h1>{html.escape(title)}</h1>
 <table class="settings">{rows}</table>
 <h2>Continuations</h2>
-<p>Each generated token is coloured by its contamination: the share of its SAE activation that came from latents
-unaligned with the topic. Hover a token for its strongest latents and their scores.</p>
-{columns_html(columns)}
+<p>Each generated token is coloured by what the buttons pick: its contamination (the share of its SAE activation that
+came from latents unaligned with the topic) as a percentile among the reference prompts' tokens, how much the steering
+changed its probability, or the raw contamination. Hover a token for all three, the edits that moved it most and its
+strongest latents.</p>
+{columns_html(columns, "calibrated", toggle=True)}
 <h2>Charts</h2>
 <div class="charts"><div>{chart_svg(contamination_chart(columns))}</div><div>{chart_svg(scores_chart(result.scores))}</div></div>
 <h2>Latent inspector</h2>
@@ -170,12 +174,16 @@ def align(align_texts: list[str], prompt: str, *, model_name: str = DEFAULT_MODE
     print(format_side_by_side(result.plain, result.steered))
     print(f"\nper-token contamination of the {method} continuation (0 = from aligned latents):")
     print(_token_line(result.steered))
+    columns = highlight_result(result, model=model, sae=sae, reference=reference)
+    print(f"\nper token: raw contamination, its percentile among reference tokens, and the factor by which the steering "
+          "changed its probability:")
+    print(format_token_rows(columns[1].details))
     if report:
         settings = {"model": model_name, "SAE": f"{release}/{sae_id}", "topic": topic, "prompt": prompt,
                     "method": method, "output mode": output, "max new tokens": max_new_tokens, "seed": seed,
                     "reference prompts": reference.n_prompts, "seconds": f"{done - start:.1f}"}
         page = report_html(result, model=model, sae=sae, reference=reference,
-                           title=f"saealign: {method} towards {topic!r}", settings=settings)
+                           title=f"saealign: {method} towards {topic!r}", settings=settings, columns=columns)
         atomic_write(report, page)
         print(f"\nreport: {report.resolve()}  ({len(page) / 1024:.0f} KiB)")
     return result

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import html
 import io
+import itertools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -16,37 +17,77 @@ from .scoring import LatentScores, summaries_by_latent
 from .steering import ORIGINAL, Generation, Method, as_scores, steer
 
 # %% auto #0
-__all__ = ['COLOUR_STOPS', 'NEUTRAL', 'STYLE', 'contamination_colour', 'legend_html', 'TokenDetail', 'token_details',
-           'tokens_html', 'Column', 'columns_html', 'comparison_columns', 'top_prompts', 'inspector_html',
-           'contamination_chart', 'chart_svg']
+__all__ = ['COLOUR_STOPS', 'NEUTRAL', 'ATTRIBUTION_STOPS', 'ATTRIBUTION_SPAN', 'MODES', 'STYLE', 'TOGGLE_STYLE',
+           'contamination_colour', 'attribution_colour', 'legend_html', 'TokenDetail', 'token_details',
+           'strongest_latents', 'tokens_html', 'Column', 'columns_html', 'comparison_columns', 'top_prompts',
+           'inspector_html', 'contamination_chart', 'chart_svg']
 
 # %% ../nbs/04c_render.ipynb #5e064a84
 COLOUR_STOPS = ((0.0, (217, 240, 211)), (0.5, (254, 224, 139)), (1.0, (244, 109, 67)))
 NEUTRAL = "#d9d9d9"
+# steer attribution: orange where the steer lowered a token's probability, white where it left it, blue where it raised it
+ATTRIBUTION_STOPS = ((-1.0, (239, 138, 98)), (0.0, (247, 247, 247)), (1.0, (103, 169, 207)))
+ATTRIBUTION_SPAN = math.log(4)  # full colour from a 4x change of the token's probability (nats)
 
 
 def _hex(rgb) -> str:
     return "#" + "".join(f"{round(v):02x}" for v in rgb)
 
 
-def contamination_colour(c: float | None) -> str:
-    "The background colour of a token with contamination `c` (0..1, clamped); None or NaN: neutral grey."
+def _ramp(stops, c: float | None) -> str:
+    "The colour at `c` on piecewise-linear `stops` (clamped to their ends); None or NaN: neutral grey."
     if c is None or not math.isfinite(c):
         return NEUTRAL
-    c = min(max(float(c), 0.0), 1.0)
-    for (a, ca), (b, cb) in zip(COLOUR_STOPS, COLOUR_STOPS[1:]):
+    c = min(max(float(c), stops[0][0]), stops[-1][0])
+    for (a, ca), (b, cb) in zip(stops, stops[1:]):
         if c <= b:
             t = (c - a) / (b - a)
             return _hex([x + t * (y - x) for x, y in zip(ca, cb)])
 
 
-def legend_html() -> str:
-    "A gradient bar with the scale's ends, and the neutral swatch."
-    stops = ", ".join(f"{_hex(rgb)} {100 * at:.0f}%" for at, rgb in COLOUR_STOPS)
-    return (f'<div class="sa-legend">contamination <span class="sa-legend-end">0 aligned</span>'
-            f'<i class="sa-bar" style="background: linear-gradient(to right, {stops})"></i>'
-            f'<span class="sa-legend-end">1 unaligned</span>'
-            f'<i class="sa-swatch" style="background: {NEUTRAL}"></i> no active latent</div>')
+def contamination_colour(c: float | None) -> str:
+    "The background colour of a token with contamination `c` (0..1, clamped); None or NaN: neutral grey."
+    return _ramp(COLOUR_STOPS, c)
+
+
+def attribution_colour(a: float | None) -> str:
+    "The background colour of a token with steer attribution `a` (nats; ±`ATTRIBUTION_SPAN` and beyond: full colour)."
+    return _ramp(ATTRIBUTION_STOPS, None if a is None else a / ATTRIBUTION_SPAN)
+
+
+# mode -> (what the toggle says, the TokenDetail field it colours by, its colour map)
+MODES = {"calibrated": ("contamination vs. reference", "calibrated", contamination_colour),
+         "attribution": ("steer attribution", "attribution", attribution_colour),
+         "raw": ("raw contamination (paper)", "contamination", contamination_colour)}
+
+
+def _check_mode(mode: str) -> str:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}.")
+    return mode
+
+
+_LEGEND_WORDS = {
+    "calibrated": ("contamination against the reference prompts' tokens (percentile)", "0 more aligned than any",
+                   "0.5 typical", "1 less aligned than any"),
+    "attribution": ("how much the steer changed the token's probability", f"÷{math.exp(ATTRIBUTION_SPAN):.0f} lowered",
+                    "unchanged", f"×{math.exp(ATTRIBUTION_SPAN):.0f} raised"),
+    "raw": ("contamination: share of the activation from unaligned latents", "0 aligned", "", "1 unaligned"),
+}
+
+
+def legend_html(mode: str = "raw") -> str:
+    "The scale of `mode`, in words: a gradient bar with its ends (and middle), and the neutral swatch."
+    title, low, mid, high = _LEGEND_WORDS[_check_mode(mode)]
+    stops = ATTRIBUTION_STOPS if mode == "attribution" else COLOUR_STOPS
+    lo, hi = stops[0][0], stops[-1][0]
+    gradient = ", ".join(f"{_hex(rgb)} {100 * (at - lo) / (hi - lo):.0f}%" for at, rgb in stops)
+    middle = f'<span class="sa-legend-mid">{mid}</span>' if mid else ""
+    missing = "not steered" if mode == "attribution" else "no active latent"
+    return (f'<div class="sa-legend" data-mode="{mode}">{title} <span class="sa-legend-end">{low}</span>'
+            f'<i class="sa-bar" style="background: linear-gradient(to right, {gradient})"></i>'
+            f'<span class="sa-legend-end">{high}</span>{middle}'
+            f'<i class="sa-swatch" style="background: {NEUTRAL}"></i> {missing}</div>')
 
 # %% ../nbs/04c_render.ipynb #4bc24e05
 @dataclass
@@ -55,6 +96,9 @@ class TokenDetail:
     piece: str                                  # its text, as in the continuation
     contamination: float                        # 0..1; NaN where no latent was active
     latents: list[tuple[int, float, float]]     # the strongest (latent, activation, score), strongest first
+    calibrated: float = math.nan                # the contamination's percentile among reference tokens (highlighting)
+    attribution: float = math.nan               # log p_steered − log p_unsteered of this token, in nats
+    moved: list[tuple] = field(default_factory=list)  # (latent, change, nats, score, top prompt); latent -1: a vector
 
 
 @torch.no_grad()
@@ -76,10 +120,14 @@ def token_details(model, sae, generation: Generation, scores, method: Method | N
     n = len(prompt_ids)
     z = seen["z"][n - 1:n - 1 + len(generation.tokens)].float().cpu()
     _, share = Method(score_t).contamination(z)
+    return [TokenDetail(piece, float(share[j]), strongest) for j, (piece, strongest)
+            in enumerate(zip(generation.pieces, strongest_latents(z, score_t, top)))]
+
+
+def strongest_latents(z: torch.Tensor, scores: torch.Tensor, top: int) -> list[list[tuple[int, float, float]]]:
+    "Per row of activations `z` [n, d_sae]: its `top` active latents as (latent, activation, score), strongest first."
     values, latents = z.topk(min(top, z.shape[-1]), dim=-1)
-    return [TokenDetail(piece, float(share[j]),
-                        [(int(i), float(v), float(score_t[i])) for v, i in zip(values[j], latents[j]) if v > 0])
-            for j, piece in enumerate(generation.pieces)]
+    return [[(int(i), float(v), float(scores[i])) for v, i in zip(values[j], latents[j]) if v > 0] for j in range(len(z))]
 
 # %% ../nbs/04c_render.ipynb #01d2c80e
 STYLE = """<style>
@@ -93,27 +141,62 @@ STYLE = """<style>
 .saealign-view .sa-legend {margin-top: .6em; font-size: 90%; display: flex; align-items: center; gap: .4em}
 .saealign-view .sa-bar {display: inline-block; width: 160px; height: 12px; border: 1px solid #ccc}
 .saealign-view .sa-swatch {display: inline-block; width: 12px; height: 12px; border: 1px solid #ccc; margin-left: 1em}
+.saealign-view .sa-legend-mid {color: #555}
+.saealign-view .sa-mode-label {margin: 0 1em 0 .2em; font-size: 90%}
+.saealign-view.sa-toggle .sa-legend {display: none}
 .saealign-view table.sa-latents {border-collapse: collapse; font-size: 90%}
 .saealign-view table.sa-latents td, .saealign-view table.sa-latents th {border-bottom: 1px solid #eee;
   padding: 2px 8px; text-align: left; vertical-align: top}
 .saealign-error {color: #b00020; font-weight: 600}
 </style>"""
 
+# the script-free toggle: the checked radio's rule (important, so it beats the spans' inline colour) picks the
+# custom property every span carries, and shows that mode's legend
+TOGGLE_STYLE = "<style>\n" + "\n".join(
+    f".saealign-view .sa-mode-{m}:checked ~ .sa-cols .sa-tok {{background-color: var(--sa-{m}) !important}}\n"
+    f".saealign-view .sa-mode-{m}:checked ~ .sa-legends .sa-legend[data-mode={m}] {{display: flex}}" for m in MODES) + "\n</style>"
+
+
+def _short(text: str, n: int = 110) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= n else text[:n - 1] + "…"
+
 
 def _visible(piece: str) -> str:
     return html.escape(piece).replace("\n", "↵\n")
 
 
+def _factor(nats: float) -> str:
+    "A change of probability in words: ×3.1 or ÷2.0."
+    return f"×{math.exp(nats):.2g}" if nats >= 0 else f"÷{math.exp(-nats):.2g}"
+
+
 def _tooltip(d: TokenDetail) -> str:
     head = f"contamination {d.contamination:.2f}" if math.isfinite(d.contamination) else "no active latent"
-    return "\n".join([f"{d.piece!r}: {head}"] + [f"latent {i}: activation {v:.2f}, score {s:.2f}" for i, v, s in d.latents])
+    if math.isfinite(d.calibrated):
+        head += f" (percentile {d.calibrated:.2f} among reference tokens)"
+    if math.isfinite(d.attribution):
+        head += f"; steer {_factor(d.attribution)} ({d.attribution:+.2f} nats)"
+    moved = [f"{'the method’s vector' if i < 0 else f'latent {i} (score {s:.2f})'}: {nats:+.2f} nats direct"
+             + (f", activation {change:+.2f}" if i >= 0 else "") + (f" · “{_short(p, 60)}”" if p else "")
+             for i, change, nats, s, p in d.moved]
+    return "\n".join([f"{d.piece!r}: {head}"] + (["moved most by (first order):"] + moved if moved else [])
+                     + [f"latent {i}: activation {v:.2f}, score {s:.2f}" for i, v, s in d.latents])
 
 
-def tokens_html(details: list[TokenDetail]) -> str:
-    "One styled span per token."
-    return "".join(f'<span class="sa-tok" style="background-color: {contamination_colour(d.contamination)}" '
-                   f'data-contamination="{d.contamination!r}" title="{html.escape(_tooltip(d))}">{_visible(d.piece)}</span>'
-                   for d in details)
+def tokens_html(details: list[TokenDetail], mode: str = "raw", *, toggle: bool = False) -> str:
+    """One styled span per token, coloured by `mode`; with `toggle`, each span also carries every mode's colour as a
+    custom property (`--sa-<mode>`) for the script-free toggle of `columns_html`."""
+    _check_mode(mode)
+
+    def style(d):
+        colours = {m: colour(getattr(d, field)) for m, (_, field, colour) in MODES.items()}
+        extra = "".join(f"; --sa-{m}: {c}" for m, c in colours.items()) if toggle else ""
+        return f"background-color: {colours[mode]}{extra}"
+
+    return "".join(f'<span class="sa-tok" style="{style(d)}" data-contamination="{d.contamination!r}" '
+                   f'data-calibrated="{d.calibrated!r}" data-attribution="{d.attribution!r}" '
+                   f'title="{html.escape(_tooltip(d))}">{_visible(d.piece)}</span>' for d in details)
 
 
 @dataclass
@@ -130,13 +213,26 @@ class Column:
         return sum(values) / len(values) if values else float("nan")
 
 
-def columns_html(columns: list[Column]) -> str:
-    "The columns side by side, each with its header and mean contamination, then the legend."
+_views = itertools.count()  # radio groups must not clash when a page holds several views
+
+
+def columns_html(columns: list[Column], mode: str = "raw", *, toggle: bool = False) -> str:
+    """The columns side by side, each with its header and mean contamination, then the legend of `mode`. With
+    `toggle`, radio buttons above switch the colours between the modes without a script (`mode` checked first)."""
+    _check_mode(mode)
     cols = "".join(f'<div class="sa-col" data-column="{c.name}"><div class="sa-head">{html.escape(c.label)} '
                    f'&middot; {len(c.details)} tokens &middot; mean contamination {c.mean_contamination:.2f}</div>'
-                   f'<div class="sa-text"><b class="sa-prompt">{_visible(c.generation.prompt)}</b>{tokens_html(c.details)}</div></div>'
-                   for c in columns)
-    return f'{STYLE}<div class="saealign-view"><div class="sa-cols">{cols}</div>{legend_html()}</div>'
+                   f'<div class="sa-text"><b class="sa-prompt">{_visible(c.generation.prompt)}</b>'
+                   f'{tokens_html(c.details, mode, toggle=toggle)}</div></div>' for c in columns)
+    if not toggle:
+        return f'{STYLE}<div class="saealign-view"><div class="sa-cols">{cols}</div>{legend_html(mode)}</div>'
+    group = f"sa-mode-{next(_views)}"
+    radios = "".join(f'<input type="radio" class="sa-mode sa-mode-{m}" name="{group}" id="{group}-{m}" value="{m}"'
+                     f'{" checked" if m == mode else ""}><label class="sa-mode-label" for="{group}-{m}">{words}</label>'
+                     for m, (words, _, _) in MODES.items())
+    legends = "".join(legend_html(m) for m in MODES)
+    return (f'{STYLE}{TOGGLE_STYLE}<div class="saealign-view sa-toggle">{radios}<div class="sa-cols">{cols}</div>'
+            f'<div class="sa-legends">{legends}</div></div>')
 
 # %% ../nbs/04c_render.ipynb #bf5ae0f8
 def comparison_columns(model, sae, plain: Generation, steered: Generation, scores, method: Method | None) -> list[Column]:
@@ -153,11 +249,6 @@ def top_prompts(ref, latent: int, k: int = 3) -> list[tuple[str, float]]:
     values, cols = st.values()[start:end], st.col_indices()[start:end]
     best = values.topk(min(k, len(values)))
     return [(ref.prompts[int(cols[i])], float(v)) for v, i in zip(best.values, best.indices)]
-
-
-def _short(text: str, n: int = 110) -> str:
-    text = " ".join(text.split())
-    return text if len(text) <= n else text[:n - 1] + "…"
 
 
 def _percent(share: float) -> str:
@@ -182,7 +273,6 @@ def inspector_html(ref, scores: LatentScores, k: int = 10, n_prompts: int = 3, o
 
 def _number(value: float) -> str:
     return "–" if math.isnan(value) else f"{value:+.3f}"
-
 
 # %% ../nbs/04c_render.ipynb #1442c8f6
 def contamination_chart(columns: list[Column]):

@@ -13,9 +13,10 @@ import ipywidgets as W
 
 from .calibration import DEFAULT_METHOD
 from .selection import TopicInputs
-from .render import Column, chart_svg, columns_html, comparison_columns, contamination_chart, inspector_html
+from .highlighting import ReferenceTokens, calibrate, highlighted_columns, reference_tokens
+from .render import MODES, Column, chart_svg, columns_html, contamination_chart, inspector_html
 from .scoring import LatentScores, check_reference, model_topics, score_latents
-from .steering import DEFAULT_OUTPUT, ORIGINAL, OUTPUT_MODES, Method, generate, make_method, method_names
+from .steering import DEFAULT_OUTPUT, ORIGINAL, OUTPUT_MODES, Method, Unchanged, generate, make_method, method_names
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +102,8 @@ class _LiveScoring:
 
 # %% ../nbs/05_widgets.ipynb #03c92d12
 class AlignmentExplorer(_LiveScoring):
-    "A JupyterLab widget: alignment texts → scores → unsteered and steered continuations, highlighted by contamination."
+    """A JupyterLab widget: alignment texts → scores → unsteered and steered continuations, each token highlighted by
+    its calibrated contamination, its steer attribution or its raw contamination (the `mode` toggle)."""
 
     def __init__(self, model, sae, reference, embedder, *, topics: dict[str, list[str]] | None = None,
                  prompt: str = "Once upon a time", n_latents: int = 10, n_prompts: int = 3):
@@ -115,6 +117,7 @@ class AlignmentExplorer(_LiveScoring):
         self._scored: dict[tuple[str, ...], LatentScores] = {}
         self._inputs: dict[tuple[str, ...], TopicInputs] = {}
         self._shared: dict = {}  # what every topic's TopicInputs share here (the reference's activation means)
+        self._tokens: ReferenceTokens | None = None  # the calibration's reference tokens, read on first Generate
 
         first = next(iter(self.topics), CUSTOM)
         self.topic = W.Dropdown(options=[CUSTOM, *self.topics], value=first, description="topic")
@@ -125,6 +128,8 @@ class AlignmentExplorer(_LiveScoring):
         self.max_new_tokens = W.BoundedIntText(value=48, min=1, max=model.cfg.n_ctx, description="new tokens")
         self.seed = W.IntText(value=0, description="seed")
         self.prompt = W.Text(value=prompt, description="prompt", layout=W.Layout(width="auto"))
+        self.mode = W.ToggleButtons(options=[(words, m) for m, (words, _, _) in MODES.items()], value="calibrated",
+                                    description="colour", style={"button_width": "auto"})
         self.button = W.Button(description="Generate", button_style="primary", icon="play")
         self.progress = W.IntProgress(value=0, min=0, max=4, layout=W.Layout(width="160px"))
         self.status = W.HTML()
@@ -138,11 +143,12 @@ class AlignmentExplorer(_LiveScoring):
         self.topic.observe(self._on_topic, "value")
         self.texts.observe(self._on_texts, "value")
         self.button.on_click(self._on_generate)
+        self.mode.observe(self._on_mode, "value")
         controls = W.VBox([self.prompt, self.method, self.output, self.max_new_tokens, self.seed])
         self.widget = W.VBox([
             W.HBox([controls, W.VBox([self.topic, self.texts], layout=W.Layout(flex="1"))]),
             W.HBox([self.button, self.progress, self.status]),
-            self.view, self.chart_view,
+            self.mode, self.view, self.chart_view,
             W.HTML("<b>Latent inspector</b>: the best-scored latents for these texts"), self.inspector])
         self._rescore()
 
@@ -150,10 +156,10 @@ class AlignmentExplorer(_LiveScoring):
         return self.widget._repr_mimebundle_(**kwargs)
 
     def render_html(self, prompt: str, align_texts, *, method: str = DEFAULT_METHOD, output: str | None = None,
-                    max_new_tokens: int = 64, seed: int = 0) -> str:
+                    max_new_tokens: int = 64, seed: int = 0, mode: str | None = None) -> str:
         """The HTML the widget shows for one generation: unsteered and `method` continuations of `prompt`, one
-        span per generated token coloured by its contamination under `align_texts`' scores. `output` None:
-        the widget's output mode. Keeps the columns in `self.columns` and their chart in `self.chart`."""
+        span per generated token coloured by `mode` (None: the widget's toggle) under `align_texts`' scores.
+        `output` None: the widget's output mode. Keeps the columns in `self.columns` and their chart in `self.chart`."""
         output = self.output.value if output is None else output
         scores = self.score(align_texts)
         use_sae, steering = sae_and_method(method, self.inputs(align_texts))
@@ -163,9 +169,17 @@ class AlignmentExplorer(_LiveScoring):
         steered = plain if not use_sae else generate(self.model, self.sae, prompt, steering, output=output,
                                                      max_new_tokens=max_new_tokens, seed=seed)[0]
         self.progress.value = 3
-        self.columns = comparison_columns(self.model, self.sae, plain, steered, scores, steering)
+        if self._tokens is None:
+            self._tokens = reference_tokens(self.model, self.sae, self.reference)
+        self.columns = highlighted_columns(self.model, self.sae, plain, steered, scores, steering, reference=self.reference,
+                                           calibration=calibrate(self.sae, self._tokens, Unchanged(scores)))
         self.chart = contamination_chart(self.columns)
-        return columns_html(self.columns)
+        return columns_html(self.columns, self.mode.value if mode is None else mode)
+
+    def _on_mode(self, change) -> None:
+        "Recolour the shown columns: every mode's numbers are computed already."
+        if self.columns:
+            self.view.value = columns_html(self.columns, change.new)
 
     def _on_generate(self, _=None) -> None:
         start = time.perf_counter()

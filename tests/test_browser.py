@@ -1,5 +1,6 @@
 """The widgets notebook in a real browser: JupyterLab on loopback, headless Chromium driven by playwright-core.
-Runs the notebook, clicks Generate and checks the highlighted tokens; the screenshot goes to tests/artifacts/."""
+Runs the notebook, clicks Generate, checks the highlighted tokens, switches the colour toggle to steer attribution and
+checks the same tokens recoloured; screenshots (each mode, and the explorer at the end) go to tests/artifacts/."""
 import json
 import os
 import secrets
@@ -65,11 +66,19 @@ def lab(tmp_path):
         log.close()
 
 
+def rgb(hex_colour: str) -> str:
+    "A `#rrggbb` colour as the browser's computed style writes it."
+    r, g, b = (int(hex_colour[i:i + 2], 16) for i in (1, 3, 5))
+    return f"rgb({r}, {g}, {b})"
+
+
 def test_explorer_generates_highlighted_tokens_in_jupyterlab(lab, tmp_path, model, sae, embedder):
-    from saealign.render import contamination_colour
+    from saealign.render import attribution_colour, contamination_colour
     ARTIFACTS.mkdir(exist_ok=True)
     shot = ARTIFACTS / "explorer.png"
-    shot.unlink(missing_ok=True)
+    shots = {m: ARTIFACTS / f"explorer-{m}.png" for m in ("calibrated", "attribution")}
+    for path in (shot, *shots.values()):
+        path.unlink(missing_ok=True)
     start = time.time()
     run = subprocess.run(["node", str(BROWSER_DIR / "explore.mjs"), chromium(), lab, str(shot), "480000"],
                          capture_output=True, text=True, timeout=600, cwd=BROWSER_DIR)
@@ -82,12 +91,20 @@ def test_explorer_generates_highlighted_tokens_in_jupyterlab(lab, tmp_path, mode
     assert columns == {"unsteered", "steered"}
     for column in columns:
         assert 1 <= sum(t["column"] == column for t in tokens) <= 48  # the widget's default max new tokens
-    for t in tokens:  # the colour the browser computed is the one the token's contamination implies
-        hex_colour = contamination_colour(float(t["contamination"]))
-        rgb = tuple(int(hex_colour[i:i + 2], 16) for i in (1, 3, 5))
-        assert t["background"] == f"rgb({rgb[0]}, {rgb[1]}, {rgb[2]})", t
+    for t in tokens:  # the default mode: the colour the browser computed is the one the token's percentile implies
+        assert t["background"] == rgb(contamination_colour(float(t["calibrated"]))), t
         assert t["text"] and t["title"].startswith(repr(t["text"].replace("↵\n", "\n")) + ":")
         assert "contamination" in t["title"] or "no active latent" in t["title"]
+    # the colour toggle: the same tokens, coloured by their steer attribution, differently
+    modes = page["modes"]
+    assert set(modes) == {"calibrated", "attribution"} and modes["calibrated"] == tokens
+    recoloured = modes["attribution"]
+    assert [t["text"] for t in recoloured] == [t["text"] for t in tokens]
+    for t in recoloured:
+        assert t["background"] == rgb(attribution_colour(float(t["attribution"]))), t
+    steered = [(a, b) for a, b in zip(tokens, recoloured) if a["column"] == "steered"]
+    assert sum(a["background"] != b["background"] for a, b in steered) > len(steered) // 2
+    assert all(path.stat().st_size > 10_000 for path in shots.values())
     assert "generated in" in page["status"] and page["chart"] >= 1 and page["inspectorRows"] == 10
     # picking the food topic filled in its texts and re-ranked the latents as the library ranks them
     from saealign.reference import default_reference

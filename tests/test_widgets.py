@@ -15,7 +15,7 @@ from saealign.reference import ReferenceSet, build_reference_prompts, compute_re
 from saealign.scoring import STORY_TOPICS
 from saealign.calibration import DEFAULT_METHOD
 from saealign.steering import Clamp, Swap, Weight, generate
-from saealign.render import NEUTRAL, TokenDetail, contamination_colour, token_details, tokens_html, top_prompts
+from saealign.render import NEUTRAL, TokenDetail, attribution_colour, contamination_colour, token_details, tokens_html, top_prompts
 from saealign.widgets import CUSTOM, AlignmentExplorer, sae_and_method
 
 SEA, FOOD = STORY_TOPICS["sea"], STORY_TOPICS["food"]
@@ -262,3 +262,16 @@ def test_reference_from_another_sae_is_refused(model, ref, embedder):
     other = load_sae("saealign-stories260K", "blocks.0.hook_resid_post", model=model)
     with pytest.raises(ValueError, match="another SAE"):
         AlignmentExplorer(model, other, ref, embedder)
+
+
+def test_colour_toggle_recolours_without_generating(explorer, monkeypatch):
+    explorer.method.value, explorer.max_new_tokens.value = "Swap", 12
+    explorer.button.click()
+    shown = Spans(explorer.view.value).column_tokens("steered")
+    assert [t["colour"] for t in shown] == [contamination_colour(d.calibrated) for d in explorer.columns[1].details]
+    monkeypatch.setattr(Wd, "generate", lambda *a, **k: pytest.fail("the toggle must not generate again"))
+    explorer.mode.value = "attribution"
+    recoloured = Spans(explorer.view.value).column_tokens("steered")
+    assert [t["text"] for t in recoloured] == [t["text"] for t in shown]
+    assert [t["colour"] for t in recoloured] == [attribution_colour(d.attribution) for d in explorer.columns[1].details]
+    assert 'data-mode="attribution"' in explorer.view.value

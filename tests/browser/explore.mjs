@@ -47,13 +47,29 @@ try {
   await page.locator(".saealign-status", { hasText: "generated in" }).first().waitFor();
   log("tokens highlighted");
 
-  const tokens = await result.locator(".sa-tok").evaluateAll((els) => els.map((e) => ({
+  const readTokens = () => result.locator(".sa-tok").evaluateAll((els) => els.map((e) => ({
     column: e.closest("[data-column]").dataset.column,
     text: e.textContent,
     contamination: e.dataset.contamination,
+    calibrated: e.dataset.calibrated,
+    attribution: e.dataset.attribution,
     background: getComputedStyle(e).backgroundColor,
     title: e.title,
   })));
+  const legendMode = () => result.locator(".sa-legend").first().getAttribute("data-mode");
+  const tokens = await readTokens();
+  const modes = { [await legendMode()]: tokens };
+  const area0 = page.locator(".jp-OutputArea-output", { has: result }).first();
+  await area0.scrollIntoViewIfNeeded();
+  await area0.screenshot({ path: shot.replace(/\.png$/, "-calibrated.png") });
+  // the colour toggle: recolour by steer attribution, then back
+  await page.locator(".widget-toggle-buttons button", { hasText: "steer attribution" }).first().click();
+  await page.waitForFunction(() => document.querySelector(".saealign-result .sa-legend")?.dataset.mode === "attribution");
+  modes[await legendMode()] = await readTokens();
+  await area0.screenshot({ path: shot.replace(/\.png$/, "-attribution.png") });
+  log("toggled to attribution");
+  await page.locator(".widget-toggle-buttons button", { hasText: "contamination vs. reference" }).first().click();
+  await page.waitForFunction(() => document.querySelector(".saealign-result .sa-legend")?.dataset.mode === "calibrated");
   await result.locator(".sa-tok").first().hover();
   const status = await page.locator(".saealign-status").first().innerText();
   const chart = await page.locator(".saealign-chart svg").count();
@@ -72,7 +88,7 @@ try {
   const area = page.locator(".jp-OutputArea-output", { has: page.locator(".saealign-result") }).first();
   await area.scrollIntoViewIfNeeded();
   await area.screenshot({ path: shot });
-  console.log(JSON.stringify({ tokens, status, chart, inspectorRows, seaTop, foodTop, texts, pageErrors }));
+  console.log(JSON.stringify({ tokens, modes, status, chart, inspectorRows, seaTop, foodTop, texts, pageErrors }));
 } catch (e) {
   await page.screenshot({ path: shot.replace(/\.png$/, "-failure.png") }).catch(() => {});
   throw e;
