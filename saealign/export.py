@@ -32,7 +32,8 @@ __all__ = ['ADDITIVE_METHODS', 'FORMAT', 'POSITIONS', 'PROBE_TEXT', 'FINGERPRINT
            'llamacpp_model', 'llamacpp_greedy', 'export_steer']
 
 # %% ../nbs/03c_export.ipynb #c369e4bc
-ADDITIVE_METHODS = ("DiffMeans", "AddSteer", "MatchedSteer")  # named when a method is refused; the tests export each
+# named when a method is refused; the tests export each (TopicSteer: the default's vector without its schedule)
+ADDITIVE_METHODS = ("TopicSteer", "DiffMeans", "AddSteer", "MatchedSteer")
 
 
 def _latent_probes(sae) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -13,6 +13,7 @@ import ipywidgets as W
 
 from .calibration import DEFAULT_METHOD
 from .selection import TopicInputs
+from .export import export_steer
 from .highlighting import ReferenceTokens, calibrate, highlighted_columns, reference_tokens
 from .render import MODES, Column, chart_svg, columns_html, contamination_chart, inspector_html
 from .scoring import LatentScores, check_reference, model_topics, score_latents
@@ -131,6 +132,8 @@ class AlignmentExplorer(_LiveScoring):
         self.mode = W.ToggleButtons(options=[(words, m) for m, (words, _, _) in MODES.items()], value="calibrated",
                                     description="colour", style={"button_width": "auto"})
         self.button = W.Button(description="Generate", button_style="primary", icon="play")
+        self.export_path = W.Text(value="steer.gguf", description="export to")
+        self.export_button = W.Button(description="Export steer", icon="download")
         self.progress = W.IntProgress(value=0, min=0, max=4, layout=W.Layout(width="160px"))
         self.status = W.HTML()
         self.view = W.HTML()
@@ -143,11 +146,13 @@ class AlignmentExplorer(_LiveScoring):
         self.topic.observe(self._on_topic, "value")
         self.texts.observe(self._on_texts, "value")
         self.button.on_click(self._on_generate)
+        self.export_button.on_click(self._on_export)
         self.mode.observe(self._on_mode, "value")
         controls = W.VBox([self.prompt, self.method, self.output, self.max_new_tokens, self.seed])
         self.widget = W.VBox([
             W.HBox([controls, W.VBox([self.topic, self.texts], layout=W.Layout(flex="1"))]),
             W.HBox([self.button, self.progress, self.status]),
+            W.HBox([self.export_button, self.export_path]),
             self.mode, self.view, self.chart_view,
             W.HTML("<b>Latent inspector</b>: the best-scored latents for these texts"), self.inspector])
         self._rescore()
@@ -175,6 +180,16 @@ class AlignmentExplorer(_LiveScoring):
                                            calibration=calibrate(self.sae, self._tokens, Unchanged(scores)))
         self.chart = contamination_chart(self.columns)
         return columns_html(self.columns, self.mode.value if mode is None else mode)
+
+    def _on_export(self, _=None) -> None:
+        "Write the selected method's steer for these texts where `export_path` says (`saealign export` does the same)."
+        try:
+            steering = make_method(self.method.value, self.inputs(self.align_texts))
+            path = export_steer(steering, self.sae, self.model, self.export_path.value, texts=self.align_texts,
+                                output=self.output.value)
+            self._say(f"exported {self.method.value} to {path}")
+        except Exception as e:
+            self._error(e)
 
     def _on_mode(self, change) -> None:
         "Recolour the shown columns: every mode's numbers are computed already."

@@ -275,3 +275,15 @@ def test_colour_toggle_recolours_without_generating(explorer, monkeypatch):
     assert [t["text"] for t in recoloured] == [t["text"] for t in shown]
     assert [t["colour"] for t in recoloured] == [attribution_colour(d.attribution) for d in explorer.columns[1].details]
     assert 'data-mode="attribution"' in explorer.view.value
+
+
+def test_export_button_writes_the_selected_steer_or_says_why_not(explorer, tmp_path):
+    from saealign.export import load_vector
+    explorer.method.value, explorer.export_path.value = "DiffMeans", str(tmp_path / "sea.safetensors")
+    explorer.export_button.click()
+    assert "exported DiffMeans to" in explorer.status.value
+    sv = load_vector(tmp_path / "sea.safetensors")
+    assert sv.vector.shape == (explorer.sae.cfg.d_in,) and sv.vector.norm() > 0
+    explorer.method.value, explorer.export_path.value = "Swap", str(tmp_path / "swap.gguf")
+    explorer.export_button.click()
+    assert not (tmp_path / "swap.gguf").exists() and "additive" in explorer.status.value.lower()
