@@ -23,7 +23,7 @@ from .steering import (DEFAULT_OUTPUT, Generation, Method, Unchanged, _pieces, a
 __all__ = ['MODE_FIELDS', 'SIGN', 'ReferenceTokens', 'reference_tokens', 'Calibration', 'calibrate', 'TokenPass', 'token_pass',
            'steer_attribution', 'latent_attribution', 'highlight', 'highlighted_columns', 'highlight_result',
            'token_rows', 'format_token_rows', 'first_sentence', 'heldout_paragraphs', 'text_generation',
-           'on_topic_labels', 'auroc', 'separation']
+           'on_topic_labels', 'auroc', 'separation', 'separation_table']
 
 # %% ../nbs/04d_highlighting.ipynb #b779af9a
 @dataclass(eq=False)
@@ -288,16 +288,17 @@ def auroc(positive, negative) -> float:
     diff = pos[:, None] - neg[None, :]
     return float((diff > 0).double().mean() + 0.5 * (diff == 0).double().mean())
 
-# %% ../nbs/04d_highlighting.ipynb #702cf86d
+# %% ../nbs/04d_highlighting.ipynb #fd0d4efb
 MODE_FIELDS = {"calibrated": "calibrated", "attribution": "attribution", "raw": "contamination"}
 SIGN = {"calibrated": -1, "attribution": 1, "raw": -1}  # on-topic tokens: lower contamination, higher attribution
 
 
 def separation(model, sae, reference: ReferenceSet, embedder, topics: dict[str, dict], *, method: str | None = None,
-               n: int = 10, tokens: ReferenceTokens | None = None, progress: bool = True) -> dict:
+               n: int = 10, names=None, tokens: ReferenceTokens | None = None, progress: bool = True) -> dict:
     """AUROC per topic and pooled of each highlighting mode on `heldout_paragraphs` of `topics` (name ->
     {"align": texts, "heldout": texts}, as in the topic files), with each topic's scores and `method` (default: the
-    selection chapter's `DEFAULT_METHOD`) in the default output mode."""
+    selection chapter's `DEFAULT_METHOD`) in the default output mode. `names`: the topics to measure (default: all;
+    the others still give off-topic sentences). The per-token `values` come back too."""
     from tqdm.auto import tqdm
 
     from saealign.scoring import score_latents
@@ -306,7 +307,10 @@ def separation(model, sae, reference: ReferenceSet, embedder, topics: dict[str, 
     method = method or DEFAULT_METHOD
     tokens = tokens or reference_tokens(model, sae, reference)
     paragraphs, shared, values = heldout_paragraphs({k: t["heldout"] for k, t in topics.items()}, n), {}, []
-    for name in tqdm(topics, disable=not progress, desc="topics"):
+    names = list(topics) if names is None else list(names)
+    if set(names) - set(topics):
+        raise ValueError(f"names not among the topics: {sorted(set(names) - set(topics))}.")
+    for name in tqdm(names, disable=not progress, desc="topics"):
         align = list(topics[name]["align"])
         scores = score_latents(reference, align, embedder)
         steer_with = make_method(method, TopicInputs(model, sae, reference, align, embedder, given_scores=scores, shared=shared))
@@ -315,10 +319,15 @@ def separation(model, sae, reference: ReferenceSet, embedder, topics: dict[str, 
             gen = text_generation(model, p["text"])
             details = highlight(model, sae, gen, scores, steer_with, steered=False, calibration=cal)
             for d, on in zip(details, on_topic_labels(p, gen.pieces)):
-                values.append(dict(topic=name, on=on, **{m: getattr(d, f) for m, f in MODE_FIELDS.items()}))
+                values.append(dict(topic=name, paragraph=p["text"], on=on, **{m: getattr(d, f) for m, f in MODE_FIELDS.items()}))
+    return dict(method=method, sae=sae.cfg.metadata.hook_name, table=separation_table(values, names), values=values)
+
+
+def separation_table(values: list[dict], names) -> dict:
+    "Per topic in `names`, and pooled over them: each mode's AUROC and the number of tokens."
     table = {}
-    for name in [*topics, "pooled"]:
+    for name in [*names, "pooled"]:
         rows = [v for v in values if name == "pooled" or v["topic"] == name]
         table[name] = {m: auroc([SIGN[m] * v[m] for v in rows if v["on"]], [SIGN[m] * v[m] for v in rows if not v["on"]])
                        for m in MODE_FIELDS} | {"tokens": len(rows)}
-    return dict(method=method, sae=sae.cfg.metadata.hook_name, n_paragraphs=len(paragraphs), table=table)
+    return table
