@@ -22,7 +22,7 @@ def test_demo_writes_a_self_contained_report(tmp_path):
     assert f"{DEFAULT_METHOD} (error), contamination" in done.stdout and "per-token contamination" in done.stdout
     page = (tmp_path / "out.html").read_text()
     assert page.startswith("<!DOCTYPE html>") and page.count("<svg") >= 2 and "<script" not in page
-    assert "<th>output score</th>" in page  # the default method measured them, so the inspector shows them
+    assert "<th>output score</th>" not in page  # the calibrated default measures no output scores
     # the highlighting: per-token numbers printed, and a page with the script-free colour toggle
     assert "percentile among reference tokens" in done.stdout and "pctl" in done.stdout
     assert page.count('<input type="radio" class="sa-mode') == 3 and " checked>" in page
