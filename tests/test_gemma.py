@@ -63,12 +63,12 @@ def test_a_conversion_of_another_gguf_is_rebuilt(tmp_path):
     folder.mkdir()
     (folder / "model.safetensors").write_bytes(b"weights")
     record = {"format": models.CONVERSION_FORMAT, "gguf_sha256": "0" * 64,
-              "weights_sha256": models.sha256_of(folder / "model.safetensors")}
+              "files": {"model.safetensors": models.sha256_of(folder / "model.safetensors")}}
     (folder / "conversion.json").write_text(json.dumps(record))
-    assert models._conversion_ok(folder, "0" * 64)
-    assert not models._conversion_ok(folder, models.gguf_package().EXPECTED_SHA256)  # another GGUF: rebuilt
+    assert models.conversion_problem(folder, "0" * 64) is None
+    assert models.conversion_problem(folder, models.gguf_package().EXPECTED_SHA256) == "it comes from another GGUF"
     (folder / "model.safetensors").write_bytes(b"weightz")  # damaged weights: rebuilt
-    assert not models._conversion_ok(folder, "0" * 64)
+    assert "changed since it was written" in models.conversion_problem(folder, "0" * 64)
 
 
 def test_missing_package_says_how_to_install(monkeypatch):

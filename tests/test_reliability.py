@@ -790,7 +790,7 @@ def test_steer_by_text_takes_the_multiplier_and_names_what_a_method_does_not_tak
     one, two = run(method="DiffMeans"), run(method="DiffMeans", multiplier=2.0)
     torch.testing.assert_close(two.method.vector, 2 * one.method.vector)
     for kwargs, match in [({"method": "DiffMeans", "multiplier": float("nan")}, "multiplier must be a finite number"),
-                          ({"multiplier": -1e9}, "within ±100"), ({"method": "Swap", "multiplier": 2.0},
+                          ({"method": "MatchedSteer", "multiplier": -1e9}, "within ±100"), ({"method": "Swap", "multiplier": 2.0},
                                                                    "Swap does not take multiplier")]:
         with pytest.raises(ValueError, match=match):
             run(**kwargs)

@@ -302,7 +302,8 @@ def test_every_registered_method_from_topic_inputs(model, sae):
     out = fake_output(sae.cfg.d_sae, list(range(10)), [1.0, 2.0, 0.5, 3.0, -1.0, 0.0, 4.0, 0.2, 0.1, 5.0])
     texts = ["The boat sailed on the big blue sea.", "Fish swam in the cold salty water."]
     inputs = TopicInputs(model, sae, ref, texts, None, given_scores=scores, given_output=out)
-    methods = {name: make_method(name, inputs) for name in method_names()}
+    # the calibration chapter's steers calibrate with the CoLA classifier: tested there (03d)
+    methods = {name: make_method(name, inputs) for name in method_names() if not name.startswith("TopicSteer")}
     assert {"Swap", "Clamp", "Weight", "SAE", "OutputSwap", "OutputClamp", "AddSteer", "MatchedSteer", "DiffMeans"} <= set(methods)
     assert all(type(m).__name__ == name for name, m in methods.items() if name != "SAE")
     assert sorted(methods["AddSteer"].latents.tolist()) == sorted(output_latents(out).tolist())

@@ -13,7 +13,7 @@ import saealign.steering as steering
 import saealign.widgets as Wd
 from saealign.reference import ReferenceSet, build_reference_prompts, compute_reference
 from saealign.scoring import STORY_TOPICS
-from saealign.calibration import DEFAULT_METHOD
+from saealign.calibration import DEFAULT_METHOD, PROTECTIONS
 from saealign.steering import Clamp, Swap, Weight, generate
 from saealign.render import NEUTRAL, TokenDetail, attribution_colour, contamination_colour, token_details, tokens_html, top_prompts
 from saealign.widgets import CUSTOM, AlignmentExplorer, sae_and_method
@@ -133,7 +133,7 @@ def test_unsteered_details_are_the_saes_own_activations(model, sae, explorer):
 
 @pytest.mark.parametrize("method", ["Swap", "SAE", "Original"])
 def test_render_html_one_span_per_token_with_its_colour(explorer, method):
-    page = explorer.render_html("Once upon a time", SEA, method=method, max_new_tokens=24, seed=1)
+    page = explorer.render_html("Once upon a time", SEA, method=method, max_new_tokens=24, seed=1, mode="raw")
     spans = Spans(page)
     plain, steered = explorer.columns
     assert (plain.name, steered.name) == ("unsteered", "steered") and plain.generation.method == "Original"
@@ -176,7 +176,7 @@ def test_explorer_offers_a_method_registered_later(explorer, monkeypatch):
     steering.register_method("Swap again", Swap)
     fresh = AlignmentExplorer(explorer.model, explorer.sae, explorer.reference, explorer.embedder)
     assert list(fresh.method.options) == ["Original", "SAE", "Clamp", "Swap", "Weight", "OutputSwap", "OutputClamp",
-                                          "AddSteer", "MatchedSteer", "DiffMeans", "Swap again"]
+                                          "AddSteer", "MatchedSteer", "DiffMeans", *PROTECTIONS, "Swap again"]
     assert fresh.method.value == DEFAULT_METHOD
     fresh.render_html("The cat", SEA, method="Swap again", max_new_tokens=4)
     assert fresh.columns[1].generation.method == "Swap"
