@@ -80,8 +80,8 @@ def test_explorer_generates_highlighted_tokens_in_jupyterlab(lab, tmp_path, mode
     for path in (shot, *shots.values()):
         path.unlink(missing_ok=True)
     start = time.time()
-    run = subprocess.run(["node", str(BROWSER_DIR / "explore.mjs"), chromium(), lab, str(shot), "480000"],
-                         capture_output=True, text=True, timeout=600, cwd=BROWSER_DIR)
+    run = subprocess.run(["node", str(BROWSER_DIR / "explore.mjs"), chromium(), lab, str(shot), "900000"],
+                         capture_output=True, text=True, timeout=1000, cwd=BROWSER_DIR)
     assert run.returncode == 0, f"{run.stderr[-4000:]}\n--- jupyter log ---\n{(tmp_path / 'jupyter.log').read_text()[-3000:]}"
     page = json.loads(run.stdout.strip().splitlines()[-1])
     print(f"browser run {time.time() - start:.0f} s", run.stderr, sep="\n")
