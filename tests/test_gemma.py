@@ -26,6 +26,20 @@ def test_logits_match_transformers(gemma):
 
 
 @torch.no_grad()
+def test_load_equals_transformer_lens_own_load(gemma):
+    "`load_gemma`'s one-call load gives the tokens and logits of transformer_lens's key-by-key unprocessed load."
+    from sae_lens import HookedSAETransformer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    folder = gemma_folder()
+    theirs = HookedSAETransformer.from_pretrained_no_processing(
+        models.GEMMA_HUB_ID, hf_model=AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32),
+        tokenizer=AutoTokenizer.from_pretrained(folder), dtype=torch.float32).eval()
+    ids = gemma.to_tokens(PROMPTS, padding_side="right")
+    assert torch.equal(ids, theirs.to_tokens(PROMPTS, padding_side="right"))
+    assert (gemma(ids) - theirs(ids)).abs().max() <= 1e-5
+
+
+@torch.no_grad()
 def test_cached_generation_equals_an_uncached_loop(gemma):
     ids = gemma.to_tokens(PROMPTS[0])
     cached = gemma.generate(ids, max_new_tokens=10, do_sample=False, use_past_kv_cache=True, verbose=False)
