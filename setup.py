@@ -22,7 +22,8 @@ setuptools.setup(
     python_requires=">=" + cfg["min_python"],
     packages=setuptools.find_packages(include=["saealign", "saealign.*"]),
     # the shipped SAEs (sae_lens save format: cfg.json + safetensors) and the topic texts
-    package_data={"saealign": ["saes/*/*.json", "saes/*/*/*.json", "saes/*/*/*.safetensors", "topics/*.json"]},
+    package_data={"saealign": ["saes/*/*.json", "saes/*/*/*.json", "saes/*/*/*.safetensors", "topics/*.json",
+                               "shipped/*/*.json", "shipped/*/*.safetensors", "shipped/*/*/*.json", "shipped/*/*/*.safetensors"]},
     install_requires=cfg["requirements"].split(),
     extras_require={"dev": cfg["dev_requirements"].split(), "ray": cfg["ray_requirements"].split(),
                     "llamacpp": cfg["llamacpp_requirements"].split()},

@@ -14,7 +14,7 @@ from .saes import load_sae
 from .scoring import LatentScores, score_latents
 from .calibration import DEFAULT_METHOD
 from .selection import OutputScores, TopicInputs
-from .steering import DEFAULT_OUTPUT, Generation, Method, generate, make_method
+from .steering import DEFAULT_OUTPUT, Generation, Method, make_method, side_by_side
 
 # %% auto #0
 __all__ = ['TOPIC_OPTIONS', 'SteeredText', 'steer_by_text']
@@ -58,6 +58,5 @@ def steer_by_text(align_texts: list[str], prompt: str, *, model=None, sae=None, 
         raise ValueError(f"{method} does not take {', '.join(sorted(method_options))} ({e}): the options are its own "
                          f"(multiplier: AddSteer, MatchedSteer, DiffMeans; strength: the TopicSteer family) or "
                          f"TopicInputs' {', '.join(TOPIC_OPTIONS)}.") from e
-    plain = generate(model, None, prompt, max_new_tokens=max_new_tokens, seed=seed)[0]
-    steered = generate(model, sae, prompt, steering, output=output, max_new_tokens=max_new_tokens, seed=seed)[0]
+    plain, steered = side_by_side(model, sae, prompt, steering, output=output, max_new_tokens=max_new_tokens, seed=seed)
     return SteeredText(scores, steering, plain, steered, inputs.measured("output"))

@@ -16,7 +16,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .core import cache_folder, cache_root, load_embedder, tensor_sha256, write_json
+from pathlib import Path
+
+from .core import SHIPPED_DIR, cache_folder, cache_root, load_embedder, shipped_file, tensor_sha256, write_json
 from .evaluation import alignment_distances, relevance
 from .reference import sae_digest, tensor_digest
 from .selection import MIN_DIFFERENCE, ActivationMeans, TopicInputs, prompt_prefix
@@ -27,7 +29,8 @@ log = logging.getLogger(__name__)
 # %% auto #0
 __all__ = ['log', 'POSITIONS', 'MAX_STRENGTH', 'TUNING_PROMPTS', 'CALIBRATION_STRENGTHS', 'CALIBRATION_TOKENS',
            'CALIBRATION_FORMAT', 'CALIBRATION_BATCH_TOKENS', 'PROTECTIONS', 'DEFAULT_METHOD', 'finite_number',
-           'decay_factors', 'TopicSteer', 'harmonic', 'pick_strength', 'Calibration', 'calibrate', 'topic_steer']
+           'decay_factors', 'TopicSteer', 'harmonic', 'pick_strength', 'Calibration', 'calibrate', 'topic_steer',
+           'ship_precomputed']
 
 # %% ../nbs/03d_calibration.ipynb #eed00396
 POSITIONS = ("all", "prompt", "generation")
@@ -202,10 +205,11 @@ class Calibration:
                              "chosen": [s == self.strength for s in self.strengths]})
 
 
-def _calibration_key(model, sae, steer: TopicSteer, texts, settings: dict) -> str:
+def _calibration_key(model, sae, steer: TopicSteer, texts, settings: dict, direction_key: str | None) -> str:
     blob = {"format": CALIBRATION_FORMAT, "model": [model.cfg.model_name, tensor_digest(model, sample=4096)],
             "sae": sae_digest(sae), "hook": sae.cfg.metadata.hook_name, "texts": texts,
-            "direction": tensor_sha256(steer.direction), "half_life": steer.half_life, "positions": steer.positions,
+            "direction": direction_key or tensor_sha256(steer.direction), "half_life": steer.half_life,
+            "positions": steer.positions,
             "floor": steer.floor, "prefix": steer.prefix, **settings}
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
@@ -216,7 +220,7 @@ def _payload_sha256(payload: dict) -> str:
 
 def _read_calibration(path, key: str) -> Calibration | None:
     "The calibration saved at `path` when it is intact and was made for `key`; None (with a warning) otherwise."
-    if not path.is_file():
+    if path is None or not path.is_file():
         return None
     try:
         saved = json.loads(path.read_text())
@@ -227,19 +231,21 @@ def _read_calibration(path, key: str) -> Calibration | None:
             raise ValueError("it was made for another model, SAE, text set or setting")
         return Calibration(**{k: payload[k] for k in ("strength", "strengths", "means", "ses", "seconds")}, cached=True)
     except (OSError, ValueError, KeyError, TypeError) as e:
-        log.warning("recalibrating: the saved calibration %s is not usable (%s)", path, e)
+        log.warning("not using the saved calibration %s (%s)", path, e)
         return None
 
 
 @torch.no_grad()
 def calibrate(model, sae, steer: TopicSteer, align_texts, *, embedder=None, acceptability=None,
               prompts=TUNING_PROMPTS, strengths=CALIBRATION_STRENGTHS, max_new_tokens: int = CALIBRATION_TOKENS,
-              seed: int = 0, cache_dir=None) -> Calibration:
+              seed: int = 0, cache_dir=None, direction_key: str | None = None) -> Calibration:
     """Choose `steer`'s strength for this topic: generate from the tuning `prompts` at every strength in one batch,
     score each continuation by `harmonic` (concept: cosine to the texts' centroid; fluency: `acceptability`;
     relevance: cosine to its prompt), and keep the gentlest strength within one standard error of the best
     (`pick_strength`). Saved under `cache_dir` (default `cache_root()/"calibration"`; False: not saved), keyed by
-    the model, SAE, texts, direction and every setting, and checked on read."""
+    the model, SAE, texts, direction and every setting, and checked on read; saealign ships the default steer's for
+    the named topics. `direction_key` names where the direction comes from (what decides it) in the key instead
+    of its bytes, which change in the last bits from one CPU to another."""
     from saealign.acceptability import load_acceptability
     start = time.perf_counter()
     texts = list(align_texts)
@@ -250,11 +256,12 @@ def calibrate(model, sae, steer: TopicSteer, align_texts, *, embedder=None, acce
     embedder = load_embedder() if embedder is None else embedder
     settings = {"prompts": prompts, "strengths": strengths, "tokens": max_new_tokens, "seed": seed,
                 "acceptability": getattr(acceptability, "info", None) or type(acceptability).__qualname__}
-    key = _calibration_key(model, sae, steer, texts, settings)
+    key = _calibration_key(model, sae, steer, texts, settings, direction_key)
     folder = None if cache_dir is False else cache_folder(cache_dir or cache_root() / "calibration", "calibration")
     path = None if folder is None else folder / f"{key}.json"
-    if path is not None and (found := _read_calibration(path, key)) is not None:
-        return found
+    for source in (path, shipped_file("calibration", f"{key}.json")):
+        if (found := _read_calibration(source, key)) is not None:
+            return found
     acceptability = load_acceptability() if acceptability is None else acceptability
     rows = torch.tensor(strengths).repeat_interleave(len(prompts))  # strength-major: one row per (strength, prompt)
     # transformer_lens's prompt pass computes logits at every position (262,144 each on Gemma): bound the positions
@@ -286,9 +293,12 @@ def topic_steer(inputs: TopicInputs, *, strength=None, lift: bool = False, promp
     prefix = prompt_prefix(inputs.align_texts) if prompted else ""
     steer = TopicSteer.from_means(inputs.scores, *inputs.means, lift=lift, prefix=prefix, **options)
     steer.name = name  # generations are labelled with it
+    # the texts (in the key already) and the reference decide the direction, unless the caller gave other means
+    origin = (None if inputs.given_reference_means is not None
+              else f"difference of means against {inputs.reference.fingerprint}")
     chosen = None if strength is not None else calibrate(
         inputs.model, inputs.sae, steer, inputs.align_texts, embedder=inputs.embedder, acceptability=acceptability,
-        **(calibration or {}))
+        **{"direction_key": origin, **(calibration or {})})
     steer = steer.with_strength(strength if chosen is None else chosen.strength)
     steer.calibration = chosen  # what chose the strength, for reports (None when the user gave it)
     return steer
@@ -307,3 +317,24 @@ for _name, _options in PROTECTIONS.items():
 # what steer_by_text, the command line, the demo and the explorer use: the calibrated comparison (04i) checks
 # that it is the steer its tuning topics chose
 DEFAULT_METHOD = "TopicSteer-generation"
+
+# %% ../nbs/03d_calibration.ipynb #1f022c7e
+def ship_precomputed(model, sae, embedder, topics: dict[str, list[str]], *, reference=None, folder=None,
+                     acceptability=None, calibration: dict | None = None) -> dict[str, int]:
+    """Write into `folder` (default: the package's `SHIPPED_DIR`) what a first run of `DEFAULT_METHOD` on `topics`
+    would compute: the reference set (`reference`, default `default_reference`; compact), its reference means, and
+    each topic's calibration (options in `calibration`). Returns the bytes under `folder` per kind."""
+    from tqdm.auto import tqdm
+
+    from saealign.reference import default_reference
+    from saealign.selection import reference_means
+    from saealign.steering import make_method
+    folder = Path(folder or SHIPPED_DIR)
+    reference = default_reference(model, sae, embedder) if reference is None else reference
+    reference.save(folder / "reference" / reference.fingerprint[:32], compact=True)
+    reference_means(model, sae, reference, cache_dir=folder / "activation-means")
+    for texts in tqdm(list(topics.values()), desc="calibrating the named topics"):
+        make_method(DEFAULT_METHOD, TopicInputs(model, sae, reference, texts, embedder), acceptability=acceptability,
+                    calibration={**(calibration or {}), "cache_dir": folder / "calibration"})
+    return {kind: sum(p.stat().st_size for p in (folder / kind).rglob("*") if p.is_file())
+            for kind in ("reference", "activation-means", "calibration")}

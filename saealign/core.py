@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import gzip
 import hashlib
+import importlib.resources
 import json
 import os
 import re
@@ -25,10 +26,10 @@ from huggingface_hub.errors import LocalEntryNotFoundError
 
 # %% auto #0
 __all__ = ['ENV_VAR', 'PROBE_TIMEOUT_S', 'P3_HUB_CONFIGS', 'P3_HUB_ROWS_PER_CONFIG', 'AMAZON_HUB_ROWS', 'COLA_IN_DOMAIN_DEV',
-           'COLA_COLUMNS', 'TEXT_SOURCES', 'MINILM_SHA256', 'CACHE_MARKER', 'HubUnreachableError', 'assets_dir',
-           'unreachable_error', 'hub_reachable', 'hub_file', 'hub_dataset', 'sycophancy_text', 'TextSource',
-           'load_texts', 'sha256_of', 'load_embedder', 'DamagedFileError', 'atomic_write', 'write_json',
-           'tensor_sha256', 'save_tensors', 'load_tensors', 'cache_root', 'cache_folder']
+           'COLA_COLUMNS', 'TEXT_SOURCES', 'MINILM_SHA256', 'CACHE_MARKER', 'SHIPPED_DIR', 'HubUnreachableError',
+           'assets_dir', 'unreachable_error', 'hub_reachable', 'hub_file', 'hub_dataset', 'sycophancy_text',
+           'TextSource', 'load_texts', 'sha256_of', 'load_embedder', 'DamagedFileError', 'atomic_write', 'write_json',
+           'tensor_sha256', 'save_tensors', 'load_tensors', 'cache_root', 'cache_folder', 'shipped_file']
 
 # %% ../nbs/00_core.ipynb #88c4b46c
 ENV_VAR = "SAEALIGN_ASSETS"
@@ -421,3 +422,12 @@ def cache_folder(path, kind: str) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     write_json(marker, {"saealign": "cache folder", "kind": kind})
     return path
+
+# %% ../nbs/00_core.ipynb #f2abd37d
+SHIPPED_DIR = Path(str(importlib.resources.files("saealign"))) / "shipped"
+
+
+def shipped_file(kind: str, name: str) -> Path | None:
+    "The file saealign ships for the cache `kind` under `name` (the name that cache gives it), or None."
+    path = SHIPPED_DIR / kind / name
+    return path if path.is_file() else None

@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .core import (DamagedFileError, atomic_write, cache_folder, cache_root, load_tensors, load_texts, save_tensors, write_json)
+from .core import (DamagedFileError, atomic_write, cache_folder, cache_root, load_tensors, load_texts,
+                            save_tensors, shipped_file, write_json)
 from .models import model_spec
 from ._utils import check_positive_int, hook_layer
 from .saes import check_sae_fits
@@ -31,13 +32,13 @@ warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta"
 FORMAT_VERSION = 2  # 2: every saved file carries checksums
 
 # %% auto #0
-__all__ = ['log', 'FORMAT_VERSION', 'ENCODE_TOKENS', 'BATCH_TOKENS', 'MAX_TOKENS', 'EMBED_BATCH', 'build_reference_prompts',
-           'tokenize', 'pad_right', 'hook_activations', 'content_mask', 'check_no_saes', 'latent_acts',
-           'summarize_batch', 'tensor_digest', 'sae_digest', 'save_pair', 'load_saved_pair', 'ReferenceSet',
-           'ChunkCache', 'check_prompts', 'prompts_digest', 'reference_plan', 'embedding_cache_dir', 'merge_chunks',
-           'embed_texts', 'embedding_dim', 'embedder_description', 'compute_chunk', 'compute_reference', 'embedder_key',
-           'EmbeddingCache', 'coverage_curve', 'coverage_chart', 'model_stories', 'default_reference_prompts',
-           'default_reference_dir', 'default_reference']
+__all__ = ['log', 'FORMAT_VERSION', 'ENCODE_TOKENS', 'BATCH_TOKENS', 'MAX_TOKENS', 'CHUNK_SIZE', 'EMBED_BATCH',
+           'build_reference_prompts', 'tokenize', 'pad_right', 'hook_activations', 'content_mask', 'check_no_saes',
+           'latent_acts', 'summarize_batch', 'tensor_digest', 'sae_digest', 'save_pair', 'load_saved_pair',
+           'ReferenceSet', 'ChunkCache', 'check_prompts', 'prompts_digest', 'reference_plan', 'embedding_cache_dir',
+           'merge_chunks', 'embed_texts', 'embedding_dim', 'embedder_description', 'compute_chunk', 'compute_reference',
+           'embedder_key', 'EmbeddingCache', 'coverage_curve', 'coverage_chart', 'model_stories',
+           'default_reference_prompts', 'default_reference_dir', 'shipped_reference', 'default_reference']
 
 # %% ../nbs/01_reference.ipynb #c6e42448
 def build_reference_prompts(n: int, *, seed: int = 0, sources=("p3",), extra=None, model=None) -> list[str]:
@@ -368,14 +369,20 @@ class ReferenceSet:
         h.update(json.dumps(prompts).encode())
         return cls(s, _prompt_counts(s), token_counts, emb, prompts, h.hexdigest(), dict(meta or {}))
 
-    def save(self, path) -> Path:
-        "`reference.safetensors` + `reference.json` in directory `path`, each replaced atomically, with checksums."
+    def save(self, path, *, compact: bool = False) -> Path:
+        """`reference.safetensors` + `reference.json` in directory `path`, each replaced atomically, with checksums.
+        `compact` (what saealign ships): float16 summaries and embeddings and 32- or 16-bit indices and counts,
+        which `load` reads back as float32 and int64."""
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         s = self.summaries
-        save_pair(path / "reference", {"crow_indices": s.crow_indices(), "col_indices": s.col_indices(),
-                                       "values": s.values(), "prompt_counts": self.prompt_counts,
-                                       "token_counts": self.token_counts, "embeddings": self.embeddings},
+        tensors = {"crow_indices": s.crow_indices(), "col_indices": s.col_indices(), "values": s.values(),
+                   "prompt_counts": self.prompt_counts, "token_counts": self.token_counts, "embeddings": self.embeddings}
+        if compact:
+            small = torch.int16 if self.d_sae <= 1 << 15 else torch.int32
+            tensors = {k: v.half() if v.is_floating_point() else v.to(small if k == "col_indices" else torch.int32)
+                       for k, v in tensors.items()}
+        save_pair(path / "reference", tensors,
                   {"format": FORMAT_VERSION, "fingerprint": self.fingerprint, "d_sae": self.d_sae, "meta": self.meta,
                    "prompts": self.prompts})
         return path
@@ -385,6 +392,7 @@ class ReferenceSet:
         "A ReferenceSet saved by `save`, checked against the checksums written with it."
         path = Path(path)
         info, t = load_saved_pair(path / "reference", "ReferenceSet")
+        t = {k: v.float() if v.is_floating_point() else v.long() for k, v in t.items()}  # a compact save: widen
         if info.get("format") != FORMAT_VERSION:
             raise ValueError(f"{path / 'reference.json'} has format {info.get('format')}; this saealign reads "
                              f"{FORMAT_VERSION}: rebuild the ReferenceSet and save it again.")
@@ -459,6 +467,9 @@ class ChunkCache:
         self._write_manifest()
 
 # %% ../nbs/01_reference.ipynb #97daa88f
+CHUNK_SIZE = 512  # prompts per cached chunk: a kill loses at most one chunk's work
+
+
 def check_prompts(prompts) -> list[str]:
     "`prompts` as a list, or a ValueError that says what to pass (a single string, an empty list, non-strings)."
     if isinstance(prompts, str):
@@ -568,7 +579,7 @@ def compute_chunk(model, sae, prompts, embedder, batch_size, max_tokens, bar, em
 
 
 def compute_reference(model, sae, prompts, embedder, *, batch_size: int = 32, cache_dir=None,
-                      chunk_size: int = 512, max_tokens: int | None = None, progress: bool = True,
+                      chunk_size: int = CHUNK_SIZE, max_tokens: int | None = None, progress: bool = True,
                       embedding_cache=None) -> ReferenceSet:
     """Run `model` up to the SAE's hook on every prompt (right-padded batches of at most `batch_size` prompts and
     `BATCH_TOKENS` padded positions, sorted by length within each chunk of `chunk_size` prompts), summarise the SAE
@@ -741,10 +752,29 @@ def default_reference_dir(model, sae, n: int) -> Path:
     return cache_root() / "reference" / f"{model.cfg.model_name}-{sae.cfg.metadata.hook_name}-{sae_digest(sae)[:12]}-{n}"
 
 
+def shipped_reference(model, sae, embedder, prompts: list[str], max_tokens: int | None) -> ReferenceSet | None:
+    """The `ReferenceSet` saealign ships for this pass (`compute_reference` over `prompts` with these settings would
+    give it the same fingerprint), or None; a damaged or foreign shipped file is refused with a warning."""
+    fingerprint = reference_plan(model, sae, embedder, prompts_digest(prompts), CHUNK_SIZE, max_tokens)["fingerprint"]
+    found = shipped_file("reference", f"{fingerprint[:32]}/reference.safetensors")
+    if found is None:
+        return None
+    try:
+        reference = ReferenceSet.load(found.parent)
+        if reference.fingerprint != fingerprint or reference.prompts != prompts:
+            raise DamagedFileError("it was made for another model, SAE, embedder, prompt list or setting")
+        return reference
+    except (DamagedFileError, ValueError, KeyError) as e:
+        log.warning("computing the reference set: the shipped one in %s is not usable (%s)", found.parent, e)
+        return None
+
+
 def default_reference(model, sae, embedder, *, n: int = 2048, max_tokens: int = 128, seed: int = 0,
                       cache_dir=None, progress: bool = True) -> ReferenceSet:
-    "The reference set of `model` + `sae` from `default_reference_prompts`, cached in `default_reference_dir`."
-    cache_dir = cache_dir or default_reference_dir(model, sae, n)
+    """The reference set of `model` + `sae` from `default_reference_prompts`: the shipped one where saealign ships
+    it (the default SAEs'), else computed and cached in `default_reference_dir`."""
     prompts = default_reference_prompts(model, n, seed=seed)
-    return compute_reference(model, sae, prompts, embedder, max_tokens=max_tokens, cache_dir=cache_dir,
-                             progress=progress)
+    if (shipped := shipped_reference(model, sae, embedder, prompts, max_tokens)) is not None:
+        return shipped
+    return compute_reference(model, sae, prompts, embedder, max_tokens=max_tokens,
+                             cache_dir=cache_dir or default_reference_dir(model, sae, n), progress=progress)

@@ -18,7 +18,7 @@ from functools import cached_property
 
 import torch
 
-from .core import DamagedFileError, cache_folder, cache_root, load_tensors, save_tensors
+from .core import DamagedFileError, cache_folder, cache_root, load_tensors, save_tensors, shipped_file
 from .models import model_spec
 from .reference import (ReferenceSet, check_no_saes, content_mask, hook_activations, pad_right, sae_digest,
                                 tensor_digest, tokenize)
@@ -136,25 +136,25 @@ MEANS_FORMAT = 1
 
 def reference_means(model, sae, reference: ReferenceSet, *, n: int = 256, cache_dir=None) -> ActivationMeans:
     """`activation_means` of `reference_sample(reference, n)`, cached in `cache_dir` (default
-    `cache_root()/"activation-means"`; False: no cache)."""
+    `cache_root()/"activation-means"`; False: no cache), or the means saealign ships for them."""
     blob = json.dumps({"format": MEANS_FORMAT, "model": model.cfg.model_name, "weights": tensor_digest(model, sample=4096),
                        "sae": sae_digest(sae), "hook": sae.cfg.metadata.hook_name, "reference": reference.fingerprint,
                        "n": n}, sort_keys=True)
     key = hashlib.sha256(blob.encode()).hexdigest()[:32]
     folder = None if cache_dir is False else cache_folder(cache_dir or cache_root() / "activation-means", "activation-means")
     path = None if folder is None else folder / f"{key}.safetensors"
-    if path is not None:
+    for source in [p for p in (path, shipped_file("activation-means", f"{key}.safetensors")) if p is not None]:
         try:
-            t, meta = load_tensors(path)
+            t, meta = load_tensors(source)
             if meta.get("key") != key:  # a valid file of another model, SAE or reference under this name
-                raise DamagedFileError(f"{path} was written for another model, SAE or reference (its key differs)")
+                raise DamagedFileError(f"{source} was written for another model, SAE or reference (its key differs)")
             if t["resid"].shape != (sae.cfg.d_in,) or t["latents"].shape != (sae.cfg.d_sae,):
-                raise DamagedFileError(f"{path} holds means of other shapes than this SAE's")
+                raise DamagedFileError(f"{source} holds means of other shapes than this SAE's")
             return ActivationMeans(t["resid"], t["latents"], int(meta["n_tokens"]))
         except FileNotFoundError:
             pass
         except (DamagedFileError, KeyError, ValueError) as e:
-            log.warning("recomputing the reference's activation means: %s", e)
+            log.warning("not using these reference means: %s", e)
     means = activation_means(model, sae, reference_sample(reference, n))
     if path is not None:
         save_tensors(path, {"resid": means.resid, "latents": means.latents}, {"n_tokens": str(means.n_tokens), "key": key})

@@ -294,8 +294,10 @@ def _checked_delta(sae, delta, *, per_position: bool = False) -> torch.Tensor | 
 
 @contextlib.contextmanager
 def steer(model, sae, method: Method | None = None, *, output: str = DEFAULT_OUTPUT,
-          exclude_special_tokens: bool = True):
-    "Attach `sae` to `model` with `method` editing its latents and adding its residual vector; yields the `SteeringRecord`."
+          exclude_special_tokens: bool = True, plain_rows: torch.Tensor | None = None):
+    """Attach `sae` to `model` with `method` editing its latents and adding its residual vector; yields the
+    `SteeringRecord`. `plain_rows` (one bool per batch row) marks rows that run the unmodified model: the SAE's
+    output there is its input."""
     _check_output(output)
     check_sae_fits(model, sae)
     check_architecture(sae)
@@ -331,6 +333,16 @@ def steer(model, sae, method: Method | None = None, *, output: str = DEFAULT_OUT
         # restores the original activation at excluded special tokens: the vector reaches exactly the positions
         # the latent edits reach, and in "error" mode with unchanged latents the output is x + delta
         hooks.append((f"{hook}.hook_sae_recons", lambda recons, hook: recons + delta.to(recons)))
+    if plain_rows is not None:
+        plain = torch.as_tensor(plain_rows, dtype=torch.bool)[:, None, None]
+
+        def keep_input(x, hook):
+            stash["plain input"] = x
+
+        def restore(out, hook):
+            return torch.where(plain.to(out.device), stash.pop("plain input"), out)
+
+        hooks += [(f"{hook}.hook_sae_input", keep_input), (f"{hook}.hook_sae_output", restore)]
     with model.saes(saes=[sae], use_error_term=output == "error", exclude_special_tokens=exclude_special_tokens), \
          model.hooks(fwd_hooks=hooks):
         yield record
@@ -415,23 +427,28 @@ def _left_padding(tokenizer):
 def generate(model, sae=None, prompts: str | list[str] = "", method: Method | None = None, *,
              output: str = DEFAULT_OUTPUT, max_new_tokens: int = 64, top_k: int | None = 5,
              temperature: float = 1.0, seed: int = 0, do_sample: bool = True, pad_batch: bool = False,
-             prefix: str = "") -> list[Generation]:
+             prefix: str = "", plain: list[bool] | None = None) -> list[Generation]:
     """Continue each prompt, steered by `method` through `sae` (or unmodified); one `Generation` per prompt.
     `pad_batch=True` runs all prompts as one left-padded batch: several times faster for prompts of many lengths,
     but each prompt's random draws then depend on the batch it is in. `prefix` goes before every prompt (prompting);
-    each Generation's `prompt` is still the user's prompt."""
+    each Generation's `prompt` is still the user's prompt. `plain` (one bool per prompt) marks prompts that the
+    unmodified model continues in the same batches."""
     _check_output(output)
     check_sampling(max_new_tokens, top_k, temperature)
     if not isinstance(prefix, str):
         raise ValueError(f"prefix must be a string, got {type(prefix).__name__}.")
     prompts = [prompts] if isinstance(prompts, str) else prompts
     encoded = encode_prompts(model, [prefix + p for p in prompts] if prefix else prompts, max_new_tokens)
+    plain = [False] * len(prompts) if plain is None else list(plain)
+    if len(plain) != len(prompts):
+        raise ValueError(f"plain needs one bool per prompt: {len(plain)} for {len(prompts)} prompts.")
     stops, results = _stop_ids(model), [None] * len(prompts)
     label = ORIGINAL if sae is None else (method.name if method is not None else "SAE")
     for rows, batch in _batches(model, encoded, pad_batch):
         torch.manual_seed(seed)
-        with contextlib.nullcontext(SteeringRecord()) if sae is None else steer(model, sae, method, output=output) as record, \
-             _left_padding(model.tokenizer):
+        plain_rows = torch.tensor([plain[i] for i in rows]) if any(plain[i] for i in rows) else None
+        with contextlib.nullcontext(SteeringRecord()) if sae is None else steer(
+                model, sae, method, output=output, plain_rows=plain_rows) as record, _left_padding(model.tokenizer):
             out = model.generate(batch.to(model.cfg.device), max_new_tokens=max_new_tokens, top_k=top_k,
                                  temperature=temperature, do_sample=do_sample, stop_at_eos=False,
                                  use_past_kv_cache=True, verbose=False)
@@ -444,20 +461,29 @@ def generate(model, sae=None, prompts: str | list[str] = "", method: Method | No
             n = next((k for k, t in enumerate(new[j]) if t in stops), len(new[j]))
             tokens = new[j][:n]
             pieces = _pieces(model, encoded[i], tokens)
-            cut = lambda values, cast: None if values is None or sae is None else [cast(v) for v in values[j, :n].tolist()]
+            steered = sae is not None and not plain[i]
+            cut = lambda values, cast: None if values is None or not steered else [cast(v) for v in values[j, :n].tolist()]
             results[i] = Generation(prompt=prompts[i], continuation="".join(pieces), tokens=tokens, pieces=pieces,
                                     contamination=cut(contamination, float), contamination_raw=cut(raw, float),
-                                    n_changed=cut(changed, int), method=label, output=output)
+                                    n_changed=cut(changed, int), method=label if steered else ORIGINAL, output=output)
     return results
 
 
 # %% ../nbs/03_steering.ipynb #2674b6e2
 def side_by_side(model, sae, prompt: str, method: Method, *, output: str = DEFAULT_OUTPUT,
                  max_new_tokens: int = 64, seed: int = 0, **kwargs) -> tuple[Generation, Generation]:
-    "The unmodified model's and the steered model's continuations of `prompt` with the same seed."
-    plain = generate(model, None, prompt, max_new_tokens=max_new_tokens, seed=seed, **kwargs)[0]
-    steered = generate(model, sae, prompt, method, output=output, max_new_tokens=max_new_tokens, seed=seed, **kwargs)[0]
-    return plain, steered
+    """The unmodified model's and the steered model's continuations of `prompt`, as two rows of one batch with `seed`:
+    each decoding step reads the weights once for both, so the pair costs little more than one continuation (each row
+    has its own random draws). A method that prompts as well (`method.prefix`) runs behind its prefix in a batch of
+    its own."""
+    prefix = getattr(method, "prefix", "")
+    if prefix:
+        return (generate(model, None, prompt, max_new_tokens=max_new_tokens, seed=seed, **kwargs)[0],
+                generate(model, sae, prompt, method, output=output, max_new_tokens=max_new_tokens, seed=seed,
+                         prefix=prefix, **kwargs)[0])
+    pair = generate(model, sae, [prompt, prompt], method, output=output, max_new_tokens=max_new_tokens, seed=seed,
+                    plain=[True, False], **kwargs)
+    return pair[0], pair[1]
 
 
 def format_side_by_side(plain: Generation, steered: Generation, width: int = 60) -> str:

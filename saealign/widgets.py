@@ -17,7 +17,8 @@ from .export import export_steer
 from .highlighting import ReferenceTokens, calibrate, highlighted_columns, reference_tokens
 from .render import MODES, Column, chart_svg, columns_html, contamination_chart, inspector_html
 from .scoring import LatentScores, check_reference, model_topics, score_latents
-from .steering import DEFAULT_OUTPUT, ORIGINAL, OUTPUT_MODES, Method, Unchanged, generate, make_method, method_names
+from .steering import (DEFAULT_OUTPUT, ORIGINAL, OUTPUT_MODES, Method, Unchanged, generate, make_method,
+                               method_names, side_by_side)
 
 log = logging.getLogger(__name__)
 
@@ -169,10 +170,11 @@ class AlignmentExplorer(_LiveScoring):
         scores = self.score(align_texts)
         use_sae, steering = sae_and_method(method, self.inputs(align_texts))
         self.progress.value = 1
-        plain = generate(self.model, None, prompt, max_new_tokens=max_new_tokens, seed=seed)[0]
-        self.progress.value = 2
-        steered = plain if not use_sae else generate(self.model, self.sae, prompt, steering, output=output,
-                                                     max_new_tokens=max_new_tokens, seed=seed)[0]
+        if use_sae:
+            plain, steered = side_by_side(self.model, self.sae, prompt, steering, output=output,
+                                          max_new_tokens=max_new_tokens, seed=seed)
+        else:
+            plain = steered = generate(self.model, None, prompt, max_new_tokens=max_new_tokens, seed=seed)[0]
         self.progress.value = 3
         if self._tokens is None:
             self._tokens = reference_tokens(self.model, self.sae, self.reference)
