@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from pathlib import Path
 
@@ -238,14 +239,14 @@ def _read_calibration(path, key: str) -> Calibration | None:
 @torch.no_grad()
 def calibrate(model, sae, steer: TopicSteer, align_texts, *, embedder=None, acceptability=None,
               prompts=TUNING_PROMPTS, strengths=CALIBRATION_STRENGTHS, max_new_tokens: int = CALIBRATION_TOKENS,
-              seed: int = 0, cache_dir=None, direction_key: str | None = None) -> Calibration:
+              seed: int = 0, cache_dir=None, direction_key: str | None = None, progress: bool = True) -> Calibration:
     """Choose `steer`'s strength for this topic: generate from the tuning `prompts` at every strength in one batch,
     score each continuation by `harmonic` (concept: cosine to the texts' centroid; fluency: `acceptability`;
     relevance: cosine to its prompt), and keep the gentlest strength within one standard error of the best
     (`pick_strength`). Saved under `cache_dir` (default `cache_root()/"calibration"`; False: not saved), keyed by
     the model, SAE, texts, direction and every setting, and checked on read; saealign ships the default steer's for
     the named topics. `direction_key` names where the direction comes from (what decides it) in the key instead
-    of its bytes, which change in the last bits from one CPU to another."""
+    of its bytes, which change in the last bits from one CPU to another. `progress`: a bar over the generations."""
     from saealign.acceptability import load_acceptability
     start = time.perf_counter()
     texts = list(align_texts)
@@ -268,7 +269,9 @@ def calibrate(model, sae, steer: TopicSteer, align_texts, *, embedder=None, acce
     width = max(len(model.to_tokens(steer.prefix + p)[0]) for p in prompts)
     per_call = max(1, CALIBRATION_BATCH_TOKENS // width)
     every, made = prompts * len(strengths), []
-    for start in range(0, len(every), per_call):
+    bar = tqdm(range(0, len(every), per_call), desc=f"calibrating the strength ({len(every)} continuations)",
+               unit="batch", disable=not progress, leave=False)
+    for start in bar:
         made += generate(model, sae, every[start:start + per_call], steer.with_strength(rows[start:start + per_call]),
                          max_new_tokens=max_new_tokens, seed=seed, pad_batch=True, prefix=steer.prefix)
     concept = alignment_distances(embedder, [g.continuation for g in made], texts)["centroid_cosine"]
@@ -324,8 +327,6 @@ def ship_precomputed(model, sae, embedder, topics: dict[str, list[str]], *, refe
     """Write into `folder` (default: the package's `SHIPPED_DIR`) what a first run of `DEFAULT_METHOD` on `topics`
     would compute: the reference set (`reference`, default `default_reference`; compact), its reference means, and
     each topic's calibration (options in `calibration`). Returns the bytes under `folder` per kind."""
-    from tqdm.auto import tqdm
-
     from saealign.reference import default_reference
     from saealign.selection import reference_means
     from saealign.steering import make_method
