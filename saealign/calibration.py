@@ -327,12 +327,14 @@ def ship_precomputed(model, sae, embedder, topics: dict[str, list[str]], *, refe
     """Write into `folder` (default: the package's `SHIPPED_DIR`) what a first run of `DEFAULT_METHOD` on `topics`
     would compute: the reference set (`reference`, default `default_reference`; compact), its reference means, and
     each topic's calibration (options in `calibration`). Returns the bytes under `folder` per kind."""
-    from saealign.reference import default_reference
+    from saealign.reference import default_reference, shipped_reference_name
     from saealign.selection import reference_means
     from saealign.steering import make_method
     folder = Path(folder or SHIPPED_DIR)
     reference = default_reference(model, sae, embedder) if reference is None else reference
-    reference.save(folder / "reference" / reference.fingerprint[:32], compact=True)
+    reference.save(folder / "reference" / shipped_reference_name(model, sae, embedder, n=reference.n_prompts, seed=0,
+                                                                 max_tokens=reference.meta["settings"]["max_tokens"]),
+                   compact=True)
     reference_means(model, sae, reference, cache_dir=folder / "activation-means")
     for texts in tqdm(list(topics.values()), desc="calibrating the named topics"):
         make_method(DEFAULT_METHOD, TopicInputs(model, sae, reference, texts, embedder), acceptability=acceptability,

@@ -38,7 +38,8 @@ __all__ = ['log', 'FORMAT_VERSION', 'ENCODE_TOKENS', 'BATCH_TOKENS', 'MAX_TOKENS
            'ReferenceSet', 'ChunkCache', 'check_prompts', 'prompts_digest', 'reference_plan', 'embedding_cache_dir',
            'merge_chunks', 'embed_texts', 'embedding_dim', 'embedder_description', 'compute_chunk', 'compute_reference',
            'embedder_key', 'EmbeddingCache', 'coverage_curve', 'coverage_chart', 'model_stories',
-           'default_reference_prompts', 'default_reference_dir', 'shipped_reference', 'default_reference']
+           'default_reference_prompts', 'default_reference_dir', 'shipped_reference_name', 'shipped_reference',
+           'default_reference']
 
 # %% ../nbs/01_reference.ipynb #c6e42448
 def build_reference_prompts(n: int, *, seed: int = 0, sources=("p3",), extra=None, model=None) -> list[str]:
@@ -752,17 +753,29 @@ def default_reference_dir(model, sae, n: int) -> Path:
     return cache_root() / "reference" / f"{model.cfg.model_name}-{sae.cfg.metadata.hook_name}-{sae_digest(sae)[:12]}-{n}"
 
 
-def shipped_reference(model, sae, embedder, prompts: list[str], max_tokens: int | None) -> ReferenceSet | None:
-    """The `ReferenceSet` saealign ships for this pass (`compute_reference` over `prompts` with these settings would
-    give it the same fingerprint), or None; a damaged or foreign shipped file is refused with a warning."""
-    fingerprint = reference_plan(model, sae, embedder, prompts_digest(prompts), CHUNK_SIZE, max_tokens)["fingerprint"]
-    found = shipped_file("reference", f"{fingerprint[:32]}/reference.safetensors")
+def shipped_reference_name(model, sae, embedder, *, n: int, seed: int, max_tokens: int | None) -> str:
+    """The folder name of `default_reference`'s set in `shipped/reference/`: a digest of what decides it (the model,
+    SAE, embedder and settings, and how `default_reference_prompts` chooses its prompts), not of the prompts, so
+    finding it needs no prompts gathered."""
+    recipe = json.dumps({"prompts": "default_reference_prompts", "sources": ["p3"], "n": n, "seed": seed,
+                         "story_share": model_spec(model).story_share}, sort_keys=True)
+    digest = hashlib.sha256(recipe.encode()).hexdigest()
+    return reference_plan(model, sae, embedder, digest, CHUNK_SIZE, max_tokens)["fingerprint"][:32]
+
+
+def shipped_reference(model, sae, embedder, *, n: int, seed: int, max_tokens: int | None) -> ReferenceSet | None:
+    """The `ReferenceSet` saealign ships for `default_reference` with these arguments, or None. It is used only if
+    its own prompts, with this model, SAE, embedder and settings, give its fingerprint; a damaged or foreign file
+    is refused with a warning."""
+    name = shipped_reference_name(model, sae, embedder, n=n, seed=seed, max_tokens=max_tokens)
+    found = shipped_file("reference", f"{name}/reference.safetensors")
     if found is None:
         return None
     try:
         reference = ReferenceSet.load(found.parent)
-        if reference.fingerprint != fingerprint or reference.prompts != prompts:
-            raise DamagedFileError("it was made for another model, SAE, embedder, prompt list or setting")
+        plan = reference_plan(model, sae, embedder, prompts_digest(reference.prompts), CHUNK_SIZE, max_tokens)
+        if reference.fingerprint != plan["fingerprint"] or reference.n_prompts != n:
+            raise DamagedFileError("it was made with another model, SAE, embedder, prompt list or setting")
         return reference
     except (DamagedFileError, ValueError, KeyError) as e:
         log.warning("computing the reference set: the shipped one in %s is not usable (%s)", found.parent, e)
@@ -773,8 +786,8 @@ def default_reference(model, sae, embedder, *, n: int = 2048, max_tokens: int = 
                       cache_dir=None, progress: bool = True) -> ReferenceSet:
     """The reference set of `model` + `sae` from `default_reference_prompts`: the shipped one where saealign ships
     it (the default SAEs'), else computed and cached in `default_reference_dir`."""
-    prompts = default_reference_prompts(model, n, seed=seed)
-    if (shipped := shipped_reference(model, sae, embedder, prompts, max_tokens)) is not None:
+    if (shipped := shipped_reference(model, sae, embedder, n=n, seed=seed, max_tokens=max_tokens)) is not None:
         return shipped
-    return compute_reference(model, sae, prompts, embedder, max_tokens=max_tokens,
-                             cache_dir=cache_dir or default_reference_dir(model, sae, n), progress=progress)
+    return compute_reference(model, sae, default_reference_prompts(model, n, seed=seed), embedder,
+                             max_tokens=max_tokens, cache_dir=cache_dir or default_reference_dir(model, sae, n),
+                             progress=progress)
