@@ -12,6 +12,7 @@ import time
 import ipywidgets as W
 
 from .calibration import DEFAULT_METHOD
+from .models import model_spec
 from .selection import TopicInputs
 from .export import export_steer
 from .highlighting import ReferenceTokens, calibrate, highlighted_columns, reference_tokens
@@ -108,7 +109,7 @@ class AlignmentExplorer(_LiveScoring):
     its calibrated contamination, its steer attribution or its raw contamination (the `mode` toggle)."""
 
     def __init__(self, model, sae, reference, embedder, *, topics: dict[str, list[str]] | None = None,
-                 prompt: str = "Once upon a time", n_latents: int = 10, n_prompts: int = 3):
+                 prompt: str | None = None, n_latents: int = 10, n_prompts: int = 3):
         check_reference(reference, embedder, model, sae)  # once: scoring then skips the weight digests
         self.model, self.sae, self.reference, self.embedder = model, sae, reference, embedder
         self.topics = dict(model_topics(model) if topics is None else topics)
@@ -129,7 +130,8 @@ class AlignmentExplorer(_LiveScoring):
         self.output = W.Dropdown(options=OUTPUT_MODES, value=DEFAULT_OUTPUT, description="output")
         self.max_new_tokens = W.BoundedIntText(value=48, min=1, max=model.cfg.n_ctx, description="new tokens")
         self.seed = W.IntText(value=0, description="seed")
-        self.prompt = W.Text(value=prompt, description="prompt", layout=W.Layout(width="auto"))
+        self.prompt = W.Text(value=prompt or model_spec(model).demo_prompt, description="prompt",
+                             layout=W.Layout(width="auto"))
         self.mode = W.ToggleButtons(options=[(words, m) for m, (words, _, _) in MODES.items()], value="calibrated",
                                     description="colour", style={"button_width": "auto"})
         self.button = W.Button(description="Generate", button_style="primary", icon="play")
