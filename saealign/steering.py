@@ -116,6 +116,20 @@ class Method:
         None (every method here): `steer` adds the fixed `residual_delta` instead."""
         return None
 
+    def residual_teacher_forced(self, x: torch.Tensor, prompt_length: int) -> torch.Tensor | None:
+        """`residual_at` for one teacher-forced pass over a prompt of `prompt_length` positions and its continuation:
+        each position gets what cached decoding added there (pass 0 the prompt, pass k position prompt_length + k − 1)."""
+        check_positive_int("prompt_length", prompt_length)
+        if prompt_length > x.shape[1]:
+            raise ValueError(f"prompt_length {prompt_length} is longer than the pass's {x.shape[1]} positions.")
+        spans = [slice(0, prompt_length)] + [slice(p, p + 1) for p in range(prompt_length, x.shape[1])]
+        added = [self.residual_at(x[:, span], step) for step, span in enumerate(spans)]
+        if all(a is None for a in added):
+            return None
+        # each pass's vector(s) broadcast over its own positions; a pass that adds nothing gets zeros
+        return torch.cat([torch.zeros_like(x[:, span]) + (0 if a is None else torch.as_tensor(a).to(x))
+                          for span, a in zip(spans, added)], 1)
+
     def contamination(self, acts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         "Raw Σᵢ zᵢ(1 − scoreᵢ) and its share of Σᵢ zᵢ (NaN where no latent is active), per token."
         raw = acts @ (1 - self.scores.to(acts))
@@ -294,11 +308,16 @@ def _checked_delta(sae, delta, *, per_position: bool = False) -> torch.Tensor | 
 
 @contextlib.contextmanager
 def steer(model, sae, method: Method | None = None, *, output: str = DEFAULT_OUTPUT,
-          exclude_special_tokens: bool = True, plain_rows: torch.Tensor | None = None):
+          exclude_special_tokens: bool = True, plain_rows: torch.Tensor | None = None,
+          prompt_length: int | None = None):
     """Attach `sae` to `model` with `method` editing its latents and adding its residual vector; yields the
     `SteeringRecord`. `plain_rows` (one bool per batch row) marks rows that run the unmodified model: the SAE's
-    output there is its input."""
+    output there is its input. `prompt_length`: every forward pass is one teacher-forced pass over a prompt of that
+    many tokens and its continuation, and gets at each position what cached decoding added there; None: the passes
+    are cached decoding's."""
     _check_output(output)
+    if prompt_length is not None:
+        check_positive_int("prompt_length", prompt_length)
     check_sae_fits(model, sae)
     check_architecture(sae)
     if method is not None:
@@ -323,8 +342,9 @@ def steer(model, sae, method: Method | None = None, *, output: str = DEFAULT_OUT
             stash["x"] = x
 
         def add_at(recons, hook):
-            step = next(passes)
-            added = method.residual_at(stash.pop("x"), step)
+            x = stash.pop("x")
+            added = (method.residual_at(x, next(passes)) if prompt_length is None
+                     else method.residual_teacher_forced(x, prompt_length))
             return recons if added is None else recons + _checked_delta(sae, added, per_position=True).to(recons)
 
         hooks += [(f"{hook}.hook_sae_input", read_input), (f"{hook}.hook_sae_recons", add_at)]
