@@ -1,16 +1,17 @@
-"""Highlighting on stories260K: calibration's known answers, steer attribution against a direct computation, the
-views without a method, and bad input."""
+"""Highlighting on stories260K: calibration's known answers, steer attribution against a direct computation, a scheduled
+steer's teacher-forced pass against cached decoding, the views without a method, and bad input."""
 import math
 
 import pytest
 import torch
 
+from saealign.calibration import topic_steer
 from saealign.highlighting import (Calibration, auroc, calibrate, format_token_rows, highlight, reference_tokens,
                                    steer_attribution, token_pass, token_rows)
 from saealign.reference import build_reference_prompts, compute_reference
 from saealign.scoring import STORY_TOPICS, score_latents
-from saealign.selection import DiffMeans, decoder_directions
-from saealign.steering import Swap, Unchanged, generate
+from saealign.selection import DiffMeans, TopicInputs, decoder_directions
+from saealign.steering import Swap, Unchanged, generate, steer
 
 
 @pytest.fixture(scope="module")
@@ -52,6 +53,80 @@ def test_attribution_is_the_log_probability_difference(model, sae, scores):
     assert [d.attribution for d in details] == pytest.approx(direct, abs=1e-5)
     assert any(abs(a) > 0.05 for a in direct)
     assert all(d.moved and d.moved[0][0] == -1 for d in details)  # a vector method: the vector moved every token
+
+
+@pytest.fixture(scope="module")
+def topic_steers(model, sae, ref, embedder, scores):
+    "The sea topic's difference-of-means steer at strength 2: generation-only (the default), decaying, fixed."
+    inputs = TopicInputs(model, sae, ref, STORY_TOPICS["sea"], embedder, given_scores=scores)
+    return {name: topic_steer(inputs, strength=2.0, **options)
+            for name, options in [("generation", dict(positions="generation")), ("decay", dict(half_life=4.0)), ("fixed", {})]}
+
+
+def added_at_hook(sae, into: list) -> list:
+    "Hooks that append, per forward pass, what steering added at the SAE's hook (error mode: its output − its input)."
+    hook, seen = sae.cfg.metadata.hook_name, {}
+    return [(f"{hook}.hook_sae_input", lambda x, hook: seen.update(x=x)),
+            (f"{hook}.hook_sae_output", lambda out, hook: into.append((out - seen["x"])[0]))]
+
+
+def teacher_forced_added(model, sae, method, g) -> tuple[torch.Tensor, int]:
+    "What `method` adds at each position of the teacher-forced pass over `g`'s prompt and tokens, and the prompt's length."
+    prompt = model.to_tokens(g.prompt)[0].tolist()
+    added = []
+    with torch.no_grad(), steer(model, sae, method, prompt_length=len(prompt)), model.hooks(fwd_hooks=added_at_hook(sae, added)):
+        model(torch.tensor([prompt + g.tokens]))
+    return added[0], len(prompt)
+
+
+@pytest.mark.parametrize("name", ["generation", "decay"])
+def test_a_scheduled_steer_is_teacher_forced_as_it_generated(model, sae, topic_steers, name):
+    "Parity with KV-cached greedy decoding (what each pass added, read at the hook), and the schedule's known factors."
+    method, prompt, n_new = topic_steers[name], "Once upon a time", 12
+    cached, logprobs = [], []
+    last = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
+    keep = lambda resid, hook: logprobs.append(model.unembed(model.ln_final(resid))[0, -1].log_softmax(-1))
+    with torch.no_grad(), steer(model, sae, method), model.hooks(fwd_hooks=added_at_hook(sae, cached) + [(last, keep)]):
+        out = model.generate(model.to_tokens(prompt), max_new_tokens=n_new, do_sample=False, stop_at_eos=False,
+                             verbose=False)
+    g = generate(model, sae, prompt, method, max_new_tokens=n_new, do_sample=False)[0]
+    assert g.tokens == out[0, -n_new:].tolist()
+    forced, n = teacher_forced_added(model, sae, method, g)
+    # BOS (position 0) aside: cached decoding steers it (sae_lens gets no tokens from generate), teacher forcing does not
+    torch.testing.assert_close(forced[1:-1], torch.cat(cached)[1:], atol=1e-5, rtol=0)
+    full = 2.0 * float(method.direction.norm())
+    steps = torch.arange(len(forced) - n + 1, dtype=torch.float32)
+    on_prompt, on_new = (0.0, torch.full_like(steps, full)) if name == "generation" else (full, full * 0.5 ** (steps / 4))
+    norms = forced.norm(dim=-1)
+    assert norms[1:n - 1].tolist() == pytest.approx([on_prompt] * (n - 2), abs=1e-4)
+    assert norms[n - 1:].tolist() == pytest.approx(on_new.tolist(), abs=1e-4)
+    if name == "generation":  # nothing at BOS either way: the same distributions at every generated token
+        torch.testing.assert_close(token_pass(model, sae, g, method).logprobs, torch.stack(logprobs), atol=1e-4, rtol=0)
+
+
+def test_a_generation_only_steer_is_attributed(model, sae, topic_steers):
+    "Where the steer changed the text, its tokens' attribution is not ×1 everywhere; the prompt's positions get nothing."
+    method = topic_steers["generation"]
+    g = generate(model, sae, "Once upon a time", method, max_new_tokens=16, seed=0)[0]
+    assert g.tokens != generate(model, None, "Once upon a time", max_new_tokens=16, seed=0)[0].tokens
+    attribution = steer_attribution(token_pass(model, sae, g, method).logprobs, token_pass(model, sae, g).logprobs, g.tokens)
+    assert attribution.abs().max() > 0.5
+    forced, n = teacher_forced_added(model, sae, method, g)
+    assert (forced[:n - 1].norm(dim=-1) < 1e-5).all() and (forced[n - 1:].norm(dim=-1) > 1).all()
+
+
+def test_a_fixed_steer_is_attributed_as_before(model, sae, topic_steers, scores):
+    "One vector at every position: the pass is what it was without prompt_length, and what DiffMeans with it gives."
+    method = topic_steers["fixed"]
+    g = generate(model, sae, "Once upon a time", method, max_new_tokens=16, seed=0)[0]
+    prompt = model.to_tokens(g.prompt)[0].tolist()
+    with torch.no_grad(), steer(model, sae, method):
+        before = model(torch.tensor([prompt + g.tokens]))[0, len(prompt) - 1:-1].log_softmax(-1)
+    plain = token_pass(model, sae, g).logprobs
+    for m in (method, DiffMeans(scores, method.residual_delta(sae))):
+        torch.testing.assert_close(token_pass(model, sae, g, m).logprobs, before, atol=1e-6, rtol=0)
+        torch.testing.assert_close(steer_attribution(token_pass(model, sae, g, m).logprobs, plain, g.tokens),
+                                   steer_attribution(before, plain, g.tokens), atol=1e-6, rtol=0)
 
 
 def test_without_a_method_there_is_nothing_to_attribute(model, sae, scores, tokens):
