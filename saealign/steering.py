@@ -22,8 +22,8 @@ from .saes import check_sae_fits
 __all__ = ['OUTPUT_MODES', 'DEFAULT_OUTPUT', 'SUPPORTED_ARCHITECTURES', 'CLAMP_VALUE', 'ORIGINAL', 'PAPER_CLAMP',
            'check_architecture', 'activation_input', 'apply_activation', 'encode_with_inputs', 'as_scores', 'Method',
            'Swap', 'Weight', 'Clamp', 'Unchanged', 'MethodInputs', 'register_method', 'method_names', 'method_settings',
-           'make_method', 'SteeringRecord', 'steer', 'check_sampling', 'encode_prompts', 'Generation', 'generate',
-           'side_by_side', 'format_side_by_side', 'layer_metrics', 'layer_charts']
+           'make_method', 'SteeringRecord', 'steer', 'check_sampling', 'encode_prompts', 'Generation',
+           'shared_noise_sample', 'generate', 'side_by_side', 'format_side_by_side', 'layer_metrics', 'layer_charts']
 
 # %% ../nbs/03_steering.ipynb #7cb6fc4b
 OUTPUT_MODES = ("reconstruction", "error")
@@ -434,6 +434,36 @@ def _batches(model, encoded: list[list[int]], pad_batch: bool) -> list[tuple[lis
     return [(rows, torch.tensor([encoded[i] for i in rows])) for rows in groups.values()]
 
 
+def shared_noise_sample(logits, top_k=None, top_p=None, temperature=1.0, freq_penalty=0.0, repetition_penalty=1.0,
+                        tokens=None) -> torch.Tensor:
+    """transformer_lens's `sample_logits` for the settings `generate` offers (top-k and temperature), drawing by the
+    Gumbel-max trick with one noise vector per step shared by every row. A row's draws then depend on the seed and
+    its own logits only, not on the batch it is in, and rows that differ only by their steering share their
+    randomness (common random numbers): a steer that changes no logit writes the unsteered text, alone or in a
+    batch beside it. (transformer_lens draws each row from its own stream.)"""
+    if top_p is not None or freq_penalty or repetition_penalty != 1.0:
+        raise ValueError("shared-noise sampling offers top_k and temperature only.")
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, -math.inf)
+    gumbel = -torch.log(-torch.log(torch.rand(logits.shape[-1], device=logits.device)))
+    return (logits + gumbel).argmax(-1)
+
+
+@contextlib.contextmanager
+def _shared_noise_sampling():
+    "transformer_lens's `generate` samples with `shared_noise_sample` inside the block."
+    import transformer_lens.utilities as tl_utils
+    original, tl_utils.sample_logits = tl_utils.sample_logits, shared_noise_sample
+    try:
+        yield
+    finally:
+        tl_utils.sample_logits = original
+
+
 @contextlib.contextmanager
 def _left_padding(tokenizer):
     "transformer_lens masks the leading pads of a token batch when the tokenizer says it pads on the left."
@@ -449,8 +479,8 @@ def generate(model, sae=None, prompts: str | list[str] = "", method: Method | No
              temperature: float = 1.0, seed: int = 0, do_sample: bool = True, pad_batch: bool = False,
              prefix: str = "", plain: list[bool] | None = None) -> list[Generation]:
     """Continue each prompt, steered by `method` through `sae` (or unmodified); one `Generation` per prompt.
-    `pad_batch=True` runs all prompts as one left-padded batch: several times faster for prompts of many lengths,
-    but each prompt's random draws then depend on the batch it is in. `prefix` goes before every prompt (prompting);
+    `pad_batch=True` runs all prompts as one left-padded batch: several times faster for prompts of many lengths.
+    Every row samples with the same noise (`shared_noise_sample`). `prefix` goes before every prompt (prompting);
     each Generation's `prompt` is still the user's prompt. `plain` (one bool per prompt) marks prompts that the
     unmodified model continues in the same batches."""
     _check_output(output)
@@ -468,7 +498,8 @@ def generate(model, sae=None, prompts: str | list[str] = "", method: Method | No
         torch.manual_seed(seed)
         plain_rows = torch.tensor([plain[i] for i in rows]) if any(plain[i] for i in rows) else None
         with contextlib.nullcontext(SteeringRecord()) if sae is None else steer(
-                model, sae, method, output=output, plain_rows=plain_rows) as record, _left_padding(model.tokenizer):
+                model, sae, method, output=output, plain_rows=plain_rows) as record, _left_padding(model.tokenizer), \
+                _shared_noise_sampling():
             out = model.generate(batch.to(model.cfg.device), max_new_tokens=max_new_tokens, top_k=top_k,
                                  temperature=temperature, do_sample=do_sample, stop_at_eos=False,
                                  use_past_kv_cache=True, verbose=False)
@@ -493,9 +524,9 @@ def generate(model, sae=None, prompts: str | list[str] = "", method: Method | No
 def side_by_side(model, sae, prompt: str, method: Method, *, output: str = DEFAULT_OUTPUT,
                  max_new_tokens: int = 64, seed: int = 0, **kwargs) -> tuple[Generation, Generation]:
     """The unmodified model's and the steered model's continuations of `prompt`, as two rows of one batch with `seed`:
-    each decoding step reads the weights once for both, so the pair costs little more than one continuation (each row
-    has its own random draws). A method that prompts as well (`method.prefix`) runs behind its prefix in a batch of
-    its own."""
+    each decoding step reads the weights once for both, so the pair costs little more than one continuation, and
+    with the rows' shared noise it is what two separate runs give. A method that prompts as well (`method.prefix`)
+    runs behind its prefix in a batch of its own."""
     prefix = getattr(method, "prefix", "")
     if prefix:
         return (generate(model, None, prompt, max_new_tokens=max_new_tokens, seed=seed, **kwargs)[0],

@@ -249,6 +249,7 @@ def test_errors_show_as_messages(explorer, monkeypatch, caplog):
     def boom(*a, **k):
         raise RuntimeError("boom\nwith a second line")
     monkeypatch.setattr(Wd, "generate", boom)
+    monkeypatch.setattr(Wd, "side_by_side", boom)
     explorer.prompt.value = "Hi"
     with caplog.at_level(logging.ERROR, logger="saealign.widgets"):
         explorer.button.click()
