@@ -5,7 +5,9 @@
 # %% ../nbs/04d_highlighting.ipynb #5e8ade3d
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import math
 import re
 from dataclasses import dataclass, replace
@@ -13,17 +15,21 @@ from pathlib import Path
 
 import torch
 
-from .reference import ReferenceSet, check_no_saes, content_mask, hook_activations, pad_right, tokenize
+from .core import DamagedFileError, cache_folder, cache_root, load_tensors, save_tensors
+from .reference import (ReferenceSet, check_no_saes, content_mask, hook_activations, pad_right, tensor_digest,
+                                tokenize)
 from .render import ORIGINAL, Column, TokenDetail, _short, strongest_latents, top_prompts
 from .selection import decoder_directions, reference_sample
 from .steering import (DEFAULT_OUTPUT, Generation, Method, Unchanged, _pieces, as_scores, encode_with_inputs,
                                steer)
 
+log = logging.getLogger(__name__)
+
 # %% auto #0
-__all__ = ['MODE_FIELDS', 'SIGN', 'ReferenceTokens', 'reference_tokens', 'Calibration', 'calibrate', 'TokenPass', 'token_pass',
-           'steer_attribution', 'latent_attribution', 'highlight', 'highlighted_columns', 'highlight_result',
-           'token_rows', 'format_token_rows', 'first_sentence', 'heldout_paragraphs', 'text_generation',
-           'on_topic_labels', 'auroc', 'separation', 'separation_table']
+__all__ = ['log', 'TOKENS_FORMAT', 'MODE_FIELDS', 'SIGN', 'ReferenceTokens', 'reference_tokens', 'Calibration', 'calibrate',
+           'TokenPass', 'token_pass', 'steer_attribution', 'latent_attribution', 'highlight', 'highlighted_columns',
+           'highlight_result', 'token_rows', 'format_token_rows', 'first_sentence', 'heldout_paragraphs',
+           'text_generation', 'on_topic_labels', 'auroc', 'separation', 'separation_table']
 
 # %% ../nbs/04d_highlighting.ipynb #b779af9a
 @dataclass(eq=False)
@@ -33,21 +39,45 @@ class ReferenceTokens:
     n_prompts: int
 
 
+TOKENS_FORMAT = 1
+
+
 @torch.no_grad()
 def reference_tokens(model, sae, reference: ReferenceSet, *, n: int = 128, max_tokens: int = 64,
-                     batch_size: int = 16, seed: int = 0) -> ReferenceTokens:
-    "The hook activations at the tokens of `reference_sample(reference, n)` (each prompt cut to `max_tokens`)."
+                     batch_size: int = 16, seed: int = 0, cache_dir=None) -> ReferenceTokens:
+    """The hook activations at the tokens of `reference_sample(reference, n)` (each prompt cut to `max_tokens`), kept
+    in `cache_dir` (default `cache_root()/"reference-tokens"`; False: no cache), keyed by the model's weights, the
+    hook, the reference set and the settings, and checked on read."""
     if not isinstance(reference, ReferenceSet):
         raise ValueError(f"reference must be a ReferenceSet (e.g. default_reference(...)), not {type(reference).__name__}.")
     check_no_saes(model)
+    hook = sae.cfg.metadata.hook_name
+    key = hashlib.sha256(json.dumps(
+        {"format": TOKENS_FORMAT, "model": [model.cfg.model_name, tensor_digest(model, sample=4096)], "hook": hook,
+         "reference": reference.fingerprint, "n": n, "max_tokens": max_tokens, "seed": seed}, sort_keys=True
+    ).encode()).hexdigest()[:32]
+    folder = None if cache_dir is False else cache_folder(cache_dir or cache_root() / "reference-tokens",
+                                                          "reference-tokens")
+    path = None if folder is None else folder / f"{key}.safetensors"
+    if path is not None and path.is_file():
+        try:
+            t, meta = load_tensors(path)
+            if meta.get("key") != key or t["x"].ndim != 2 or t["x"].shape[1] != sae.cfg.d_in:
+                raise DamagedFileError(f"{path} was written for another model, hook or reference")
+            return ReferenceTokens(t["x"], int(meta["n_prompts"]))
+        except (DamagedFileError, KeyError, ValueError) as e:
+            log.warning("measuring the reference tokens again: %s", e)
     ids, _ = tokenize(model, reference_sample(reference, n, seed=seed), max_tokens)
     pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
     rows = []
     for start in range(0, len(ids), batch_size):
         tokens, mask = pad_right(ids[start:start + batch_size], pad, model.cfg.device)
-        x = hook_activations(model, sae.cfg.metadata.hook_name, tokens, mask)
+        x = hook_activations(model, hook, tokens, mask)
         rows.append(x[content_mask(model, tokens, mask)].float().cpu())
-    return ReferenceTokens(torch.cat(rows), len(ids))
+    found = ReferenceTokens(torch.cat(rows), len(ids))
+    if path is not None:
+        save_tensors(path, {"x": found.x}, {"key": key, "n_prompts": str(found.n_prompts)})
+    return found
 
 # %% ../nbs/04d_highlighting.ipynb #c013987e
 @dataclass(eq=False)
