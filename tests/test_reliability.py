@@ -427,7 +427,7 @@ def test_pickled_checkpoints_are_refused_before_any_download(monkeypatch):
     from transformer_lens.loading_from_pretrained import OFFICIAL_MODEL_NAMES
     loaded = []
     monkeypatch.setattr(models, "hub_reachable", lambda: True)
-    monkeypatch.setattr(models, "fast_weights", lambda model: model)  # the stand-in below has no weights
+    monkeypatch.setattr(models, "for_inference", lambda model: model)  # the stand-in below has no weights
     monkeypatch.setattr(HookedSAETransformer, "from_pretrained",
                         classmethod(lambda cls, name, **k: loaded.append(name) or torch.nn.Identity()))
     pickled = [n for n in OFFICIAL_MODEL_NAMES if n.startswith(models.PICKLE_CHECKPOINT_PREFIXES)]
@@ -562,7 +562,7 @@ def test_trust_remote_code_is_an_opt_in(monkeypatch):
     from transformer_lens.loading_from_pretrained import NEED_REMOTE_CODE_MODELS, OFFICIAL_MODEL_NAMES
     loaded = []
     monkeypatch.setattr(models, "hub_reachable", lambda: True)
-    monkeypatch.setattr(models, "fast_weights", lambda model: model)
+    monkeypatch.setattr(models, "for_inference", lambda model: model)
     monkeypatch.setattr(HookedSAETransformer, "from_pretrained",
                         classmethod(lambda cls, name, **k: loaded.append(name) or torch.nn.Identity()))
     remote = [n for n in OFFICIAL_MODEL_NAMES if n.startswith(NEED_REMOTE_CODE_MODELS)]
