@@ -19,7 +19,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from saealign.core import load_embedder
 from saealign.evaluation import evaluation_topics
 from saealign.models import GEMMA_HUB_ID, gemma_folder, load_model, model_spec
-from saealign.reference import build_reference_prompts, compute_reference, default_reference, pad_right, reference_plan, tokenize
+from saealign.activations import pad_right, tokenize
+from saealign.reference import build_reference_prompts, compute_reference, default_reference, reference_plan
 from saealign.saes import load_sae
 from saealign.calibration import DEFAULT_METHOD
 from saealign.selection import activation_means, output_scores, reference_sample

@@ -13,7 +13,8 @@ from sae_lens.saes.sae import SAEMetadata
 
 from saealign.core import load_embedder, load_texts
 from saealign.models import load_model
-from saealign.reference import ReferenceSet, pad_right, _rows_to_csr, build_reference_prompts, compute_reference, tokenize
+from saealign.activations import pad_right, tokenize
+from saealign.reference import ReferenceSet, _rows_to_csr, build_reference_prompts, compute_reference
 from saealign.scoring import summaries_by_latent, score_latents
 
 HOOK, D_SAE, N_PROMPTS, N_TOKENS, BATCH = "blocks.6.hook_resid_pre", 24576, 64, 128, 32

@@ -5,11 +5,9 @@
 # %% ../nbs/03d_calibration.ipynb #6394a2d4
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
-import numbers
 import time
 from dataclasses import dataclass
 
@@ -19,7 +17,9 @@ from tqdm.auto import tqdm
 
 from pathlib import Path
 
-from .core import SHIPPED_DIR, cache_folder, cache_root, load_embedder, shipped_file, tensor_sha256, write_json
+from ._utils import finite_number
+from .core import (SHIPPED_DIR, cache_folder, cache_root, json_sha256, load_embedder, shipped_file, tensor_sha256,
+                           write_json)
 from .evaluation import alignment_distances, relevance
 from .reference import sae_digest, tensor_digest
 from .selection import MIN_DIFFERENCE, ActivationMeans, TopicInputs, prompt_prefix
@@ -29,20 +29,11 @@ log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['log', 'POSITIONS', 'MAX_STRENGTH', 'TUNING_PROMPTS', 'CALIBRATION_STRENGTHS', 'CALIBRATION_TOKENS',
-           'CALIBRATION_FORMAT', 'CALIBRATION_BATCH_TOKENS', 'PROTECTIONS', 'DEFAULT_METHOD', 'finite_number',
-           'decay_factors', 'TopicSteer', 'harmonic', 'pick_strength', 'Calibration', 'calibrate', 'topic_steer',
-           'ship_precomputed']
+           'CALIBRATION_FORMAT', 'CALIBRATION_BATCH_TOKENS', 'PROTECTIONS', 'DEFAULT_METHOD', 'decay_factors',
+           'TopicSteer', 'harmonic', 'pick_strength', 'Calibration', 'calibrate', 'topic_steer', 'ship_precomputed']
 
 # %% ../nbs/03d_calibration.ipynb #eed00396
 POSITIONS = ("all", "prompt", "generation")
-
-
-def finite_number(name: str, value, *, low: float = -math.inf, high: float = math.inf) -> float:
-    "`value` as a float when it is a real number in [low, high]; else a ValueError that names it."
-    if (isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value)
-            or not low <= float(value) <= high):
-        raise ValueError(f"{name} must be a finite number in [{low:g}, {high:g}], got {value!r}.")
-    return float(value)
 
 
 def decay_factors(steps, half_life: float | None) -> torch.Tensor:
@@ -212,11 +203,7 @@ def _calibration_key(model, sae, steer: TopicSteer, texts, settings: dict, direc
             "direction": direction_key or tensor_sha256(steer.direction), "half_life": steer.half_life,
             "positions": steer.positions,
             "floor": steer.floor, "prefix": steer.prefix, **settings}
-    return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:32]
-
-
-def _payload_sha256(payload: dict) -> str:
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+    return json_sha256(blob)[:32]
 
 
 def _read_calibration(path, key: str) -> Calibration | None:
@@ -226,7 +213,7 @@ def _read_calibration(path, key: str) -> Calibration | None:
     try:
         saved = json.loads(path.read_text())
         payload = saved["payload"]
-        if saved["sha256"] != _payload_sha256(payload):
+        if saved["sha256"] != json_sha256(payload):
             raise ValueError("its checksum does not match its contents")
         if payload["key"] != key:
             raise ValueError("it was made for another model, SAE, text set or setting")
@@ -283,7 +270,7 @@ def calibrate(model, sae, steer: TopicSteer, align_texts, *, embedder=None, acce
     if path is not None:
         payload = {"key": key, "strength": chosen, "strengths": strengths, "means": result.means, "ses": ses,
                    "seconds": result.seconds, "settings": settings}
-        write_json(path, {"saealign": "calibration", "payload": payload, "sha256": _payload_sha256(payload)})
+        write_json(path, {"saealign": "calibration", "payload": payload, "sha256": json_sha256(payload)})
     return result
 
 # %% ../nbs/03d_calibration.ipynb #b1350e80

@@ -29,7 +29,7 @@ __all__ = ['ENV_VAR', 'PROBE_TIMEOUT_S', 'P3_HUB_CONFIGS', 'P3_HUB_ROWS_PER_CONF
            'COLA_COLUMNS', 'TEXT_SOURCES', 'MINILM_SHA256', 'CACHE_MARKER', 'SHIPPED_DIR', 'HubUnreachableError',
            'assets_dir', 'unreachable_error', 'hub_reachable', 'hub_file', 'hub_dataset', 'sycophancy_text',
            'TextSource', 'load_texts', 'sha256_of', 'load_embedder', 'DamagedFileError', 'atomic_write', 'write_json',
-           'tensor_sha256', 'save_tensors', 'load_tensors', 'cache_root', 'cache_folder', 'shipped_file']
+           'json_sha256', 'tensor_sha256', 'save_tensors', 'load_tensors', 'cache_root', 'cache_folder', 'shipped_file']
 
 # %% ../nbs/00_core.ipynb #88c4b46c
 ENV_VAR = "SAEALIGN_ASSETS"
@@ -188,6 +188,12 @@ def _sycophancy_mirror(path: Path, split: str) -> datasets.Dataset:
     return datasets.Dataset.from_list([{"text": sycophancy_text(x), **x} for x in _records(path)])
 
 
+def _instructions_mirror(path: Path, split: str) -> datasets.Dataset:
+    # the instruction and its top-level input (a seed task keeps its inputs in `instances`, which are left out)
+    return datasets.Dataset.from_list([{"text": " ".join(str(r.get(k, "")) for k in ("instruction", "input")).strip(),
+                                        "id": r["id"]} for r in _records(path)])
+
+
 def _amazon_mirror(path: Path, split: str) -> datasets.Dataset:
     return datasets.Dataset.from_list([{"text": r["title"] + " " + r["review"], **r} for r in _records(path)])
 
@@ -242,6 +248,9 @@ TEXT_SOURCES: dict[str, TextSource] = {
                               "test_open_ended": "data/sycophancy/test_dataset_open_ended.json"},
                              _sycophancy_mirror,
                              "GitHub repository nrimsky/CAA, files datasets/{generate,test}/sycophancy/*.json"),
+    "instructions": TextSource({s: f"data/instructions/{s}.jsonl" for s in ("seed_tasks", "user_oriented_instructions")},
+                               _instructions_mirror, "GitHub repository yizhongw/self-instruct, folder human_eval and "
+                               "data/seed_tasks.jsonl"),
     "amazon": TextSource({"train": "data/amazon/amazon_polarity_reviews.jsonl"}, _amazon_mirror,
                          "hub dataset 'fancyzhx/amazon_polarity' (formerly 'amazon_polarity')", _amazon_hub),
     # QUOTE_NONE: sentences contain bare double quotes
@@ -340,6 +349,11 @@ def write_json(path, obj) -> Path:
     return atomic_write(path, json.dumps(obj, indent=1, default=str))
 
 
+def json_sha256(obj) -> str:
+    "sha256 of `obj` as JSON with sorted keys (anything JSON cannot hold written as its `str`): the digest of settings."
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def tensor_sha256(t: torch.Tensor) -> str:
     "sha256 over a tensor's dtype, shape and bytes."
     h = hashlib.sha256(f"{t.dtype}|{tuple(t.shape)}|".encode())
@@ -349,7 +363,7 @@ def tensor_sha256(t: torch.Tensor) -> str:
 
 def _metadata_sha256(meta: dict) -> str:
     rest = {k: v for k, v in meta.items() if k != "metadata_sha256"}
-    return hashlib.sha256(json.dumps(rest, sort_keys=True).encode()).hexdigest()
+    return json_sha256(rest)
 
 
 def save_tensors(path, tensors: dict, metadata: dict | None = None) -> Path:

@@ -12,8 +12,7 @@ import datasets
 import torch
 
 from .core import DamagedFileError, cache_folder, cache_root, load_tensors, load_texts, save_tensors
-from .models import model_spec
-from .reference import latent_acts
+from .activations import latent_acts, special_ids
 from .saes import SAE_DIR, ship_sae
 
 log = logging.getLogger(__name__)
@@ -179,7 +178,7 @@ def _runner_kwargs(model, corpus, training_tokens: int, seed: int, lr: float, ba
     return dict(
         model_name="stories260K", dataset_path="local", streaming=False, context_size=ctx,
         prepend_bos=False,  # rows already start with BOS
-        exclude_special_tokens=model_spec(model).special_ids(model.tokenizer),  # BOS is an outlier; no statistic downstream uses it
+        exclude_special_tokens=special_ids(model),  # BOS is an outlier; no statistic downstream uses it
         training_tokens=training_tokens, train_batch_size_tokens=batch_tokens, store_batch_size_prompts=store_prompts,
         # the buffer must hold >= one training batch; >= 16 x 32 x 256 = 131K tokens keeps it well shuffled
         n_batches_in_buffer=max(16, -(-2 * batch_tokens // (store_prompts * ctx))),

@@ -9,7 +9,6 @@ import contextlib
 import copy
 import dataclasses
 import functools
-import hashlib
 import inspect
 import json
 import logging
@@ -27,7 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ._utils import check_positive_int, hook_layer
-from .core import atomic_write, cache_root, load_embedder, load_texts
+from .core import atomic_write, cache_root, json_sha256, load_embedder, load_texts
 from .models import DEFAULT_MODEL, load_model, model_spec
 from .saes import load_sae, shipped_sae_ids
 from .reference import (build_reference_prompts, compute_reference, default_reference, embed_texts, sae_digest,
@@ -175,8 +174,8 @@ def fine_tune(model, texts: list[str], *, epochs: int = 5, lr: float = 1e-3, bat
     that many rows of `row_tokens`, drawn at random: it bounds the cost of long texts on a large model."""
     if not texts:
         raise ValueError("fine_tune needs at least one text.")
-    if max_rows is not None and (isinstance(max_rows, bool) or not isinstance(max_rows, numbers.Integral) or max_rows < 1):
-        raise ValueError(f"max_rows must be a positive int or None, got {max_rows!r}.")
+    if max_rows is not None:
+        check_positive_int("max_rows (or None)", max_rows)
     start = time.perf_counter()
     row_tokens = row_tokens or min(model.cfg.n_ctx, 128)
     ids = []
@@ -225,7 +224,7 @@ def _not_grid(path: Path, why: str) -> ValueError:
 
 def row_digest(row: dict) -> str:
     "sha256 of a grid row as JSON, without its own `row_sha256`."
-    return hashlib.sha256(json.dumps({k: v for k, v in row.items() if k != "row_sha256"}, sort_keys=True).encode()).hexdigest()
+    return json_sha256({k: v for k, v in row.items() if k != "row_sha256"})
 
 
 def _sealed(row: dict, index: int) -> dict:
@@ -344,13 +343,9 @@ def grid_units(topics, methods=METHODS, sae_ids=("",), outputs=(DEFAULT_OUTPUT,)
     return units
 
 
-def _digest(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
-
-
 def unit_key(unit: tuple, settings: dict) -> str:
     "The digest a grid unit's rows carry: the unit's (topic, method, sae, output) and every setting behind its rows."
-    return _digest([list(unit), settings])
+    return json_sha256([list(unit), settings])
 
 
 def _identity(obj) -> list | None:
@@ -488,14 +483,14 @@ def run_grid(path, *, model=None, embedder=None, saes: dict | None = None, refer
     background = next(iter(references.values())).prompts
     common = {"prompts": prompts, "seeds": seeds, "max_new_tokens": max_new_tokens, "sampling": GRID_SAMPLING,
               "model": _identity(model), "embedder": _identity(embedder), "acceptability": _identity(acceptability),
-              "background": _digest(background)}
+              "background": json_sha256(background)}
     sae_weights = {i: sae_digest(s) for i, s in saes.items()}
     keys = {}
     for unit in grid_units(topics, methods, tuple(saes), outputs):
         topic, method, sae_id, _ = unit
         options = ({"Clamp": clamp_options, "FT": fine_tune_options}.get(method) or SELECTION_SETTINGS.get(method)
                    or method_settings(method))
-        settings = {**common, "texts": _digest(topics[topic]), "options": options}
+        settings = {**common, "texts": json_sha256(topics[topic]), "options": options}
         if sae_id:
             settings |= {"sae_weights": sae_weights[sae_id], "reference": references[sae_id].fingerprint}
         keys[unit] = unit_key(unit, settings)

@@ -10,7 +10,6 @@ import copy
 import ctypes
 import itertools
 import json
-import math
 import numbers
 import re
 import tempfile
@@ -19,9 +18,10 @@ from pathlib import Path
 
 import torch
 
-from ._utils import hook_layer
+from ._utils import finite_number, hook_layer
 from .core import DamagedFileError, atomic_write, tensor_sha256
-from .reference import check_no_saes, load_saved_pair, prompts_digest, sae_digest, save_pair
+from .activations import check_no_saes, special_ids
+from .reference import load_saved_pair, prompts_digest, sae_digest, save_pair
 from .saes import check_sae_fits
 from .steering import apply_activation, check_architecture, steer
 
@@ -101,12 +101,6 @@ class ModelMismatchError(ValueError):
     "A steering vector applied to a model other than the one it was exported from."
 
 
-def _finite(value, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise ValueError(f"{what} must be a finite number, got {value!r}.")
-    return float(value)
-
-
 @dataclass(eq=False)
 class SteeringVector:
     """An additive steer as it leaves saealign: `vector` is added to the output of decoder block `layer`.
@@ -141,7 +135,7 @@ class SteeringVector:
             raise ValueError(f"layer {self.layer} is out of range: the model has blocks 0..{self.n_layers - 1}.")
         if self.positions not in POSITIONS:
             raise ValueError(f"positions must be one of {POSITIONS}, not {self.positions!r}.")
-        self.strength = _finite(self.strength, "strength")
+        self.strength = finite_number("strength", self.strength)
         self.probe, self.special_ids = [int(t) for t in self.probe], sorted(int(t) for t in self.special_ids)
         if not self.probe:
             raise ValueError("the probe must hold at least one token.")
@@ -190,7 +184,6 @@ def _check_adds(model, sae, method, vector: torch.Tensor, tokens: torch.Tensor) 
 def export_vector(method, sae, model, *, texts=None, strength: float = 1.0, positions: str = "all") -> SteeringVector:
     """The `SteeringVector` of an additive `method` on `sae` and `model`: `strength × additive_vector(method, sae)`,
     checked on the model, with what identifies model, SAE and alignment `texts`."""
-    from sae_lens.util import get_special_token_ids  # the ids sae_lens, so saealign's steer, leaves alone
     check_sae_fits(model, sae)
     check_no_saes(model)
     layer = block_of_hook(sae.cfg.metadata.hook_name)
@@ -198,13 +191,13 @@ def export_vector(method, sae, model, *, texts=None, strength: float = 1.0, posi
     tokens = model.to_tokens(PROBE_TEXT)
     _check_adds(model, sae, method, base, tokens)
     return SteeringVector(
-        vector=_finite(strength, "strength") * base, layer=layer, model=model.cfg.model_name,
+        vector=finite_number("strength", strength) * base, layer=layer, model=model.cfg.model_name,
         d_model=model.cfg.d_model, n_layers=model.cfg.n_layers, probe=tokens[0].tolist(),
         fingerprint=_block_output(model, tokens, layer)[-1], method=getattr(method, "name", type(method).__name__),
         sae={"hook": sae.cfg.metadata.hook_name, "d_sae": sae.cfg.d_sae, "architecture": sae.cfg.architecture(),
              "weights_sha256": sae_digest(sae)},
         texts_sha256=None if texts is None else prompts_digest(list(texts)), strength=strength, positions=positions,
-        special_ids=get_special_token_ids(model.tokenizer) if model.tokenizer is not None else [])
+        special_ids=special_ids(model, structural=True))
 
 # %% ../nbs/03c_export.ipynb #581e858e
 def _stem(path) -> Path:
@@ -350,7 +343,7 @@ def apply(sv: SteeringVector, hf_model, *, scale: float = 1.0, positions: str | 
     if positions not in POSITIONS:
         raise ValueError(f"positions must be one of {POSITIONS}, not {positions!r}.")
     block = check_fits(sv, hf_model)
-    vector, special, ids = _finite(scale, "scale") * sv.vector, torch.tensor(sv.special_ids, dtype=torch.long), {}
+    vector, special, ids = finite_number("scale", scale) * sv.vector, torch.tensor(sv.special_ids, dtype=torch.long), {}
 
     def read_ids(module, args, kwargs):
         tokens = kwargs.get("input_ids", args[0] if args else None)
@@ -407,7 +400,7 @@ def llamacpp_model(model_path, *vectors: SteeringVector, scale: float = 1.0, **l
                                      f"blocks); {Path(model_path).name} has width {width} and {depth} blocks.")
         if sv.layer < 1:
             raise ValueError("llama.cpp adds control vectors to blocks 1 and up; this vector is for block 0.")
-        data[(sv.layer - 1) * width:sv.layer * width] += _finite(scale, "scale") * sv.vector.numpy()
+        data[(sv.layer - 1) * width:sv.layer * width] += finite_number("scale", scale) * sv.vector.numpy()
     if llama_cpp.llama_set_adapter_cvec(llm.ctx, data.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), len(data),
                                         width, 1, top) != 0:
         raise RuntimeError(f"llama.cpp refused the control vector for {Path(model_path).name}.")

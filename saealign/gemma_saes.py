@@ -15,9 +15,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ._utils import hook_layer
+from .activations import special_ids
 from .core import load_texts
 from .embedded import inference_sae, pack_texts
-from .models import model_spec
 from .saes import SAE_DIR, load_sae, ship_sae
 
 # %% auto #0
@@ -32,17 +32,6 @@ __all__ = ['CORPUS_SHARES', 'GEMMA_RELEASE', 'GEMMA_SPECS', 'GEMMA_WARM_TRAINING
 CORPUS_SHARES = {"p3": 0.55, "medquad": 0.2, "cola": 0.1, "pubmedqa": 0.06, "instructions": 0.05, "amazon": 0.04}
 
 
-def _instructions() -> list[str]:
-    from saealign.core import assets_dir
-    rows = []
-    for name in ("seed_tasks", "user_oriented_instructions"):
-        with open(assets_dir() / "data" / "instructions" / f"{name}.jsonl") as f:
-            for line in f:
-                r = json.loads(line)
-                rows.append(" ".join(str(r.get(k, "")) for k in ("instruction", "input")).strip())
-    return rows
-
-
 def corpus_documents(split: str = "train") -> dict[str, list[str]]:
     "Documents per source; `split` 'train' or 'heldout' (disjoint: the last ~10% of each source is held out)."
     if split not in ("train", "heldout"):
@@ -51,7 +40,8 @@ def corpus_documents(split: str = "train") -> dict[str, list[str]]:
             "medquad": list(load_texts("medquad", split="qa")["text"]),
             "pubmedqa": list(load_texts("pubmedqa")["text"]),
             "amazon": list(load_texts("amazon")["text"]),
-            "instructions": _instructions()}
+            "instructions": [t for s in ("seed_tasks", "user_oriented_instructions")
+                             for t in load_texts("instructions", split=s)["text"]]}
     out = {name: (d[:int(len(d) * 0.9)] if split == "train" else d[int(len(d) * 0.9):]) for name, d in docs.items()}
     out["cola"] = list(load_texts("cola", split="in_domain_train" if split == "train" else "in_domain_dev")["text"])
     return out
@@ -160,7 +150,7 @@ def safe_trainer_state():
 def hook_statistics(model, tokens: torch.Tensor, hooks: list[str], batch: int = 16) -> dict[str, dict]:
     "Mean activation, mean norm and the activations themselves per hook, over the non-special positions of `tokens`."
     deepest = max(hook_layer(h) for h in hooks)
-    keep = ~torch.isin(tokens, torch.tensor(model_spec(model).special_ids(model.tokenizer)))
+    keep = ~torch.isin(tokens, torch.tensor(special_ids(model)))
     acts = {h: [] for h in hooks}
     for s in range(0, len(tokens), batch):
         _, cache = model.run_with_cache(tokens[s:s + batch], names_filter=hooks, stop_at_layer=deepest + 1)
@@ -259,7 +249,7 @@ def _runner_config(specs: dict, model, out: Path, *, training_tokens: int, batch
         saes={n: gemma_sae_config(model.cfg.d_model, sp, steps) for n, sp in specs.items()},
         hook_names={n: f"blocks.{sp['layer']}.hook_resid_post" for n, sp in specs.items()},
         model_name="google/gemma-3-270m", dataset_path="local", streaming=False,
-        context_size=context, prepend_bos=False, exclude_special_tokens=model_spec(model).special_ids(model.tokenizer),
+        context_size=context, prepend_bos=False, exclude_special_tokens=special_ids(model),
         training_tokens=training_tokens, train_batch_size_tokens=batch_tokens, store_batch_size_prompts=store_prompts,
         n_batches_in_buffer=max(16, -(-2 * batch_tokens // (store_prompts * context))),
         lr=lr, lr_warm_up_steps=max(1, steps // 20), lr_decay_steps=steps // 5,

@@ -5,19 +5,18 @@
 # %% ../nbs/04d_highlighting.ipynb #5e8ade3d
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .core import DamagedFileError, cache_folder, cache_root, load_tensors, save_tensors
-from .reference import (ReferenceSet, check_no_saes, content_mask, hook_activations, pad_right, tensor_digest,
-                                tokenize)
+from .core import DamagedFileError, cache_folder, cache_root, json_sha256, load_tensors, save_tensors
+from .activations import check_no_saes, content_mask, hook_activations, pad_id, pad_right, tokenize
+from .reference import ReferenceSet, tensor_digest
 from .render import ORIGINAL, Column, TokenDetail, _short, strongest_latents, top_prompts
 from .selection import decoder_directions, reference_sample
 from .steering import (DEFAULT_OUTPUT, Generation, Method, Unchanged, _pieces, as_scores, encode_with_inputs,
@@ -52,10 +51,8 @@ def reference_tokens(model, sae, reference: ReferenceSet, *, n: int = 128, max_t
         raise ValueError(f"reference must be a ReferenceSet (e.g. default_reference(...)), not {type(reference).__name__}.")
     check_no_saes(model)
     hook = sae.cfg.metadata.hook_name
-    key = hashlib.sha256(json.dumps(
-        {"format": TOKENS_FORMAT, "model": [model.cfg.model_name, tensor_digest(model, sample=4096)], "hook": hook,
-         "reference": reference.fingerprint, "n": n, "max_tokens": max_tokens, "seed": seed}, sort_keys=True
-    ).encode()).hexdigest()[:32]
+    key = json_sha256({"format": TOKENS_FORMAT, "model": [model.cfg.model_name, tensor_digest(model, sample=4096)],
+                       "hook": hook, "reference": reference.fingerprint, "n": n, "max_tokens": max_tokens, "seed": seed})[:32]
     folder = None if cache_dir is False else cache_folder(cache_dir or cache_root() / "reference-tokens",
                                                           "reference-tokens")
     path = None if folder is None else folder / f"{key}.safetensors"
@@ -68,7 +65,7 @@ def reference_tokens(model, sae, reference: ReferenceSet, *, n: int = 128, max_t
         except (DamagedFileError, KeyError, ValueError) as e:
             log.warning("measuring the reference tokens again: %s", e)
     ids, _ = tokenize(model, reference_sample(reference, n, seed=seed), max_tokens)
-    pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
+    pad = pad_id(model)
     rows = []
     for start in range(0, len(ids), batch_size):
         tokens, mask = pad_right(ids[start:start + batch_size], pad, model.cfg.device)

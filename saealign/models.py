@@ -23,10 +23,6 @@ import torch
 
 from .core import cache_folder, cache_root, hub_file, hub_reachable, sha256_of, unreachable_error
 
-# Denormal floats in Gemma's attention made CPU generation ~10x slower (1.1 vs 0.11 s/token); flushing them in every
-# process that imports saealign also keeps the numerics of the driver and of Ray workers the same.
-torch.set_flush_denormal(True)
-
 # %% auto #0
 __all__ = ['STORIES_REPO', 'GEMMA_HUB_ID', 'GGUF_PACKAGE', 'GGUF_INSTALL', 'CONVERSION_FORMAT', 'GENERAL_PROMPTS', 'MODEL_SPECS',
            'DEFAULT_MODEL', 'PICKLE_CHECKPOINT_PREFIXES', 'read_llama2c_checkpoint', 'read_llama2c_vocab',
@@ -414,7 +410,10 @@ def fast_unembed(model):
 
 
 def for_inference(model):
-    "`model` with both speed-ups (`fast_weights`, `fast_unembed`), in eval mode: what `load_model` returns."
+    """`model` with both speed-ups (`fast_weights`, `fast_unembed`), in eval mode: what `load_model` returns. It
+    also flushes denormal floats in this process: in Gemma's attention they made CPU generation ~10x slower (1.1 vs
+    0.11 s/token), and every process that loads a model (the driver, each Ray worker) then computes alike."""
+    torch.set_flush_denormal(True)
     return fast_unembed(fast_weights(model)).eval()
 
 # %% ../nbs/00a_models.ipynb #055f872f
@@ -452,10 +451,6 @@ class ModelSpec:
     demo_topic: str = "medical"                # a topic name `scoring.topic_texts` knows
     demo_prompt: str = "The patient was diagnosed with"
     neutral_prompts: tuple[str, ...] = GENERAL_PROMPTS  # prompts with no topic, for the evaluation grid
-
-    def special_ids(self, tokenizer) -> list[int]:
-        "Token ids that carry no content: BOS, EOS, padding, unknown."
-        return sorted(set(tokenizer.all_special_ids))
 
     def stop_ids(self, tokenizer) -> set[int]:
         "Token ids that end a generation."

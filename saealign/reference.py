@@ -5,6 +5,7 @@
 # %% ../nbs/01_reference.ipynb #75de32f3
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -19,22 +20,21 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .core import (DamagedFileError, atomic_write, cache_folder, cache_root, load_tensors, load_texts,
-                            save_tensors, shipped_file, write_json)
+from .core import (DamagedFileError, atomic_write, cache_folder, cache_root, json_sha256, load_tensors,
+                            load_texts, save_tensors, shipped_file, write_json)
 from .models import model_spec
-from ._utils import check_positive_int, hook_layer
+from ._utils import check_positive_int
+from .activations import (ENCODE_TOKENS, check_no_saes, content_mask, encode_kept, hook_activations, latent_acts,
+                                  pad_id, pad_right, special_ids, tokenize)
 from .saes import check_sae_fits
 
 log = logging.getLogger(__name__)
-# torch warns once per process that sparse CSR is "beta"; we only use its stable core (construction, mm, csc)
-warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
 
 FORMAT_VERSION = 2  # 2: every saved file carries checksums
 
 # %% auto #0
-__all__ = ['log', 'FORMAT_VERSION', 'ENCODE_TOKENS', 'BATCH_TOKENS', 'MAX_TOKENS', 'CHUNK_SIZE', 'EMBED_BATCH',
-           'build_reference_prompts', 'tokenize', 'pad_right', 'hook_activations', 'content_mask', 'check_no_saes',
-           'latent_acts', 'summarize_batch', 'tensor_digest', 'sae_digest', 'save_pair', 'load_saved_pair',
+__all__ = ['log', 'FORMAT_VERSION', 'BATCH_TOKENS', 'MAX_TOKENS', 'CHUNK_SIZE', 'EMBED_BATCH', 'build_reference_prompts',
+           'quiet_csr', 'summarize_batch', 'tensor_digest', 'sae_digest', 'save_pair', 'load_saved_pair',
            'ReferenceSet', 'ChunkCache', 'check_prompts', 'prompts_digest', 'reference_plan', 'embedding_cache_dir',
            'merge_chunks', 'embed_texts', 'embedding_dim', 'embedder_description', 'compute_chunk', 'compute_reference',
            'embedder_key', 'EmbeddingCache', 'coverage_curve', 'coverage_chart', 'model_stories',
@@ -48,8 +48,7 @@ def build_reference_prompts(n: int, *, seed: int = 0, sources=("p3",), extra=Non
     Strata are visited round-robin in a seeded order, each shuffled with the same seed, so every task is
     represented about equally however large `n` is. Exact duplicates and blank texts are skipped.
     With `model`, logs how many prompts exceed its context (they are truncated in the pass, not here)."""
-    if not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be a positive int, got {n!r}")
+    check_positive_int("n", n)
     strata: dict[str, list[str]] = {}
     for name in sources:
         ds = load_texts(name)
@@ -95,97 +94,20 @@ def build_reference_prompts(n: int, *, seed: int = 0, sources=("p3",), extra=Non
                  n_trunc, n, model.cfg.model_name, model.cfg.n_ctx)
     return out
 
-# %% ../nbs/01_reference.ipynb #f0be0ce3
-def tokenize(model, texts, max_tokens: int | None = None) -> tuple[list[torch.Tensor], int]:
-    "Token ids per text with the model's own BOS convention, cut to `max_tokens` (default n_ctx); and how many were cut."
-    max_tokens = model.cfg.n_ctx if max_tokens is None else check_positive_int("max_tokens", max_tokens)
-    ids = [model.to_tokens(t, truncate=False)[0] for t in texts]
-    return [x[:max_tokens] for x in ids], sum(len(x) > max_tokens for x in ids)
-
-
-def pad_right(ids: list[torch.Tensor], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    "Right padding: a causal model then computes exactly the same activations at the real positions."
-    T = max(len(x) for x in ids)
-    tokens = torch.full((len(ids), T), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(ids), T, dtype=torch.long)
-    for i, x in enumerate(ids):
-        tokens[i, :len(x)], mask[i, :len(x)] = x, 1
-    return tokens.to(device), mask.to(device)
-
-# %% ../nbs/01_reference.ipynb #f460311c
-class _Stop(Exception):
-    "Raised by the capture hook: nothing after the SAE's hook point is needed."
-
-
-def hook_activations(model, hook: str, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Activations at `hook`, computing only what precedes it: `stop_at_layer` skips the later blocks and
-    the unembedding, and the capture hook aborts the rest of the hook's own block."""
-    store = {}
-
-    def capture(act, hook):
-        store["act"] = act
-        raise _Stop
-
-    layer = hook_layer(hook)
-    # an unpadded batch needs no mask: causal attention suffices
-    unpadded = bool(mask.all()) and getattr(model.tokenizer, "padding_side", "right") != "left"
-    with torch.inference_mode(), model.hooks(fwd_hooks=[(hook, capture)]):  # hooks() removes them even on raise
-        try:
-            # otherwise the mask is passed explicitly so a tokenizer configured for left padding cannot make
-            # transformer_lens guess one from the token ids (GPT-2's pad id is also its BOS id)
-            model(tokens, attention_mask=None if unpadded else mask, stop_at_layer=None if layer is None else layer + 1)
-        except _Stop:
-            pass
-    if "act" not in store:
-        raise RuntimeError(f"hook {hook!r} did not fire during the forward pass of {model.cfg.model_name}")
-    act = store["act"]
-    return act.flatten(2) if act.ndim > 3 else act  # hook_z: [b, t, heads, d_head] -> [b, t, d_in]
-
-# %% ../nbs/01_reference.ipynb #6955e015
-def _special_ids(model) -> list[int]:
-    tok = getattr(model, "tokenizer", None)
-    return sorted(set(tok.all_special_ids)) if tok is not None else []
-
-
-def content_mask(model, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    "Real, non-special positions: padding and BOS / EOS / pad ids carry no content of the prompt."
-    return mask.bool() & ~torch.isin(tokens, torch.tensor(_special_ids(model), device=tokens.device))
-
-
-def check_no_saes(model) -> None:
-    "A ValueError when `model` has SAEs spliced in: the reference pass and every statistic read unmodified activations."
-    if getattr(model, "acts_to_saes", None):  # HookedSAETransformer with SAEs spliced in
-        raise ValueError(f"the model has SAEs attached at {list(model.acts_to_saes)}: call model.reset_saes() first; "
-                         "the reference pass reads the unmodified activations.")
-
 # %% ../nbs/01_reference.ipynb #e642df93
-ENCODE_TOKENS = 8192  # positions encoded at once: bounds the dense [tokens, d_sae] latents (0.8 GB at 24,576)
 BATCH_TOKENS = 8192  # padded positions per batch of the reference pass: 32 prompts of 256 tokens, 8 of 1,024
 MAX_TOKENS = 1024  # a cut asked for above this is warned about: one prompt's attention grows with its length squared
 
-
-def _encode(sae, act: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    with torch.inference_mode():
-        z = sae.encode(act.to(sae.dtype)).float()
-        return z.mul_(keep.unsqueeze(-1))  # in place: z is the largest tensor of the pass
-
-
-@torch.no_grad()
-def latent_acts(model, sae, tokens: torch.Tensor, mask: torch.Tensor | None = None, *, batch: int = 32):
-    """Hook activations x [N, d_in], SAE latents z [N, d_sae] (after the SAE's own activation: ReLU / TopK /
-    JumpReLU), token ids [N] and positions [N, 2] = (row, column) of the kept positions of `tokens`: the real
-    ones (`mask` 1; default: all) that are not special (BOS, EOS, pad). `batch` rows go through the model at once."""
-    check_no_saes(model)
-    mask = torch.ones_like(tokens) if mask is None else mask
-    keep = content_mask(model, tokens, mask)
-    hook = sae.cfg.metadata.hook_name
-    x = torch.cat([hook_activations(model, hook, t, m)[k]
-                   for t, m, k in zip(tokens.split(batch), mask.split(batch), keep.split(batch))])
-    with torch.inference_mode():
-        z = torch.cat([sae.encode(x[s:s + ENCODE_TOKENS].to(sae.dtype)).float() for s in range(0, len(x), ENCODE_TOKENS)])
-    return x, z, tokens[keep], keep.nonzero()
-
 # %% ../nbs/01_reference.ipynb #0789ec15
+@contextlib.contextmanager
+def quiet_csr():
+    """Without torch's once-per-process warning that sparse CSR is "beta" (saealign uses only its stable core:
+    construction, mm, csc), and without changing the caller's warning filters outside the block."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        yield
+
+
 def summarize_batch(model, sae, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Prompt summaries as sparse CSR rows [b, d_sae]: summary(p)_i = Σ_t z_ti / Σ_j Σ_t z_tj over the kept
     tokens; an all-zero row when nothing fired. `tokens` must be right-padded, `mask` 1 on real tokens."""
@@ -193,9 +115,10 @@ def summarize_batch(model, sae, tokens: torch.Tensor, mask: torch.Tensor) -> tor
     keep = content_mask(model, tokens, mask)
     act = hook_activations(model, sae.cfg.metadata.hook_name, tokens, mask)
     rows = max(1, ENCODE_TOKENS // tokens.shape[1])  # encode a few prompts at a time, keep only their sums
-    sums = torch.cat([_encode(sae, a, k).sum(1) for a, k in zip(act.split(rows), keep.split(rows))])
+    sums = torch.cat([encode_kept(sae, a, k).sum(1) for a, k in zip(act.split(rows), keep.split(rows))])
     total = sums.sum(-1, keepdim=True)
-    return torch.where(total > 0, sums / total.clamp_min(torch.finfo(sums.dtype).tiny), 0.0).to_sparse_csr()
+    with quiet_csr():
+        return torch.where(total > 0, sums / total.clamp_min(torch.finfo(sums.dtype).tiny), 0.0).to_sparse_csr()
 
 # %% ../nbs/01_reference.ipynb #1ea1eaa6
 def tensor_digest(module_or_tensors, sample: int | None = None) -> str:
@@ -217,10 +140,6 @@ def tensor_digest(module_or_tensors, sample: int | None = None) -> str:
     return h.hexdigest()
 
 
-def _json_default(o):
-    return str(o)
-
-
 _VOCAB_DIGESTS = weakref.WeakKeyDictionary()  # tokenizer -> (size, digest): hashing 262,144 entries takes ~0.7 s
 
 
@@ -229,7 +148,7 @@ def _vocab_digest(tok) -> str:
     size = len(tok)
     if (known := _VOCAB_DIGESTS.get(tok)) is not None and known[0] == size:
         return known[1]
-    digest = hashlib.sha256(json.dumps(sorted(tok.get_vocab().items())).encode()).hexdigest()
+    digest = json_sha256(sorted(tok.get_vocab().items()))
     _VOCAB_DIGESTS[tok] = (size, digest)
     return digest
 
@@ -254,13 +173,15 @@ def _sae_description(sae) -> dict:
 
 def _csr(crow, col, values, shape) -> torch.Tensor:
     "CSR from arrays this process built (valid by construction, so unchecked)."
-    return torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=False)
+    with quiet_csr():
+        return torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=False)
 
 
 def _checked_csr(crow, col, values, shape, source) -> torch.Tensor:
     "CSR from arrays read from `source`, its invariants checked first: torch reads out of bounds on bad indices."
     try:
-        return torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=True)
+        with quiet_csr():
+            return torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=True)
     except (RuntimeError, ValueError, TypeError) as e:
         raise DamagedFileError(f"{source} holds invalid sparse summaries ({str(e).splitlines()[0]})") from None
 
@@ -287,7 +208,7 @@ def _cat_csr(parts: list[torch.Tensor], d_sae: int) -> torch.Tensor:
 def save_pair(stem: Path, tensors: dict, info: dict) -> None:
     """`stem.safetensors`, then `stem.json`, each written atomically. The tensors' header holds their checksums
     and the sha256 of the JSON's bytes, so a load checks both files and that they come from one save."""
-    body = json.dumps(info, indent=1, default=_json_default)
+    body = json.dumps(info, indent=1, default=str)
     save_tensors(stem.with_suffix(".safetensors"), tensors, {"json_sha256": hashlib.sha256(body.encode()).hexdigest()})
     atomic_write(stem.with_suffix(".json"), body)
 
@@ -358,7 +279,8 @@ class ReferenceSet:
     @classmethod
     def from_summaries(cls, summaries, embeddings, prompts=None, token_counts=None, meta=None) -> "ReferenceSet":
         "A ReferenceSet from dense or sparse summaries (for hand-built cases and synthetic benchmarks)."
-        s = summaries if summaries.layout == torch.sparse_csr else summaries.float().to_sparse_csr()
+        with quiet_csr():
+            s = summaries if summaries.layout == torch.sparse_csr else summaries.float().to_sparse_csr()
         s = _rows_to_csr(_csr_rows(s), s.shape[1])
         n = s.shape[0]
         prompts = list(prompts) if prompts is not None else [f"prompt {i}" for i in range(n)]
@@ -483,7 +405,7 @@ def check_prompts(prompts) -> list[str]:
 
 def prompts_digest(prompts: list[str]) -> str:
     "sha256 of the prompt list, in order: the part of a pass's fingerprint that the prompts decide."
-    return hashlib.sha256(json.dumps(prompts).encode()).hexdigest()
+    return json_sha256(prompts)
 
 
 def reference_plan(model, sae, embedder, digest: str, chunk_size: int, max_tokens: int | None) -> dict:
@@ -505,9 +427,8 @@ def reference_plan(model, sae, embedder, digest: str, chunk_size: int, max_token
     settings = {"max_tokens": max_tokens, "chunk_size": chunk_size, "special_tokens": "excluded",
                 "embeddings": "L2-normalised"}
     model_d, sae_d, emb_d = _model_description(model), _sae_description(sae), embedder_description(embedder)
-    fingerprint = hashlib.sha256(json.dumps(
-        {"model": model.cfg.model_name, "model_d": model_d, "sae": sae_d, "hook": hook, "embedder": emb_d,
-         "settings": settings, "prompts": digest}, sort_keys=True, default=_json_default).encode()).hexdigest()
+    fingerprint = json_sha256({"model": model.cfg.model_name, "model_d": model_d, "sae": sae_d, "hook": hook,
+                               "embedder": emb_d, "settings": settings, "prompts": digest})
     meta = {"model": model.cfg.model_name, "hook": hook, "d_sae": sae.cfg.d_sae, "d_in": sae.cfg.d_in,
             "sae_architecture": sae.cfg.architecture(), "sae_weights": sae_d["weights"],
             "model_weights_sample": model_d["weights_sample"], "embedder": emb_d, "settings": settings}
@@ -558,16 +479,15 @@ def compute_chunk(model, sae, prompts, embedder, batch_size, max_tokens, bar, em
     "One chunk's summaries, token counts and embeddings (`embeddings`: an `EmbeddingCache` to take them from)."
     ids, n_trunc = tokenize(model, prompts, max_tokens)
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))  # similar lengths together: less padding
-    pad_id = model.tokenizer.pad_token_id if model.tokenizer is not None and model.tokenizer.pad_token_id is not None else 0
     rows: list = [None] * len(ids)
     token_counts = torch.zeros(len(ids), dtype=torch.long)
-    special = torch.tensor(_special_ids(model))
+    special = torch.tensor(special_ids(model))
     start = 0
     while start < len(order):
         # the longest prompt comes first and sets the padded length: at most BATCH_TOKENS positions per batch
         idx = order[start:start + min(batch_size, max(1, BATCH_TOKENS // max(1, len(ids[order[start]]))))]
         start += len(idx)
-        tokens, mask = pad_right([ids[i] for i in idx], pad_id, model.cfg.device)
+        tokens, mask = pad_right([ids[i] for i in idx], pad_id(model), model.cfg.device)
         for i, r in zip(idx, _csr_rows(summarize_batch(model, sae, tokens, mask).cpu())):
             rows[i] = r  # back to the original order
         bar.update(len(idx))
@@ -623,10 +543,6 @@ def compute_reference(model, sae, prompts, embedder, *, batch_size: int = 32, ca
     return merge_chunks(chunks, prompts, plan)
 
 # %% ../nbs/01_reference.ipynb #5b3872f9
-def _sha(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=_json_default).encode()).hexdigest()
-
-
 def embedder_key(embedder, description: dict | None = None) -> str:
     """Digest of everything besides the texts that decides an embedding: the weights (strided sample) and width
     of `embedder_description`, the truncation (`max_seq_length`), the pipeline's modules and their configs
@@ -635,10 +551,10 @@ def embedder_key(embedder, description: dict | None = None) -> str:
     vocab = getattr(tok, "get_vocab", None)
     modules = [(name, type(m).__name__, m.get_config_dict() if hasattr(m, "get_config_dict") else None)
                for name, m in embedder.named_children()] if hasattr(embedder, "named_children") else None
-    return _sha({"embedder": description or embedder_description(embedder),
+    return json_sha256({"embedder": description or embedder_description(embedder),
                  "max_seq_length": getattr(embedder, "max_seq_length", None), "modules": modules,
                  "tokenizer": None if tok is None else [type(tok).__name__, getattr(tok, "do_lower_case", None),
-                                                        _sha(sorted(vocab().items())) if vocab else None],
+                                                        json_sha256(sorted(vocab().items())) if vocab else None],
                  "encode": {"batch_size": EMBED_BATCH, "normalize_embeddings": True, "dtype": "float32"}})
 
 
@@ -652,7 +568,7 @@ class EmbeddingCache:
         self.embedder_key, self.dim = embedder_key(embedder, description), embedding_dim(embedder)
 
     def key(self, texts: list[str]) -> str:
-        return _sha({"format": FORMAT_VERSION, "embedder": self.embedder_key, "texts": _sha(list(texts))})
+        return json_sha256({"format": FORMAT_VERSION, "embedder": self.embedder_key, "texts": json_sha256(list(texts))})
 
     def _file(self, key: str) -> Path:
         return self.path / f"{key}.safetensors"

@@ -18,8 +18,9 @@ import torch
 
 from .core import load_texts
 from .models import model_spec
-from .reference import (ReferenceSet, embed_texts, embedder_description, embedding_dim, latent_acts, pad_right,
-                                load_saved_pair, sae_digest, save_pair, tensor_digest, tokenize)
+from .activations import latent_acts, pad_id, pad_right, tokenize
+from .reference import (ReferenceSet, embed_texts, embedder_description, embedding_dim, load_saved_pair,
+                                quiet_csr, sae_digest, save_pair, tensor_digest)
 
 # %% auto #0
 __all__ = ['STORY_TOPICS', 'TOPICS_DIR', 'TOPIC_NAMES', 'LatentScores', 'check_texts', 'check_reference', 'sae_identity',
@@ -127,9 +128,10 @@ def summaries_by_latent(ref: ReferenceSet) -> torch.Tensor:
     product, and float64 keeps g exact enough for the min-max normalisation, which magnifies small errors."""
     if "summaries_t" not in ref._cache:
         csc = ref.summaries.to_sparse_csc()  # the CSC arrays of S are the CSR arrays of S^T
-        ref._cache["summaries_t"] = torch.sparse_csr_tensor(csc.ccol_indices(), csc.row_indices(),
-                                                            csc.values().double(), (ref.d_sae, ref.n_prompts),
-                                                            check_invariants=False)
+        with quiet_csr():
+            ref._cache["summaries_t"] = torch.sparse_csr_tensor(csc.ccol_indices(), csc.row_indices(),
+                                                                csc.values().double(), (ref.d_sae, ref.n_prompts),
+                                                                check_invariants=False)
     return ref._cache["summaries_t"]
 
 # %% ../nbs/02_scoring.ipynb #e7299de6
@@ -203,7 +205,7 @@ def score_latents(ref: ReferenceSet, align_texts, embedder, *, min_prompts: int 
 def _token_batches(model, sae, texts, batch_size: int = 16, max_tokens: int | None = None):
     "(token ids [n], latents z [n, d_sae]) of the kept (non-special) tokens, one batch of texts at a time."
     ids, _ = tokenize(model, texts, max_tokens)
-    pad = model.tokenizer.pad_token_id if model.tokenizer is not None and model.tokenizer.pad_token_id is not None else 0
+    pad = pad_id(model)
     for start in range(0, len(ids), batch_size):
         chunk = ids[start:start + batch_size]
         tokens, mask = pad_right(chunk, pad, model.cfg.device)

@@ -9,7 +9,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import numbers
 import random
 import time
 import warnings
@@ -18,13 +17,14 @@ from functools import cached_property
 
 import torch
 
+from ._utils import check_positive_int, finite_number
 from .core import DamagedFileError, cache_folder, cache_root, load_tensors, save_tensors, shipped_file
 from .models import model_spec
-from .reference import (ReferenceSet, check_no_saes, content_mask, hook_activations, pad_right, sae_digest,
-                                tensor_digest, tokenize)
+from .activations import check_no_saes, content_mask, hook_activations, pad_id, pad_right, special_ids, tokenize
+from .reference import ReferenceSet, sae_digest, tensor_digest
 from .scoring import (LatentScores, check_reference, check_texts, kendall_tau, sae_identity, score_latents,
                               summaries_by_latent, topic_distances, validation_curve)
-from .steering import CLAMP_VALUE, Clamp, Method, Swap, Weight, as_scores, generate
+from .steering import CLAMP_VALUE, Clamp, Method, Swap, as_scores, generate
 
 log = logging.getLogger(__name__)
 
@@ -46,11 +46,6 @@ class ActivationMeans:
     n_tokens: int
 
 
-def _pad_id(model) -> int:
-    tok = model.tokenizer
-    return tok.pad_token_id if tok is not None and tok.pad_token_id is not None else 0
-
-
 @torch.no_grad()
 def activation_means(model, sae, texts, *, batch_size: int = 16, max_tokens: int | None = 128) -> ActivationMeans:
     "Means over the tokens of `texts` (each cut to `max_tokens`) of the activation at the SAE's hook and of its latents."
@@ -61,7 +56,7 @@ def activation_means(model, sae, texts, *, batch_size: int = 16, max_tokens: int
     latents = torch.zeros(sae.cfg.d_sae, dtype=torch.float64)
     n = 0
     for start in range(0, len(ids), batch_size):
-        tokens, mask = pad_right(ids[start:start + batch_size], _pad_id(model), model.cfg.device)
+        tokens, mask = pad_right(ids[start:start + batch_size], pad_id(model), model.cfg.device)
         x = hook_activations(model, sae.cfg.metadata.hook_name, tokens, mask)[content_mask(model, tokens, mask)]
         resid += x.double().sum(0).cpu()
         latents += sae.encode(x.to(sae.dtype)).double().sum(0).cpu()
@@ -73,8 +68,7 @@ def activation_means(model, sae, texts, *, batch_size: int = 16, max_tokens: int
 
 def reference_sample(ref: ReferenceSet, n: int = 256, *, seed: int = 0) -> list[str]:
     "`n` reference prompts drawn without replacement (all of them when there are fewer), in a seeded order."
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be a positive int, got {n!r}.")
+    check_positive_int("n", n)
     return random.Random(seed).sample(ref.prompts, min(n, ref.n_prompts))
 
 # %% ../nbs/03a_selection.ipynb #3bde25ba
@@ -125,10 +119,8 @@ class DiffMeans(Method):
 
 
 def _multiplier(value, name: str = "multiplier") -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not abs(value) <= MAX_MULTIPLIER:
-        raise ValueError(f"{name} must be a finite number within ±{MAX_MULTIPLIER:g} (1 is the plain difference of "
-                         f"means), got {value!r}.")
-    return float(value)
+    "A multiplier of the difference of means (1: the plain difference) within ±`MAX_MULTIPLIER`."
+    return finite_number(name, value, low=-MAX_MULTIPLIER, high=MAX_MULTIPLIER)
 
 # %% ../nbs/03a_selection.ipynb #b54721d9
 MEANS_FORMAT = 1
@@ -310,7 +302,7 @@ def compare_scorings(model, sae, scorings: dict, heldout: dict, *, ks=(5, 20), b
 def token_counts(model, texts, max_tokens: int | None = None) -> torch.Tensor:
     "How often each vocabulary id occurs in `texts` (special tokens left out), int64 [d_vocab]."
     ids, _ = tokenize(model, check_texts(texts, "texts"), max_tokens)
-    special = set(model_spec(model).special_ids(model.tokenizer))
+    special = set(special_ids(model))
     flat = torch.cat(ids).cpu()
     flat = flat[~torch.isin(flat, torch.tensor(sorted(special), dtype=flat.dtype))]
     return torch.bincount(flat, minlength=model.cfg.d_vocab)
@@ -414,9 +406,7 @@ def output_scores(model, sae, scores, align_texts, prompts, *, n_latents: int = 
     texts, prompts = check_texts(align_texts, "align_texts"), _checked_prompts(model, prompts)
     s = LatentScores.of(scores)
     as_scores(s, sae.cfg.d_sae)
-    for name, value in (("n_latents", n_latents), ("latents_per_batch", latents_per_batch)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}.")
+    check_positive_int("n_latents", n_latents), check_positive_int("latents_per_batch", latents_per_batch)
     if tokens is None:
         if reference_texts is None:
             raise ValueError("give the topic's distinctive `tokens`, or `reference_texts` to find them (e.g. ref.prompts).")
@@ -432,7 +422,7 @@ def output_scores(model, sae, scores, align_texts, prompts, *, n_latents: int = 
 
     check_no_saes(model)
     ids, _ = tokenize(model, prompts)
-    toks, mask = pad_right(ids, _pad_id(model), model.cfg.device)
+    toks, mask = pad_right(ids, pad_id(model), model.cfg.device)
     keep = content_mask(model, toks, mask)
     last = mask.sum(1) - 1
     hook = sae.cfg.metadata.hook_name
@@ -512,8 +502,7 @@ def prompt_prefix(align_texts=None, *, topic: str | None = None, n_texts: int = 
         if not isinstance(topic, str) or not topic.strip():
             raise ValueError(f"topic must be a non-empty sentence, got {topic!r}.")
         return topic.strip() + "\n\n"
-    if isinstance(n_texts, bool) or not isinstance(n_texts, int) or n_texts < 1:
-        raise ValueError(f"n_texts must be a positive int, got {n_texts!r}.")
+    check_positive_int("n_texts", n_texts)
     return "\n".join(t.strip() for t in check_texts(align_texts, "align_texts")[:n_texts]) + "\n\n"
 
 

@@ -13,7 +13,8 @@ from typing import Callable
 
 import torch
 
-from ._utils import check_positive_int, hook_layer
+from ._utils import check_positive_int, finite_number, hook_layer
+from .activations import pad_id, special_ids
 from .models import model_spec
 from .reference import sae_digest
 from .saes import check_sae_fits
@@ -136,6 +137,11 @@ class Method:
         total = acts.sum(-1)
         return raw, torch.where(total > 0, raw / total, torch.nan)
 
+    def apply(self, model, sae, **options):
+        """`steer(model, sae, self, **options)`: a context manager that steers `model` through `sae` with this method
+        and removes every hook on exit (transformer_lens's `model.hooks()` idiom)."""
+        return steer(model, sae, self, **options)
+
     def __repr__(self):
         return f"{self.name}()"
 
@@ -169,10 +175,8 @@ class Clamp(Method):
         super().__init__(scores)
         if mode not in ("multiply", "add"):
             raise ValueError(f"Clamp mode must be 'multiply' or 'add', not {mode!r}.")
-        if isinstance(top_n, bool) or not isinstance(top_n, numbers.Integral) or top_n < 1:
-            raise ValueError(f"top_n must be a positive int, got {top_n!r}.")
-        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-            raise ValueError(f"Clamp value must be a finite number (the paper uses 10), got {value!r}.")
+        check_positive_int("top_n", top_n)
+        finite_number("Clamp value", value)  # the paper uses 10
         eligible = getattr(scores, "eligible", torch.ones_like(self.scores, dtype=torch.bool))
         # best scores first; ineligible latents never chosen; ties broken by index (stable sort)
         ranked = torch.argsort(torch.where(eligible, self.scores, -1.0), descending=True, stable=True)
@@ -426,7 +430,7 @@ def _pieces(model, prompt_tokens: list[int], new_tokens: list[int]) -> list[str]
 def _batches(model, encoded: list[list[int]], pad_batch: bool) -> list[tuple[list[int], torch.Tensor]]:
     "(rows, tokens) per `model.generate` call: one left-padded batch, or one unpadded batch per prompt length."
     if pad_batch and len(set(map(len, encoded))) > 1:
-        width, pad = max(map(len, encoded)), model.tokenizer.pad_token_id
+        width, pad = max(map(len, encoded)), pad_id(model)
         return [(list(range(len(encoded))), torch.tensor([[pad] * (width - len(e)) + e for e in encoded]))]
     groups: dict[int, list[int]] = {}
     for i, ids in enumerate(encoded):
@@ -553,7 +557,7 @@ def layer_metrics(model, sae, methods: dict[str, Method], texts: list[str], *, l
     check_sae_fits(model, sae)
     hook = sae.cfg.metadata.hook_name
     layer = hook_layer(hook)
-    special = {model.tokenizer.bos_token_id, model.tokenizer.eos_token_id, model.tokenizer.pad_token_id}
+    special = set(special_ids(model, structural=True))
     rows = []
     for t, text in enumerate(texts):
         tokens = model.to_tokens(text)

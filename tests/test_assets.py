@@ -16,6 +16,7 @@ ROWS = {  # the mirror README's table
     ("awesome_chatgpt_prompts", None): 211, ("sycophancy", "generate"): 1_000,
     ("sycophancy", "test_ab"): 50, ("sycophancy", "test_open_ended"): 53, ("amazon", None): 200,
     ("cola", "in_domain_train"): 8_551, ("cola", "in_domain_dev"): 527, ("cola", "out_of_domain_dev"): 516,
+    ("instructions", "seed_tasks"): 175, ("instructions", "user_oriented_instructions"): 252,
 }
 
 
@@ -101,7 +102,7 @@ def test_empty_mirror_names_file_id_and_variable(monkeypatch, tmp_path):
         assert part in str(e.value)
 
 
-@pytest.mark.parametrize("name", ["ibm_reference", "sycophancy", "medquad"])
+@pytest.mark.parametrize("name", ["ibm_reference", "sycophancy", "medquad", "instructions"])
 def test_github_sources_need_the_mirror(no_mirror, name):
     with pytest.raises(FileNotFoundError, match=ENV_VAR) as e:
         load_texts(name)
@@ -168,3 +169,14 @@ def test_hung_or_failing_hub_fails_within_the_probe_timeout(broken_hub):
     with pytest.raises(HubUnreachableError, match="saealign-test/no-such-repo"):
         hub_file("saealign-test/no-such-repo", "config.json", "models/x/config.json")
     assert time.perf_counter() - start < assets.PROBE_TIMEOUT_S + 2
+
+
+def test_the_gemma_training_corpus_without_a_mirror_says_what_is_missing(no_mirror, monkeypatch):
+    "Every corpus source goes through load_texts: no mirror means a FileNotFoundError naming the variable, not a TypeError."
+    import datasets
+    from saealign import gemma_saes
+    real = gemma_saes.load_texts
+    monkeypatch.setattr(gemma_saes, "load_texts", lambda name, **k: real(name, **k) if name == "instructions"
+                        else datasets.Dataset.from_dict({"text": ["a text"]}))
+    with pytest.raises(FileNotFoundError, match=f"self-instruct.*{ENV_VAR}"):
+        gemma_saes.corpus_documents()

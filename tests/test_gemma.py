@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from saealign import models
+from saealign.activations import special_ids
 from saealign.models import gemma_folder, model_spec
 from saealign.saes import check_sae_fits, load_sae, shipped_sae_ids
 from saealign.steering import Swap, generate
@@ -52,7 +53,7 @@ def test_cached_generation_equals_an_uncached_loop(gemma):
 def test_spec_names_its_tokens_and_default_sae(gemma):
     spec = model_spec(gemma)
     assert spec.name == "gemma-3-270m" and spec.stop_ids(gemma.tokenizer) == {gemma.tokenizer.eos_token_id}
-    assert gemma.tokenizer.bos_token_id in spec.special_ids(gemma.tokenizer)
+    assert gemma.tokenizer.bos_token_id in special_ids(gemma)
     assert load_sae(model=gemma).cfg.metadata.hook_name == spec.sae_id
 
 

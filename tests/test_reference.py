@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from saealign import reference as R
-from saealign.reference import (ReferenceSet, build_reference_prompts, compute_reference, coverage_chart, coverage_curve,
-                       summarize_batch, tensor_digest, tokenize)
+from saealign.activations import pad_right, tokenize
+from saealign.reference import (ReferenceSet, build_reference_prompts, compute_reference, coverage_chart,
+                                coverage_curve, summarize_batch, tensor_digest)
 from saealign.core import load_texts
 from saealign.saes import load_sae
 
@@ -86,10 +87,10 @@ def test_batched_equals_one_at_a_time(model, sae, prompts):
     # unpadded, so the activations agree up to float rounding of differently shaped matmuls (not bitwise).
     ids, _ = tokenize(model, prompts[:12], MAX_TOKENS)
     assert len({len(x) for x in ids}) > 1  # padding really happens
-    tokens, mask = R.pad_right(ids, 0, "cpu")
+    tokens, mask = pad_right(ids, 0, "cpu")
     batched = summarize_batch(model, sae, tokens, mask).to_dense()
     for i, x in enumerate(ids):
-        t1, m1 = R.pad_right([x], 0, "cpu")
+        t1, m1 = pad_right([x], 0, "cpu")
         torch.testing.assert_close(batched[i], summarize_batch(model, sae, t1, m1).to_dense()[0], atol=1e-6, rtol=0)
 
 

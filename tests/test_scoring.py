@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from saealign.reference import ReferenceSet, pad_right, compute_reference, latent_acts, tokenize
+from saealign.reference import ReferenceSet, compute_reference
 from saealign.saes import load_sae
 from saealign.scoring import (LatentScores, kendall_tau, score_latents, score_violin, strawman_latents,
                      top_latent_tokens, topic_distance_table, topk_token_share, validation_chart, validation_curve)

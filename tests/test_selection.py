@@ -239,7 +239,7 @@ def test_output_score_zero_push_and_bad_input(model, probe):
 
 
 def test_next_token_logprobs_parity_with_padding(model):
-    from saealign.reference import pad_right
+    from saealign.activations import pad_right
     ids = [model.to_tokens(p)[0] for p in NEUTRAL]
     tokens, mask = pad_right(ids, 0, "cpu")
     lp = _next_token_logprobs(model, "blocks.2.hook_resid_post", tokens, mask, mask.sum(1) - 1)

@@ -1,0 +1,81 @@
+"""The package's layout, checked from its source: imports point one way, every module says what it holds, and each
+small concept (padding id, special tokens, positive counts, finite numbers, JSON digests) has one home."""
+import ast
+import re
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "saealign"
+MODULES = {p.stem: p for p in sorted(PACKAGE.glob("*.py")) if p.stem not in ("__init__", "_modidx")}
+
+
+def imports_of(path: Path, *, top_level_only: bool) -> set[str]:
+    "The saealign modules `path` imports (relative or absolute), at module level or anywhere."
+    tree = ast.parse(path.read_text())
+    nodes = tree.body if top_level_only else list(ast.walk(tree))
+    found = set()
+    for node in nodes:
+        if isinstance(node, ast.ImportFrom):
+            if node.level == 1 and node.module:
+                found.add(node.module.split(".")[0])
+            elif node.module and node.module.startswith("saealign."):
+                found.add(node.module.split(".")[1])
+            elif node.module == "saealign" or (node.level == 1 and node.module is None):
+                found |= {a.name for a in node.names if a.name in MODULES}
+        elif isinstance(node, ast.Import):
+            found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("saealign.")}
+    return found & set(MODULES)
+
+
+def cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    "One import cycle of `graph` (module -> the modules it imports), or None."
+    state, stack = {}, []
+
+    def visit(m):
+        state[m] = "open"
+        stack.append(m)
+        for n in sorted(graph[m]):
+            if state.get(n) == "open":
+                return stack[stack.index(n):] + [n]
+            if n not in state and (found := visit(n)):
+                return found
+        state[m] = "done"
+        stack.pop()
+        return None
+
+    for m in sorted(graph):
+        if m not in state and (found := visit(m)):
+            return found
+    return None
+
+
+def test_the_cycle_finder_finds_a_cycle_built_by_hand():
+    assert cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == ["a", "b", "c", "a"]
+    assert cycle({"a": {"b"}, "b": set(), "c": {"a", "b"}}) is None
+
+
+@pytest.mark.parametrize("top_level_only", [True, False])
+def test_imports_form_no_cycle(top_level_only):
+    "Neither the module-level imports nor those inside functions (done when first called) loop back."
+    graph = {m: imports_of(p, top_level_only=top_level_only) - {m} for m, p in MODULES.items()}
+    assert cycle(graph) is None
+    assert "activations" in graph["reference"] and "reference" not in graph["embedded"]  # the cycle that was
+
+
+def test_every_module_says_what_it_holds():
+    for name, path in MODULES.items():
+        doc = ast.get_docstring(ast.parse(path.read_text()))
+        assert doc and len(doc.splitlines()[0]) > 20, f"{name}.py has no first docstring line"
+
+
+@pytest.mark.parametrize("pattern, home", [
+    (r"\.pad_token_id\s+is\s+not\s+None", "activations"),          # the padding id: activations.pad_id
+    (r"all_special_ids|get_special_token_ids", "activations"),        # special tokens: activations.special_ids
+    (r"must be a positive int", "_utils"),                            # counts: _utils.check_positive_int
+    (r"must be a finite number in", "_utils"),                        # finite numbers: _utils.finite_number
+    (r"sha256\(json\.dumps", "core"),                                 # JSON digests: core.json_sha256
+])
+def test_each_small_concept_has_one_home(pattern, home):
+    homes = sorted(name for name, path in MODULES.items() if re.search(pattern, path.read_text()))
+    assert homes == [home]

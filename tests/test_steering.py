@@ -1,0 +1,81 @@
+"""Steering on stories260K and on hand-built latents: the invariants (Swap and Weight with every score 1 change
+nothing), Clamp's and contamination's known answers, hooks removed whatever happens, batches equal single runs,
+and the method registry."""
+import pytest
+import torch
+
+from saealign.steering import (Clamp, Method, Swap, Unchanged, Weight, generate, make_method, method_names, steer)
+
+
+def test_contamination_known_answer():
+    acts = torch.tensor([[1.0, 0.0, 3.0], [0.0, 0.0, 0.0]])
+    raw, share = Unchanged(torch.tensor([1.0, 0.0, 0.5])).contamination(acts)
+    assert raw.tolist() == [1.5, 0.0] and share[0] == pytest.approx(1.5 / 4) and torch.isnan(share[1])
+
+
+def test_clamp_known_answer_ties_broken_by_index(sae):
+    scores = torch.zeros(sae.cfg.d_sae)
+    scores[[3, 1, 7]] = torch.tensor([0.9, 0.9, 0.5])
+    clamp = Clamp(scores, top_n=2, value=10.0)
+    assert clamp.latents.tolist() == [1, 3]
+    acts = torch.rand(2, sae.cfg.d_sae)
+    edited = clamp.edit(sae, acts, acts)
+    assert torch.equal(edited[:, [1, 3]], acts[:, [1, 3]] * 10) and torch.equal(edited[:, 4:], acts[:, 4:])
+    added = Clamp(scores, top_n=1, value=2.0, mode="add").edit(sae, acts, acts)
+    assert torch.equal(added[:, 1], acts[:, 1] + 2) and torch.equal(added[:, 2:], acts[:, 2:])
+    with pytest.raises(ValueError, match="Clamp value must be a finite number"):
+        Clamp(scores, value=float("nan"))
+
+
+@pytest.mark.parametrize("method_class", [Swap, Weight])
+def test_every_score_one_changes_nothing(model, sae, method_class):
+    "σ(h ⊙ 1) = σ(h): the same latents, the same generation (the SAE in error mode)."
+    method = method_class(torch.ones(sae.cfg.d_sae))
+    h = torch.randn(4, sae.cfg.d_sae)
+    from saealign.steering import apply_activation
+    acts = apply_activation(sae, h)
+    assert torch.equal(method.edit(sae, h, acts), acts)
+    steered = generate(model, sae, "Once upon a time", method, max_new_tokens=12, do_sample=False)[0]
+    plain = generate(model, None, "Once upon a time", max_new_tokens=12, do_sample=False)[0]
+    assert steered.tokens == plain.tokens and set(steered.n_changed) == {0}
+
+
+def test_hooks_are_removed_even_when_the_body_raises(model, sae):
+    tokens = model.to_tokens("Once upon a time")
+    with torch.no_grad():
+        before = model(tokens)
+    with pytest.raises(RuntimeError, match="inside"):
+        with steer(model, sae, Clamp(torch.rand(sae.cfg.d_sae), value=50.0)):
+            raise RuntimeError("inside")
+    assert not model.acts_to_saes
+    with torch.no_grad():
+        assert torch.equal(model(tokens), before)
+
+
+def test_apply_is_steer(model, sae):
+    method = Clamp(torch.rand(sae.cfg.d_sae, generator=torch.Generator().manual_seed(1)), value=20.0)
+    tokens = model.to_tokens("Once upon a time")
+    with torch.no_grad():
+        with steer(model, sae, method):
+            by_steer = model(tokens)
+        with method.apply(model, sae) as record:
+            by_apply = model(tokens)
+        plain = model(tokens)
+    assert torch.equal(by_apply, by_steer) and not torch.equal(by_apply, plain) and len(record.n_changed) == 1
+
+
+def test_a_batch_equals_its_prompts_run_alone(model, sae):
+    method = Clamp(torch.rand(sae.cfg.d_sae, generator=torch.Generator().manual_seed(0)), value=3.0)
+    prompts = ["Once upon a time", "The little dog ran to"]
+    together = generate(model, sae, prompts, method, max_new_tokens=10, do_sample=False)
+    alone = [generate(model, sae, p, method, max_new_tokens=10, do_sample=False)[0] for p in prompts]
+    assert [g.tokens for g in together] == [g.tokens for g in alone]
+
+
+def test_the_registry_builds_by_name_and_refuses_unknown_names(sae):
+    scores = torch.rand(sae.cfg.d_sae)
+    assert {"SAE", "Clamp", "Swap", "Weight"} <= set(method_names())
+    clamp = make_method("Clamp", scores, top_n=3)
+    assert isinstance(clamp, Clamp) and len(clamp.latents) == 3 and isinstance(make_method("Swap", scores), Method)
+    with pytest.raises(ValueError, match="unknown steering method 'Swapp'"):
+        make_method("Swapp", scores)
