@@ -665,20 +665,20 @@ def seed_noise(df: pd.DataFrame, metrics=tuple(METRICS), *, method: str = "Origi
 
 
 def metric_chart(df: pd.DataFrame, metrics=("perplexity", "acceptability", "centroid_cosine", "topic_word_rate", "contamination")):
-    "Mean ± std of each metric per configuration, one small panel per metric (altair)."
+    """Mean ± std of each metric per configuration, one small panel per metric (altair). The chart holds only
+    those summaries (a few rows per configuration), not the grid's rows: a saved notebook stays small."""
     import altair as alt
-    data = df.assign(config=config_label(df))[["config", "method", "layer", "output", *metrics]]  # the chart's data only
+    data = df.assign(config=config_label(df))
     order = list(dict.fromkeys(data.sort_values(["layer", "output"])["config"]))
-    panels = []
-    for m in metrics:
-        if data[m].notna().sum() == 0:
-            continue
-        base = alt.Chart(data[data[m].notna()], width=260, height=160)
-        x = alt.X("config:N", sort=order, title=None)
-        panels.append(base.mark_errorbar(extent="stdev").encode(x=x, y=alt.Y(f"{m}:Q", title=m)) +
-                      base.mark_point(filled=True, size=50).encode(x=x, y=f"mean({m}):Q",
-                                                                   color=alt.Color("method:N", legend=None)))
-    return alt.concat(*panels, columns=3)
+    summary = pd.concat([data.groupby(["config", "method"], sort=False)[m].agg(["mean", "std"]).dropna(subset=["mean"])
+                         .reset_index().assign(metric=m) for m in metrics])
+    summary = summary.fillna({"std": 0.0}).assign(lo=lambda d: d["mean"] - d["std"], hi=lambda d: d["mean"] + d["std"])
+    x = alt.X("config:N", sort=order, title=None)
+    bars = alt.Chart().mark_rule().encode(x=x, y=alt.Y("lo:Q", title=None), y2="hi:Q")
+    points = alt.Chart().mark_point(filled=True, size=50).encode(x=x, y="mean:Q", color=alt.Color("method:N", legend=None))
+    return (alt.layer(bars, points, data=summary).properties(width=260, height=160)
+            .facet(facet=alt.Facet("metric:N", sort=list(metrics), title=None), columns=3)
+            .resolve_scale(y="independent"))
 
 
 def topic_chart(df: pd.DataFrame, metric: str = "centroid_cosine", *, baseline: str = "Original"):
