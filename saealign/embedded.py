@@ -22,8 +22,8 @@ STORIES_SAE_DIR = SAE_DIR / "stories260K"
 # %% auto #0
 __all__ = ['log', 'STORIES_SAE_DIR', 'OPENINGS', 'EMBEDDED_SPECS', 'EMBEDDED_CORPUS', 'EMBEDDED_TRAINING_TOKENS',
            'sample_stories', 'pack_texts', 'mirror_rows', 'cached_tokens', 'corpus_tokens', 'training_corpus',
-           'heldout_tokens', 'sae_config', 'inference_sae', 'train_sae', 'train_saes_together', 'sae_quality',
-           'latent_token_purity', 'token_determinism', 'top_tokens', 'train_embedded_saes']
+           'heldout_tokens', 'sae_config', 'runner_settings', 'inference_sae', 'train_sae', 'train_saes_together',
+           'sae_quality', 'latent_token_purity', 'token_determinism', 'top_tokens', 'train_embedded_saes']
 
 # %% ../nbs/00c_embedded_saes.ipynb #67123f8f
 # Varied openings: the model's stories start from BOS; these spread the samples over characters,
@@ -170,25 +170,34 @@ def sae_config(d_in: int, d_sae: int, k: int | None = None, architecture: str = 
     raise ValueError(f"architecture must be 'topk' or 'standard', not {architecture!r}")
 
 
-def _runner_kwargs(model, corpus, training_tokens: int, seed: int, lr: float, batch_tokens: int,
-                   dead_window_tokens: int, output_path) -> dict:
-    "Settings shared by the single- and multi-SAE runners (the same training recipe either way)."
+def runner_settings(model, *, model_name: str, context: int, training_tokens: int, batch_tokens: int, lr: float,
+                    seed: int, dead_window_tokens: int = 100_000, norm_batches: int = 16, eval_batch_prompts: int = 16,
+                    checkpoint_path=None, n_checkpoints: int = 0, output_path=None, resume=None) -> dict:
+    """sae_lens runner settings of saealign's training recipe, for the single- and multi-SAE runners and for every
+    model (stories260K here, Gemma 3 270M in the next chapter): on-the-fly activations of a tokenized local corpus,
+    warm-up and decay of the learning rate in proportion to the run, special tokens left out."""
     from sae_lens import LoggingConfig
-    ctx, steps, store_prompts = len(corpus[0]["input_ids"]), training_tokens // batch_tokens, 32
+    steps, store_prompts = training_tokens // batch_tokens, 32
     return dict(
-        model_name="stories260K", dataset_path="local", streaming=False, context_size=ctx,
+        model_name=model_name, dataset_path="local", streaming=False, context_size=context,
         prepend_bos=False,  # rows already start with BOS
         exclude_special_tokens=special_ids(model),  # BOS is an outlier; no statistic downstream uses it
         training_tokens=training_tokens, train_batch_size_tokens=batch_tokens, store_batch_size_prompts=store_prompts,
         # the buffer must hold >= one training batch; >= 16 x 32 x 256 = 131K tokens keeps it well shuffled
-        n_batches_in_buffer=max(16, -(-2 * batch_tokens // (store_prompts * ctx))),
+        n_batches_in_buffer=max(16, -(-2 * batch_tokens // (store_prompts * context))),
         lr=lr, lr_warm_up_steps=max(1, steps // 20), lr_decay_steps=steps // 5,
         # "dead" for the aux loss = no firing for this many steps; given in tokens so it scales with batch
         dead_feature_window=max(1, dead_window_tokens // batch_tokens), feature_sampling_window=max(1, steps // 4),
-        n_batches_for_norm_estimate=16, n_eval_batches=1, eval_batch_size_prompts=16,
+        n_batches_for_norm_estimate=norm_batches, n_eval_batches=1, eval_batch_size_prompts=eval_batch_prompts,
         logger=LoggingConfig(log_to_wandb=False), device="cpu", seed=seed,
-        checkpoint_path=None, n_checkpoints=0, output_path=None if output_path is None else str(output_path),
+        checkpoint_path=None if checkpoint_path is None else str(checkpoint_path), n_checkpoints=n_checkpoints,
+        output_path=None if output_path is None else str(output_path),
+        resume_from_checkpoint=None if resume is None else str(resume),
         model_from_pretrained_kwargs={})  # the model is passed in, not loaded: no loading options to record
+
+
+def _stories_settings(corpus, **recipe) -> dict:
+    return dict(model_name="stories260K", context=len(corpus[0]["input_ids"]), **recipe)
 
 # %% ../nbs/00c_embedded_saes.ipynb #67d3b51e
 def inference_sae(training_sae, path=None):
@@ -218,7 +227,9 @@ def train_sae(model, corpus: datasets.Dataset, *, layer: int, d_sae: int, k: int
                          l1_warm_up_steps=training_tokens // batch_tokens // 10)
     cfg = LanguageModelSAERunnerConfig(
         sae=sae_cfg, hook_name=f"blocks.{layer}.hook_resid_post", is_dataset_tokenized=True, verbose=False,
-        **_runner_kwargs(model, corpus, training_tokens, seed, lr, batch_tokens, dead_window_tokens, output_path))
+        **runner_settings(model, **_stories_settings(corpus, training_tokens=training_tokens, seed=seed, lr=lr,
+                                                     batch_tokens=batch_tokens, dead_window_tokens=dead_window_tokens,
+                                                     output_path=output_path)))
     torch.manual_seed(seed)  # sae_lens 6.54 does not seed torch from cfg.seed; initialisation would vary
     sae = LanguageModelSAETrainingRunner(cfg, override_dataset=corpus, override_model=model).run()
     return inference_sae(sae, output_path)
@@ -242,7 +253,9 @@ def train_saes_together(model, corpus: datasets.Dataset, specs: dict[str, dict],
             for n, sp in specs.items()}
     cfg = MultiSAETrainingRunnerConfig(
         saes=saes, hook_names={n: f"blocks.{sp['layer']}.hook_resid_post" for n, sp in specs.items()},
-        **_runner_kwargs(model, corpus, training_tokens, seed, lr, batch_tokens, dead_window_tokens, output_path))
+        **runner_settings(model, **_stories_settings(corpus, training_tokens=training_tokens, seed=seed, lr=lr,
+                                                     batch_tokens=batch_tokens, dead_window_tokens=dead_window_tokens,
+                                                     output_path=output_path)))
     torch.manual_seed(seed)  # sae_lens 6.54 does not seed torch from cfg.seed; initialisation would vary
     trained = MultiSAETrainingRunner(cfg, override_dataset=corpus, override_model=model).run()
     return {n: inference_sae(sae, None if output_path is None else Path(output_path) / n) for n, sae in trained.items()}

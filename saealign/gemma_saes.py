@@ -17,7 +17,8 @@ from safetensors.torch import load_file, save_file
 from ._utils import hook_layer
 from .activations import special_ids
 from .core import load_texts
-from .embedded import inference_sae, pack_texts
+from .embedded import inference_sae, pack_texts, runner_settings
+from .models import GEMMA_HUB_ID
 from .saes import SAE_DIR, load_sae, ship_sae
 
 # %% auto #0
@@ -242,22 +243,13 @@ def latest_checkpoint(folder: Path) -> Path | None:
 
 def _runner_config(specs: dict, model, out: Path, *, training_tokens: int, batch_tokens: int, context: int,
                    lr: float, seed: int, norm_batches: int, n_checkpoints: int, resume: Path | None):
-    from sae_lens import LoggingConfig, MultiSAETrainingRunnerConfig
-    steps = training_tokens // batch_tokens
-    store_prompts = 32
+    from sae_lens import MultiSAETrainingRunnerConfig
     cfg = MultiSAETrainingRunnerConfig(
-        saes={n: gemma_sae_config(model.cfg.d_model, sp, steps) for n, sp in specs.items()},
+        saes={n: gemma_sae_config(model.cfg.d_model, sp, training_tokens // batch_tokens) for n, sp in specs.items()},
         hook_names={n: f"blocks.{sp['layer']}.hook_resid_post" for n, sp in specs.items()},
-        model_name="google/gemma-3-270m", dataset_path="local", streaming=False,
-        context_size=context, prepend_bos=False, exclude_special_tokens=special_ids(model),
-        training_tokens=training_tokens, train_batch_size_tokens=batch_tokens, store_batch_size_prompts=store_prompts,
-        n_batches_in_buffer=max(16, -(-2 * batch_tokens // (store_prompts * context))),
-        lr=lr, lr_warm_up_steps=max(1, steps // 20), lr_decay_steps=steps // 5,
-        dead_feature_window=max(1, 100_000 // batch_tokens), feature_sampling_window=max(1, steps // 4),
-        n_batches_for_norm_estimate=norm_batches, n_eval_batches=1, eval_batch_size_prompts=8,
-        logger=LoggingConfig(log_to_wandb=False), device="cpu", seed=seed,
-        n_checkpoints=n_checkpoints, checkpoint_path=str(out / "checkpoints"), output_path=None,
-        resume_from_checkpoint=None if resume is None else str(resume), model_from_pretrained_kwargs={})
+        **runner_settings(model, model_name=GEMMA_HUB_ID, context=context, training_tokens=training_tokens,
+                          batch_tokens=batch_tokens, lr=lr, seed=seed, norm_batches=norm_batches, eval_batch_prompts=8,
+                          checkpoint_path=out / "checkpoints", n_checkpoints=n_checkpoints, resume=resume))
     cfg.checkpoint_path = str(out / "checkpoints")  # sae_lens appends a random id; resuming needs a fixed path
     return cfg
 
