@@ -25,10 +25,10 @@ from .steering import (DEFAULT_OUTPUT, Generation, Method, Unchanged, _pieces, a
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'TOKENS_FORMAT', 'MODE_FIELDS', 'SIGN', 'ReferenceTokens', 'reference_tokens', 'Calibration', 'calibrate',
-           'TokenPass', 'token_pass', 'steer_attribution', 'latent_attribution', 'highlight', 'highlighted_columns',
-           'highlight_result', 'token_rows', 'format_token_rows', 'first_sentence', 'heldout_paragraphs',
-           'text_generation', 'on_topic_labels', 'auroc', 'separation', 'separation_table']
+__all__ = ['log', 'TOKENS_FORMAT', 'MODE_FIELDS', 'SIGN', 'ReferenceTokens', 'reference_tokens', 'ContaminationScale',
+           'contamination_scale', 'TokenPass', 'token_pass', 'steer_attribution', 'latent_attribution', 'highlight',
+           'highlighted_columns', 'highlight_result', 'token_rows', 'format_token_rows', 'first_sentence',
+           'heldout_paragraphs', 'text_generation', 'on_topic_labels', 'auroc', 'separation', 'separation_table']
 
 # %% ../nbs/04d_highlighting.ipynb #b779af9a
 @dataclass(eq=False)
@@ -78,16 +78,16 @@ def reference_tokens(model, sae, reference: ReferenceSet, *, n: int = 128, max_t
 
 # %% ../nbs/04d_highlighting.ipynb #c013987e
 @dataclass(eq=False)
-class Calibration:
+class ContaminationScale:
     "The contamination of reference tokens, sorted: places a token's contamination among them."
     values: torch.Tensor  # float64, sorted, finite
 
     def __post_init__(self):
         v = self.values
         if not isinstance(v, torch.Tensor) or v.ndim != 1 or len(v) == 0 or not torch.isfinite(v).all():
-            raise ValueError("a Calibration needs a non-empty 1-d tensor of finite reference values.")
+            raise ValueError("a ContaminationScale needs a non-empty 1-d tensor of finite reference values.")
         if (v[1:] < v[:-1]).any():
-            raise ValueError("a Calibration's values must be sorted (ascending).")
+            raise ValueError("a ContaminationScale's values must be sorted (ascending).")
 
     @property
     def median(self) -> float:
@@ -107,7 +107,7 @@ class Calibration:
 
 
 @torch.no_grad()
-def calibrate(sae, tokens: ReferenceTokens, method: Method, *, batch: int = 4096) -> Calibration:
+def contamination_scale(sae, tokens: ReferenceTokens, method: Method, *, batch: int = 4096) -> ContaminationScale:
     """The contamination (`method.contamination`, the share) of the reference `tokens` after `method`'s edit:
     `Unchanged(scores)` for the SAE's own activations."""
     if not isinstance(method, Method):
@@ -118,7 +118,7 @@ def calibrate(sae, tokens: ReferenceTokens, method: Method, *, batch: int = 4096
         h, acts = encode_with_inputs(sae, x.to(sae.W_dec.device, sae.dtype))
         shares.append(method.contamination(method.edit(sae, h, acts))[1].double().cpu())
     share = torch.cat(shares)
-    return Calibration(share[share.isfinite()].sort().values)
+    return ContaminationScale(share[share.isfinite()].sort().values)
 
 # %% ../nbs/04d_highlighting.ipynb #79ea9124
 @dataclass(eq=False)
@@ -214,10 +214,10 @@ def latent_attribution(model, sae, method: Method, steered: TokenPass, unsteered
 # %% ../nbs/04d_highlighting.ipynb #57315745
 @torch.no_grad()
 def highlight(model, sae, generation: Generation, scores, method: Method | None = None, *, steered: bool = True,
-              output: str = DEFAULT_OUTPUT, calibration: Calibration | None = None, reference: ReferenceSet | None = None,
+              output: str = DEFAULT_OUTPUT, scale: ContaminationScale | None = None, reference: ReferenceSet | None = None,
               top: int = 5) -> list[TokenDetail]:
     """Per generated token of `generation` (made by `method` when `steered`, else by the unmodified model): its
-    contamination under `scores` and its percentile under `calibration`, its attribution to `method` (steered in
+    contamination under `scores` and its percentile under `scale`, its attribution to `method` (steered in
     `output` mode) and the edits that moved it, with their top prompt in `reference`."""
     score_t = as_scores(scores, sae.cfg.d_sae)
     plain = token_pass(model, sae, generation)
@@ -229,7 +229,7 @@ def highlight(model, sae, generation: Generation, scores, method: Method | None 
         moved_by = latent_attribution(model, sae, method, moved, plain, generation.tokens, top=top)
         seen = moved if steered else plain
     share = Unchanged(score_t).contamination(seen.edited)[1]
-    calibrated = calibration.percentile(share) if calibration is not None else torch.full_like(share, torch.nan)
+    calibrated = scale.percentile(share) if scale is not None else torch.full_like(share, torch.nan)
     prompt = lambda i: _short(top_prompts(reference, i, 1)[0][0], 80) if reference is not None and int(reference.prompt_counts[i]) else ""
     return [TokenDetail(piece, float(share[j]), strongest, float(calibrated[j]), float(attribution[j]),
                         [(i, change, nats, float(score_t[i]) if i >= 0 else math.nan, prompt(i) if i >= 0 else "")
@@ -238,11 +238,11 @@ def highlight(model, sae, generation: Generation, scores, method: Method | None 
 
 
 def highlighted_columns(model, sae, plain: Generation, steered: Generation, scores, method: Method | None, *,
-                        calibration: Calibration | None = None, reference: ReferenceSet | None = None) -> list[Column]:
+                        scale: ContaminationScale | None = None, reference: ReferenceSet | None = None) -> list[Column]:
     """The unsteered and the steered column, every token highlighted (`highlight`); `method` made `steered` (None: the
     unmodified model made both)."""
     label = ORIGINAL if steered.method == ORIGINAL else f"{steered.method} ({steered.output})"
-    given = dict(calibration=calibration, reference=reference, output=steered.output)
+    given = dict(scale=scale, reference=reference, output=steered.output)
     return [Column("unsteered", f"unsteered ({ORIGINAL})", plain, highlight(model, sae, plain, scores, method, steered=False, **given)),
             Column("steered", label, steered, highlight(model, sae, steered, scores, method, **given))]
 
@@ -252,7 +252,7 @@ def highlight_result(result, *, model, sae, reference: ReferenceSet, tokens: Ref
     `tokens` (default: `reference_tokens(model, sae, reference)`)."""
     tokens = tokens if tokens is not None else reference_tokens(model, sae, reference)
     return highlighted_columns(model, sae, result.plain, result.steered, result.scores, result.method, reference=reference,
-                               calibration=calibrate(sae, tokens, Unchanged(as_scores(result.scores, sae.cfg.d_sae))))
+                               scale=contamination_scale(sae, tokens, Unchanged(as_scores(result.scores, sae.cfg.d_sae))))
 
 # %% ../nbs/04d_highlighting.ipynb #6258d2a7
 def token_rows(details: list[TokenDetail]) -> list[dict]:
@@ -343,10 +343,10 @@ def separation(model, sae, reference: ReferenceSet, embedder, topics: dict[str, 
         align = list(topics[name]["align"])
         scores = score_latents(reference, align, embedder)
         steer_with = make_method(method, TopicInputs(model, sae, reference, align, embedder, given_scores=scores, shared=shared))
-        cal = calibrate(sae, tokens, Unchanged(scores))
+        cal = contamination_scale(sae, tokens, Unchanged(scores))
         for p in (p for p in paragraphs if p["topic"] == name):
             gen = text_generation(model, p["text"])
-            details = highlight(model, sae, gen, scores, steer_with, steered=False, calibration=cal)
+            details = highlight(model, sae, gen, scores, steer_with, steered=False, scale=cal)
             for d, on in zip(details, on_topic_labels(p, gen.pieces)):
                 values.append(dict(topic=name, paragraph=p["text"], on=on, **{m: getattr(d, f) for m, f in MODE_FIELDS.items()}))
     return dict(method=method, sae=sae.cfg.metadata.hook_name, table=separation_table(values, names), values=values)

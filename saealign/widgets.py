@@ -15,7 +15,7 @@ from .calibration import DEFAULT_METHOD
 from .models import model_spec
 from .selection import TopicInputs
 from .export import export_steer
-from .highlighting import ReferenceTokens, calibrate, highlighted_columns, reference_tokens
+from .highlighting import ReferenceTokens, contamination_scale, highlighted_columns, reference_tokens
 from .render import MODES, Column, chart_svg, columns_html, contamination_chart, inspector_html
 from .scoring import LatentScores, check_reference, model_topics, score_latents
 from .steering import (DEFAULT_OUTPUT, ORIGINAL, OUTPUT_MODES, Method, Unchanged, generate, make_method,
@@ -181,7 +181,7 @@ class AlignmentExplorer(_LiveScoring):
         if self._tokens is None:
             self._tokens = reference_tokens(self.model, self.sae, self.reference)
         self.columns = highlighted_columns(self.model, self.sae, plain, steered, scores, steering, reference=self.reference,
-                                           calibration=calibrate(self.sae, self._tokens, Unchanged(scores)))
+                                           scale=contamination_scale(self.sae, self._tokens, Unchanged(scores)))
         self.chart = contamination_chart(self.columns)
         return columns_html(self.columns, self.mode.value if mode is None else mode)
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from saealign.calibration import topic_steer
-from saealign.highlighting import (Calibration, auroc, calibrate, format_token_rows, highlight, reference_tokens,
-                                   steer_attribution, token_pass, token_rows)
+from saealign.highlighting import (ContaminationScale, auroc, contamination_scale, format_token_rows, highlight,
+                                   reference_tokens, steer_attribution, token_pass, token_rows)
 from saealign.reference import build_reference_prompts, compute_reference
 from saealign.scoring import STORY_TOPICS, score_latents
 from saealign.selection import DiffMeans, TopicInputs, decoder_directions
@@ -31,7 +31,7 @@ def tokens(model, sae, ref):
 
 
 def test_reference_median_is_half_and_percentiles_follow_the_raw_share(sae, tokens, scores):
-    cal = calibrate(sae, tokens, Unchanged(scores))
+    cal = contamination_scale(sae, tokens, Unchanged(scores))
     assert len(cal.values) > 1000 and float(cal.percentile(cal.median)) == 0.5
     raw = torch.linspace(float(cal.values[0]), float(cal.values[-1]), 50)
     pct = cal.percentile(raw)
@@ -39,8 +39,8 @@ def test_reference_median_is_half_and_percentiles_follow_the_raw_share(sae, toke
 
 
 def test_calibration_under_a_method_sees_its_edit(sae, tokens, scores):
-    plain = calibrate(sae, tokens, Unchanged(scores))
-    swapped = calibrate(sae, tokens, Swap(scores))
+    plain = contamination_scale(sae, tokens, Unchanged(scores))
+    swapped = contamination_scale(sae, tokens, Swap(scores))
     assert swapped.median < plain.median  # Swap keeps better-scored latents: lower contamination
 
 
@@ -139,7 +139,7 @@ def test_a_fixed_steer_is_attributed_as_before(model, sae, topic_steers, scores)
 
 def test_without_a_method_there_is_nothing_to_attribute(model, sae, scores, tokens):
     g = generate(model, None, "Once upon a time", max_new_tokens=8, seed=0)[0]
-    details = highlight(model, sae, g, scores, None, calibration=calibrate(sae, tokens, Unchanged(scores)))
+    details = highlight(model, sae, g, scores, None, scale=contamination_scale(sae, tokens, Unchanged(scores)))
     assert all(math.isnan(d.attribution) and not d.moved and 0 <= d.calibrated <= 1 for d in details)
     text = format_token_rows(details)
     assert "–" in text and len(token_rows(details)) == len(g.tokens)
@@ -147,9 +147,9 @@ def test_without_a_method_there_is_nothing_to_attribute(model, sae, scores, toke
 
 def test_bad_input_is_refused(model, sae, scores, tokens):
     with pytest.raises(ValueError, match="sorted"):
-        Calibration(torch.tensor([1.0, 0.0], dtype=torch.float64))
+        ContaminationScale(torch.tensor([1.0, 0.0], dtype=torch.float64))
     with pytest.raises(ValueError, match="must be a Method"):
-        calibrate(sae, tokens, scores)
+        contamination_scale(sae, tokens, scores)
     with pytest.raises(ValueError, match="n tokens"):
         steer_attribution(torch.zeros(3, 5), torch.zeros(3, 5), [1, 2])
     with pytest.raises(ValueError, match="both groups"):
