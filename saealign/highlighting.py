@@ -129,6 +129,7 @@ class TokenPass:
     edited: torch.Tensor      # float32 [n, d_sae]: z′ after the method's edit (= acts without one)
     normed: torch.Tensor      # float32 [n, d_model]: the final norm's input divided by its scale
     scale: torch.Tensor       # float32 [n]: that scale
+    added: torch.Tensor | None = None  # float32 [n, d_in]: the method's residual vector at each position, if any
 
 
 def _ids(model, generation: Generation) -> tuple[torch.Tensor, int]:
@@ -158,7 +159,19 @@ def token_pass(model, sae, generation: Generation, method: Method | None = None,
     rows = slice(n - 1, n - 1 + len(generation.tokens))  # token j was sampled from the logits before it
     _, acts = encode_with_inputs(sae, seen["x"][rows])
     return TokenPass(logits[rows].float().log_softmax(-1), acts.float(), seen["edited"][rows].float(),
-                     seen["normed"][rows].float(), seen["scale"][rows].float().flatten())
+                     seen["normed"][rows].float(), seen["scale"][rows].float().flatten(),
+                     _added(sae, method, seen["x"], n, rows))
+
+
+def _added(sae, method: Method | None, x: torch.Tensor, prompt_length: int, rows: slice) -> torch.Tensor | None:
+    "The residual vector `method` added at each of `rows` in a teacher-forced pass: scheduled, fixed, or none."
+    if method is None:
+        return None
+    scheduled = method.residual_teacher_forced(x[None], prompt_length)
+    if scheduled is not None:
+        return scheduled[0, rows].float()
+    delta = method.residual_delta(sae)
+    return None if delta is None else torch.as_tensor(delta, dtype=torch.float32).expand(len(x[rows]), -1)
 
 
 def steer_attribution(steered: torch.Tensor, unsteered: torch.Tensor, tokens) -> torch.Tensor:
@@ -187,7 +200,7 @@ def _final_norm_map(model, u: torch.Tensor, normed: torch.Tensor, scale: torch.T
 
 
 @torch.no_grad()
-def latent_attribution(model, sae, method: Method, steered: TokenPass, unsteered: TokenPass, tokens,
+def latent_attribution(model, sae, steered: TokenPass, unsteered: TokenPass, tokens,
                        *, top: int = 5) -> list[list[tuple[int, float, float]]]:
     """Per token: the `top` edits whose direct path moved its log-probability most, as (latent, change of its
     activation, first-order nats), largest first; latent -1 is the method's residual vector (change 1)."""
@@ -205,9 +218,8 @@ def latent_attribution(model, sae, method: Method, steered: TokenPass, unsteered
         for j in range(len(tokens)):
             rows[j] = [(int(latents[i]), float(change[j, latents[i]]), float(contrib[j, i]))
                        for i in contrib[j].abs().argsort(descending=True)[:top].tolist() if change[j, latents[i]] != 0]
-    delta = None if method is None else method.residual_delta(sae)
-    if delta is not None:
-        along = (u @ torch.as_tensor(delta, dtype=torch.float32, device=dev)).cpu()
+    if steered.added is not None:  # what the method added at each position (a schedule's share of its vector)
+        along = (u * steered.added.to(dev)).sum(-1).cpu()
         rows = [sorted(r + [(-1, 1.0, float(along[j]))], key=lambda e: -abs(e[2]))[:top] for j, r in enumerate(rows)]
     return rows
 
@@ -226,7 +238,7 @@ def highlight(model, sae, generation: Generation, scores, method: Method | None 
     else:
         moved = token_pass(model, sae, generation, method, output=output)
         attribution = steer_attribution(moved.logprobs, plain.logprobs, generation.tokens)
-        moved_by = latent_attribution(model, sae, method, moved, plain, generation.tokens, top=top)
+        moved_by = latent_attribution(model, sae, moved, plain, generation.tokens, top=top)
         seen = moved if steered else plain
     share = Unchanged(score_t).contamination(seen.edited)[1]
     calibrated = scale.percentile(share) if scale is not None else torch.full_like(share, torch.nan)

@@ -198,3 +198,15 @@ def test_separation_pairs_sentences_and_measures_every_mode(model, sae, ref, emb
     monkeypatch.setattr(steering, "make_method", building)
     with pytest.raises(LookupError, match=DEFAULT_METHOD):
         separation(model, sae, ref, embedder, topics, names=["sea"], tokens=tokens, progress=False)
+
+
+@pytest.mark.parametrize("name", ["generation", "decay"])
+def test_a_scheduled_steer_shows_its_vector_on_hover(model, sae, topic_steers, scores, name):
+    "The hover lists the vector a schedule added (latent -1) at every generated token, in proportion to its factor."
+    method = topic_steers[name]
+    g = generate(model, sae, "Once upon a time", method, max_new_tokens=8, do_sample=False)[0]
+    moved = token_pass(model, sae, g, method)
+    full = 2.0 * float(method.direction.norm())
+    factors = torch.ones(8) if name == "generation" else 0.5 ** (torch.arange(8.0) / 4)
+    torch.testing.assert_close(moved.added.norm(dim=-1), full * factors, atol=1e-4, rtol=1e-5)
+    assert all(any(entry[0] == -1 for entry in d.moved) for d in highlight(model, sae, g, scores, method))
