@@ -153,8 +153,10 @@ def token_pass(model, sae, generation: Generation, method: Method | None = None,
 
     reads = [(f"{hook}.hook_sae_input", read("x")), (f"{hook}.hook_sae_acts_post", read("edited")),
              ("ln_final.hook_scale", read("scale")), ("ln_final.hook_normalized", read("normed"))]
-    # prompt_length: a scheduled steer (generation-only, decaying) adds at each position what it added while generating
-    with steer(model, sae, method, output=output, prompt_length=n), model.hooks(fwd_hooks=reads):
+    # prompt_length: a scheduled steer (generation-only, decaying) adds at each position what it added while generating;
+    # and like cached generation, where sae_lens sees no token ids, the pass steers every position, BOS included
+    with steer(model, sae, method, output=output, prompt_length=n, exclude_special_tokens=False), \
+            model.hooks(fwd_hooks=reads):
         logits = model(ids)[0]
     rows = slice(n - 1, n - 1 + len(generation.tokens))  # token j was sampled from the logits before it
     _, acts = encode_with_inputs(sae, seen["x"][rows])

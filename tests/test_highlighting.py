@@ -105,8 +105,8 @@ def test_a_scheduled_steer_is_teacher_forced_as_it_generated(model, sae, topic_s
     norms = forced.norm(dim=-1)
     assert norms[1:n - 1].tolist() == pytest.approx([on_prompt] * (n - 2), abs=1e-4)
     assert norms[n - 1:].tolist() == pytest.approx(on_new.tolist(), abs=1e-4)
-    if name == "generation":  # nothing at BOS either way: the same distributions at every generated token
-        torch.testing.assert_close(token_pass(model, sae, g, method).logprobs, torch.stack(logprobs), atol=1e-4, rtol=0)
+    # the attribution's pass steers BOS as cached decoding does: the same distributions at every generated token
+    torch.testing.assert_close(token_pass(model, sae, g, method).logprobs, torch.stack(logprobs), atol=1e-4, rtol=0)
 
 
 def test_a_generation_only_steer_is_attributed(model, sae, sea_inputs):
@@ -123,12 +123,25 @@ def test_a_generation_only_steer_is_attributed(model, sae, sea_inputs):
     assert (forced[:n - 1].norm(dim=-1) < 1e-5).all() and (forced[n - 1:].norm(dim=-1) > 1).all()
 
 
+def test_the_attribution_pass_replays_cached_decoding_for_a_fixed_steer(model, sae, topic_steers):
+    "A steer at every position reaches BOS while generating (sae_lens sees no token ids there); the replay does too."
+    method, prompt, n_new, logprobs = topic_steers["fixed"], "Once upon a time", 12, []
+    last = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
+    keep = lambda resid, hook: logprobs.append(model.unembed(model.ln_final(resid))[0, -1].log_softmax(-1))
+    with torch.no_grad(), steer(model, sae, method), model.hooks(fwd_hooks=[(last, keep)]):
+        out = model.generate(model.to_tokens(prompt), max_new_tokens=n_new, do_sample=False, stop_at_eos=False,
+                             verbose=False)
+    g = generate(model, sae, prompt, method, max_new_tokens=n_new, do_sample=False)[0]
+    assert g.tokens == out[0, -n_new:].tolist()
+    torch.testing.assert_close(token_pass(model, sae, g, method).logprobs, torch.stack(logprobs), atol=1e-4, rtol=0)
+
+
 def test_a_fixed_steer_is_attributed_as_before(model, sae, topic_steers, scores):
     "One vector at every position: the pass is what it was without prompt_length, and what DiffMeans with it gives."
     method = topic_steers["fixed"]
     g = generate(model, sae, "Once upon a time", method, max_new_tokens=16, seed=0)[0]
     prompt = model.to_tokens(g.prompt)[0].tolist()
-    with torch.no_grad(), steer(model, sae, method):
+    with torch.no_grad(), steer(model, sae, method, exclude_special_tokens=False):
         before = model(torch.tensor([prompt + g.tokens]))[0, len(prompt) - 1:-1].log_softmax(-1)
     plain = token_pass(model, sae, g).logprobs
     for m in (method, DiffMeans(scores, method.residual_delta(sae))):
