@@ -132,8 +132,9 @@ class TokenPass:
     added: torch.Tensor | None = None  # float32 [n, d_in]: the method's residual vector at each position, if any
 
 
-def _ids(model, generation: Generation) -> tuple[torch.Tensor, int]:
-    prompt_ids = model.to_tokens(generation.prompt)[0].tolist()
+def _ids(model, generation: Generation, prefix: str = "") -> tuple[torch.Tensor, int]:
+    "The pass's token ids (the prompt behind `prefix`, then the generated tokens) and how many the prompt holds."
+    prompt_ids = model.to_tokens(prefix + generation.prompt)[0].tolist()
     return torch.tensor([prompt_ids + list(generation.tokens)], device=model.cfg.device), len(prompt_ids)
 
 
@@ -143,7 +144,7 @@ def token_pass(model, sae, generation: Generation, method: Method | None = None,
     "`generation`'s prompt and tokens through `model`, `sae` spliced in, steered by `method` (None: unedited)."
     if not generation.tokens:
         raise ValueError("the generation has no tokens to attribute.")
-    ids, n = _ids(model, generation)
+    ids, n = _ids(model, generation, getattr(method, "prefix", ""))  # a prompted steer generated behind its prefix
     hook, seen = sae.cfg.metadata.hook_name, {}
 
     def read(name):

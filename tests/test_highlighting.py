@@ -136,6 +136,20 @@ def test_the_attribution_pass_replays_cached_decoding_for_a_fixed_steer(model, s
     torch.testing.assert_close(token_pass(model, sae, g, method).logprobs, torch.stack(logprobs), atol=1e-4, rtol=0)
 
 
+def test_a_prompted_steer_is_replayed_behind_its_prefix(model, sae, sea_inputs):
+    "Prompting and steering combined: the attribution pass runs behind the same prefix the generation ran behind."
+    method, prompt, n_new, logprobs = topic_steer(sea_inputs, strength=2.0, prompted=True), "Once upon a time", 10, []
+    assert method.prefix
+    last = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
+    keep = lambda resid, hook: logprobs.append(model.unembed(model.ln_final(resid))[0, -1].log_softmax(-1))
+    with torch.no_grad(), steer(model, sae, method), model.hooks(fwd_hooks=[(last, keep)]):
+        model.generate(model.to_tokens(method.prefix + prompt), max_new_tokens=n_new, do_sample=False,
+                       stop_at_eos=False, verbose=False)
+    g = generate(model, sae, prompt, method, max_new_tokens=n_new, do_sample=False, prefix=method.prefix)[0]
+    assert g.prompt == prompt
+    torch.testing.assert_close(token_pass(model, sae, g, method).logprobs, torch.stack(logprobs), atol=1e-4, rtol=0)
+
+
 def test_a_fixed_steer_is_attributed_as_before(model, sae, topic_steers, scores):
     "One vector at every position: the pass is what it was without prompt_length, and what DiffMeans with it gives."
     method = topic_steers["fixed"]
