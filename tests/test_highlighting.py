@@ -84,18 +84,23 @@ def teacher_forced_added(model, sae, method, g) -> tuple[torch.Tensor, int]:
     return added[0], len(prompt)
 
 
+def cached_greedy(model, sae, method, text: str, n_new: int, hooks=()) -> tuple[list[int], torch.Tensor]:
+    "KV-cached greedy decoding of `text` under `method`: the new ids, and the log-probabilities each pass gave them."
+    logprobs, last = [], f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
+    keep = lambda resid, hook: logprobs.append(model.unembed(model.ln_final(resid))[0, -1].log_softmax(-1))
+    with torch.no_grad(), steer(model, sae, method), model.hooks(fwd_hooks=list(hooks) + [(last, keep)]):
+        out = model.generate(model.to_tokens(text), max_new_tokens=n_new, do_sample=False, stop_at_eos=False,
+                             verbose=False)
+    return out[0, -n_new:].tolist(), torch.stack(logprobs)
+
+
 @pytest.mark.parametrize("name", ["generation", "decay"])
 def test_a_scheduled_steer_is_teacher_forced_as_it_generated(model, sae, topic_steers, name):
     "Parity with KV-cached greedy decoding (what each pass added, read at the hook), and the schedule's known factors."
-    method, prompt, n_new = topic_steers[name], "Once upon a time", 12
-    cached, logprobs = [], []
-    last = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
-    keep = lambda resid, hook: logprobs.append(model.unembed(model.ln_final(resid))[0, -1].log_softmax(-1))
-    with torch.no_grad(), steer(model, sae, method), model.hooks(fwd_hooks=added_at_hook(sae, cached) + [(last, keep)]):
-        out = model.generate(model.to_tokens(prompt), max_new_tokens=n_new, do_sample=False, stop_at_eos=False,
-                             verbose=False)
+    method, prompt, n_new, cached = topic_steers[name], "Once upon a time", 12, []
+    ids, logprobs = cached_greedy(model, sae, method, prompt, n_new, hooks=added_at_hook(sae, cached))
     g = generate(model, sae, prompt, method, max_new_tokens=n_new, do_sample=False)[0]
-    assert g.tokens == out[0, -n_new:].tolist()
+    assert g.tokens == ids
     forced, n = teacher_forced_added(model, sae, method, g)
     # BOS (position 0) aside: cached decoding steers it (sae_lens gets no tokens from generate), teacher forcing does not
     torch.testing.assert_close(forced[1:-1], torch.cat(cached)[1:], atol=1e-5, rtol=0)
@@ -106,7 +111,7 @@ def test_a_scheduled_steer_is_teacher_forced_as_it_generated(model, sae, topic_s
     assert norms[1:n - 1].tolist() == pytest.approx([on_prompt] * (n - 2), abs=1e-4)
     assert norms[n - 1:].tolist() == pytest.approx(on_new.tolist(), abs=1e-4)
     # the attribution's pass steers BOS as cached decoding does: the same distributions at every generated token
-    torch.testing.assert_close(token_pass(model, sae, g, method).logprobs, torch.stack(logprobs), atol=1e-4, rtol=0)
+    torch.testing.assert_close(token_pass(model, sae, g, method).logprobs, logprobs, atol=1e-4, rtol=0)
 
 
 def test_a_generation_only_steer_is_attributed(model, sae, sea_inputs):
@@ -125,29 +130,21 @@ def test_a_generation_only_steer_is_attributed(model, sae, sea_inputs):
 
 def test_the_attribution_pass_replays_cached_decoding_for_a_fixed_steer(model, sae, topic_steers):
     "A steer at every position reaches BOS while generating (sae_lens sees no token ids there); the replay does too."
-    method, prompt, n_new, logprobs = topic_steers["fixed"], "Once upon a time", 12, []
-    last = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
-    keep = lambda resid, hook: logprobs.append(model.unembed(model.ln_final(resid))[0, -1].log_softmax(-1))
-    with torch.no_grad(), steer(model, sae, method), model.hooks(fwd_hooks=[(last, keep)]):
-        out = model.generate(model.to_tokens(prompt), max_new_tokens=n_new, do_sample=False, stop_at_eos=False,
-                             verbose=False)
+    method, prompt, n_new = topic_steers["fixed"], "Once upon a time", 12
+    ids, logprobs = cached_greedy(model, sae, method, prompt, n_new)
     g = generate(model, sae, prompt, method, max_new_tokens=n_new, do_sample=False)[0]
-    assert g.tokens == out[0, -n_new:].tolist()
-    torch.testing.assert_close(token_pass(model, sae, g, method).logprobs, torch.stack(logprobs), atol=1e-4, rtol=0)
+    assert g.tokens == ids
+    torch.testing.assert_close(token_pass(model, sae, g, method).logprobs, logprobs, atol=1e-4, rtol=0)
 
 
 def test_a_prompted_steer_is_replayed_behind_its_prefix(model, sae, sea_inputs):
     "Prompting and steering combined: the attribution pass runs behind the same prefix the generation ran behind."
-    method, prompt, n_new, logprobs = topic_steer(sea_inputs, strength=2.0, prompted=True), "Once upon a time", 10, []
+    method, prompt, n_new = topic_steer(sea_inputs, strength=2.0, prompted=True), "Once upon a time", 10
     assert method.prefix
-    last = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
-    keep = lambda resid, hook: logprobs.append(model.unembed(model.ln_final(resid))[0, -1].log_softmax(-1))
-    with torch.no_grad(), steer(model, sae, method), model.hooks(fwd_hooks=[(last, keep)]):
-        model.generate(model.to_tokens(method.prefix + prompt), max_new_tokens=n_new, do_sample=False,
-                       stop_at_eos=False, verbose=False)
+    ids, logprobs = cached_greedy(model, sae, method, method.prefix + prompt, n_new)
     g = generate(model, sae, prompt, method, max_new_tokens=n_new, do_sample=False, prefix=method.prefix)[0]
-    assert g.prompt == prompt
-    torch.testing.assert_close(token_pass(model, sae, g, method).logprobs, torch.stack(logprobs), atol=1e-4, rtol=0)
+    assert g.prompt == prompt and g.tokens == ids
+    torch.testing.assert_close(token_pass(model, sae, g, method).logprobs, logprobs, atol=1e-4, rtol=0)
 
 
 def test_a_fixed_steer_is_attributed_as_before(model, sae, topic_steers, scores):
