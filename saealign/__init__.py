@@ -14,7 +14,8 @@ __version__ = "0.0.1"
 _EXPORTS = {
     "load_model": "models", "load_sae": "saes", "load_embedder": "core", "topic_texts": "scoring",
     "ReferenceSet": "reference", "default_reference": "reference", "compute_reference": "reference",
-    "score_latents": "scoring", "steer_by_text": "align", "generate": "steering", "steer": "steering",
+    "score_latents": "scoring", "steer_by_text": "align", "method_from_texts": "align", "generate": "steering",
+    "steer": "steering",
     "side_by_side": "steering", "make_method": "steering", "method_names": "steering",
     "Swap": "steering", "Clamp": "steering", "DiffMeans": "selection", "MatchedSteer": "selection",
     "TopicSteer": "calibration", "calibrate": "calibration", "export_steer": "export",

@@ -17,7 +17,7 @@ from .selection import OutputScores, TopicInputs
 from .steering import DEFAULT_OUTPUT, Generation, Method, make_method, side_by_side
 
 # %% auto #0
-__all__ = ['TOPIC_OPTIONS', 'SteeredText', 'steer_by_text']
+__all__ = ['TOPIC_OPTIONS', 'SteeredText', 'steer_by_text', 'method_from_texts']
 
 # %% ../nbs/03b_align.ipynb #6b353853
 @dataclasses.dataclass
@@ -44,6 +44,13 @@ def steer_by_text(align_texts: list[str], prompt: str, *, model=None, sae=None, 
     # `is None`, not `or`: sae_lens deprecates an SAE's truth value (it goes through len())
     model = load_model() if model is None else model
     sae = load_sae(model=model) if sae is None else sae
+    steering, inputs = _topic_method(align_texts, method, model, sae, embedder, reference, progress, method_options)
+    plain, steered = side_by_side(model, sae, prompt, steering, output=output, max_new_tokens=max_new_tokens, seed=seed)
+    return SteeredText(inputs.scores, steering, plain, steered, inputs.measured("output"))
+
+
+def _topic_method(align_texts, method: str, model, sae, embedder, reference, progress: bool,
+                  method_options: dict) -> tuple[Method, TopicInputs]:
     embedder = load_embedder() if embedder is None else embedder
     reference = reference or default_reference(model, sae, embedder, progress=progress)
     scores = score_latents(reference, align_texts, embedder, model=model, sae=sae)
@@ -51,12 +58,18 @@ def steer_by_text(align_texts: list[str], prompt: str, *, model=None, sae=None, 
     topic = {k: method_options.pop(k) for k in TOPIC_OPTIONS if k in method_options}
     inputs = TopicInputs(model, sae, reference, align_texts, embedder, given_scores=scores, **topic)
     try:
-        steering = make_method(method, inputs, **method_options)
+        return make_method(method, inputs, **method_options), inputs
     except TypeError as e:
         if not method_options:
             raise
         raise ValueError(f"{method} does not take {', '.join(sorted(method_options))} ({e}): the options are its own "
                          f"(multiplier: AddSteer, MatchedSteer, DiffMeans; strength: the TopicSteer family) or "
                          f"TopicInputs' {', '.join(TOPIC_OPTIONS)}.") from e
-    plain, steered = side_by_side(model, sae, prompt, steering, output=output, max_new_tokens=max_new_tokens, seed=seed)
-    return SteeredText(scores, steering, plain, steered, inputs.measured("output"))
+
+
+def method_from_texts(align_texts: list[str], method: str = DEFAULT_METHOD, *, model, sae, embedder=None,
+                      reference: ReferenceSet | None = None, progress: bool = False, **method_options) -> Method:
+    """The steering method `method` (any name `method_names()` lists; default `DEFAULT_METHOD`) for the topic of
+    `align_texts` on `model` and `sae`, built as `steer_by_text` builds it, to steer with yourself:
+    `with method.apply(model, sae): ...`. Its `scores` are the latents' scores for the topic."""
+    return _topic_method(align_texts, method, model, sae, embedder, reference, progress, method_options)[0]
