@@ -4,7 +4,8 @@ and the method registry."""
 import pytest
 import torch
 
-from saealign.steering import (Clamp, Method, Swap, Unchanged, Weight, generate, make_method, method_names, steer)
+from saealign.steering import (Clamp, Method, Swap, Unchanged, Weight, apply_activation, generate, make_method,
+                               method_names, steer)
 
 
 def test_contamination_known_answer():
@@ -32,7 +33,6 @@ def test_every_score_one_changes_nothing(model, sae, method_class):
     "σ(h ⊙ 1) = σ(h): the same latents, the same generation (the SAE in error mode)."
     method = method_class(torch.ones(sae.cfg.d_sae))
     h = torch.randn(4, sae.cfg.d_sae)
-    from saealign.steering import apply_activation
     acts = apply_activation(sae, h)
     assert torch.equal(method.edit(sae, h, acts), acts)
     steered = generate(model, sae, "Once upon a time", method, max_new_tokens=12, do_sample=False)[0]
@@ -66,7 +66,8 @@ def test_apply_is_steer(model, sae):
 
 def test_a_batch_equals_its_prompts_run_alone(model, sae):
     method = Clamp(torch.rand(sae.cfg.d_sae, generator=torch.Generator().manual_seed(0)), value=3.0)
-    prompts = ["Once upon a time", "The little dog ran to"]
+    prompts = ["Once upon a time", "Tim was sad"]  # the same length: one batch of two rows, not two groups
+    assert len({len(model.to_tokens(p)[0]) for p in prompts}) == 1
     together = generate(model, sae, prompts, method, max_new_tokens=10, do_sample=False)
     alone = [generate(model, sae, p, method, max_new_tokens=10, do_sample=False)[0] for p in prompts]
     assert [g.tokens for g in together] == [g.tokens for g in alone]
