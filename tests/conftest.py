@@ -1,4 +1,5 @@
 import os
+import warnings
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,14 @@ def stories():
     if not HAS_MIRROR:
         pytest.skip("no asset mirror: set SAEALIGN_ASSETS")
     from saealign.models import load_model
-    return load_model("stories260K")
+    from saealign.reference import _model_description
+    model = load_model("stories260K")
+    loaded = _model_description(model)
+    yield model
+    # a test that changed the shared model (weights, config, tokenizer) would skew every later one: say so
+    if (now := _model_description(model)) != loaded:
+        changed = sorted(k for k in loaded if loaded[k] != now[k])
+        warnings.warn(f"a test changed the session's stories260K model: {changed} differ from the loaded model's")
 
 
 @pytest.fixture(scope="module")

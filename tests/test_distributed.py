@@ -37,6 +37,28 @@ def prompts(padded_prompts):
 
 
 @pytest.fixture(scope="module")
+def loaded():
+    """The single-process side's model, SAE and embedder, built from the recipe as each worker builds its own: these
+    tests compare the two engines, not whatever earlier tests left in the session's shared objects."""
+    return STORIES.load()
+
+
+@pytest.fixture(scope="module")
+def model(loaded):
+    return loaded[0]
+
+
+@pytest.fixture(scope="module")
+def sae(loaded):
+    return loaded[1]
+
+
+@pytest.fixture(scope="module")
+def embedder(loaded):
+    return loaded[2]
+
+
+@pytest.fixture(scope="module")
 def base(model, sae, embedder, prompts):
     "The single-process pass, with one torch thread as each actor (num_cpus=1) has: same threads, same floats."
     threads = torch.get_num_threads()
@@ -72,7 +94,8 @@ class Stopped(Exception):
 
 
 def assert_same(ref, base):
-    assert ref.fingerprint == base.fingerprint and ref.meta == base.meta and ref.prompts == base.prompts
+    # meta first: on a mismatch it names the part (weights, embedder, settings) that the fingerprint only hashes
+    assert ref.meta == base.meta and ref.prompts == base.prompts and ref.fingerprint == base.fingerprint
     assert torch.equal(ref.summaries.to_dense(), base.summaries.to_dense())
     assert torch.equal(ref.prompt_counts, base.prompt_counts) and torch.equal(ref.token_counts, base.token_counts)
     assert torch.equal(ref.embeddings, base.embeddings)
