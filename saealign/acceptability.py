@@ -219,7 +219,9 @@ def train_acceptability(out_dir=None, *, epochs: int = 3, max_train: int | None 
     y = torch.as_tensor(labels)
     steps_per_epoch = math.ceil(len(texts) / batch_size)
     total = epochs * steps_per_epoch
-    with torch.random.fork_rng(devices=[]):  # seeds the head and dropout without touching the caller's RNG
+    # fork_rng seeds the head and dropout without touching the caller's RNG; enable_grad: callers such as the demo
+    # may ask for the classifier inside a no-grad block, and training needs gradients all the same
+    with torch.random.fork_rng(devices=[]), torch.enable_grad():
         torch.manual_seed(seed)
         # a copy: load_embedder() is cached and shared, and fine-tuning must not change the embedder
         model = MeanPoolClassifier(copy.deepcopy(embedder[0].auto_model))
