@@ -11,7 +11,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 TORCH := torch==2.13.0
 
-.PHONY: demo test install install-dev export-check clean-check classifier nbtest pytest bench saes browser-deps grid
+.PHONY: demo test install install-dev export-check clean-check classifier nbtest pytest bench saes browser-deps grid llamacpp
 
 $(BIN)/python:
 	python3 -m venv $(VENV)
@@ -58,6 +58,14 @@ nbtest: install-dev classifier
 
 pytest: install-dev classifier browser-deps
 	$(BIN)/python -m pytest -q tests
+
+# llama.cpp's Python bindings (the llamacpp extra, for exported steers), compiled for this CPU: the library alone,
+# without llama.cpp's programs, tests and examples (221 s on two cores, where the whole build took over an hour).
+# Optional: the tests that need it skip, saying how to install it.
+LLAMACPP_CMAKE := -DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TOOLS=OFF \
+	-DLLAMA_BUILD_SERVER=OFF -DLLAVA_BUILD=OFF -DLLAMA_CURL=OFF
+llamacpp: install-dev
+	CMAKE_ARGS="$(LLAMACPP_CMAKE)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/pip install -q -e ".[llamacpp]"
 
 # The real-browser tests need Debian's chromium and playwright-core (pinned in tests/browser); they skip,
 # saying why, when either is missing. Installing them is best effort and never fails the build.

@@ -29,7 +29,7 @@ from .steering import apply_activation, check_architecture, steer
 __all__ = ['ADDITIVE_METHODS', 'FORMAT', 'POSITIONS', 'PROBE_TEXT', 'FINGERPRINT_RTOL', 'DIRECTION', 'LLAMACPP_INSTALL',
            'FORMATS', 'additive_vector', 'block_of_hook', 'ModelMismatchError', 'SteeringVector', 'export_vector',
            'save_vector', 'write_gguf', 'read_gguf', 'load_vector', 'decoder_layers', 'check_fits', 'apply',
-           'llamacpp_model', 'llamacpp_greedy', 'export_steer']
+           'llamacpp_model', 'llamacpp_greedy', 'llamacpp_logits', 'export_steer']
 
 # %% ../nbs/03c_export.ipynb #c369e4bc
 # named when a method is refused; the tests export each (TopicSteer: the default's vector without its schedule)
@@ -411,6 +411,18 @@ def llamacpp_greedy(llm, tokens: list, max_new_tokens: int) -> list:
     "The `max_new_tokens` tokens that `llm` (a `llama_cpp.Llama`) continues the token ids `tokens` with, greedily."
     llm.reset()
     return list(itertools.islice(llm.generate(list(tokens), top_k=1, temp=0.0), max_new_tokens))
+
+
+def llamacpp_logits(llm, tokens: list) -> torch.Tensor:
+    """`llm`'s logits at every position of the token ids `tokens`, teacher-forced: `[len(tokens), vocab]`, to set
+    beside saealign's. `llm` must keep every position's logits (`llamacpp_model(..., logits_all=True)`)."""
+    import numpy as np
+    if not llm._logits_all:  # llama-cpp-python keeps the last position's only, unless built with logits_all
+        raise ValueError("this llama.cpp model keeps only the last position's logits: load it with "
+                         "llamacpp_model(..., logits_all=True).")
+    llm.reset()
+    llm.eval(list(tokens))
+    return torch.from_numpy(np.array(llm.scores[:len(tokens)]))
 
 # %% ../nbs/03c_export.ipynb #50ab4077
 FORMATS = ("gguf", "safetensors")
