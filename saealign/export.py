@@ -29,7 +29,7 @@ from .steering import apply_activation, check_architecture, steer
 __all__ = ['ADDITIVE_METHODS', 'FORMAT', 'POSITIONS', 'PROBE_TEXT', 'FINGERPRINT_RTOL', 'DIRECTION', 'LLAMACPP_INSTALL',
            'FORMATS', 'additive_vector', 'block_of_hook', 'ModelMismatchError', 'SteeringVector', 'export_vector',
            'save_vector', 'write_gguf', 'read_gguf', 'load_vector', 'decoder_layers', 'check_fits', 'apply',
-           'llamacpp_model', 'llamacpp_greedy', 'llamacpp_logits', 'export_steer']
+           'llamacpp_model', 'llamacpp_greedy', 'llamacpp_logits', 'LlamaCppParity', 'llamacpp_parity', 'export_steer']
 
 # %% ../nbs/03c_export.ipynb #c369e4bc
 # named when a method is refused; the tests export each (TopicSteer: the default's vector without its schedule)
@@ -423,6 +423,44 @@ def llamacpp_logits(llm, tokens: list) -> torch.Tensor:
     llm.reset()
     llm.eval(list(tokens))
     return torch.from_numpy(np.array(llm.scores[:len(tokens)]))
+
+
+@dataclass
+class LlamaCppParity:
+    "saealign's and llama.cpp's greedy continuations of one prompt under one steer, and where and why they part."
+    ours: list
+    theirs: list
+    agreed: int             # leading tokens the two continuations share
+    effect: torch.Tensor    # per position, teacher-forced on `ours`: cosine of the engines' steered − unsteered logits
+    margin: float | None    # where they part: saealign's logit for its token minus for llama.cpp's (None: no parting)
+    noise: float | None     # there: the largest logit difference between the two engines unsteered
+
+    @property
+    def parts_on_near_tie(self) -> bool:
+        "True when they never part, or part where saealign's two tokens are closer than the engines' own rounding."
+        return self.margin is None or self.margin < self.noise
+
+
+@torch.no_grad()
+def llamacpp_parity(model, sae, method, llm, plain_llm, prompt_ids: list, max_new_tokens: int) -> LlamaCppParity:
+    """Compare saealign steering `model` with `method` (every position, as llama.cpp) against `llm`, the same model
+    in llama.cpp with the exported vector, and `plain_llm` without it (both `logits_all=True`)."""
+    with steer(model, sae, method, exclude_special_tokens=False):
+        ours = model.generate(torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens, do_sample=False,
+                              verbose=False, stop_at_eos=False)[0, len(prompt_ids):].tolist()
+        steered = model(torch.tensor([prompt_ids + ours]))[0]
+    unsteered = model(torch.tensor([prompt_ids + ours]))[0]
+    plain_theirs = llamacpp_logits(plain_llm, prompt_ids + ours)
+    effect = torch.nn.functional.cosine_similarity(llamacpp_logits(llm, prompt_ids + ours) - plain_theirs,
+                                                   steered - unsteered, dim=-1)
+    theirs = llamacpp_greedy(llm, prompt_ids, max_new_tokens)
+    agreed = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), len(ours))
+    margin = noise = None
+    if agreed < len(ours):
+        at = len(prompt_ids) + agreed - 1  # the position that chose token `agreed`
+        margin = float(steered[at, ours[agreed]] - steered[at, theirs[agreed]])
+        noise = float((plain_theirs[at] - unsteered[at]).abs().max())
+    return LlamaCppParity(ours, theirs, agreed, effect, margin, noise)
 
 # %% ../nbs/03c_export.ipynb #50ab4077
 FORMATS = ("gguf", "safetensors")

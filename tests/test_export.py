@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from saealign.export import (LLAMACPP_INSTALL, apply, export_vector, llamacpp_greedy, llamacpp_logits, llamacpp_model,
-                             load_vector, write_gguf)
+                             llamacpp_parity, LlamaCppParity, load_vector, write_gguf)
 from saealign.models import GENERAL_PROMPTS, gemma_folder, gguf_package
 from saealign.saes import load_sae
 from saealign.scoring import topic_texts
@@ -41,6 +41,13 @@ def test_transformers_hook_matches_saealign_on_gemma(gemma):
             assert relative(theirs, plain) > 1e-2, (prompt, positions)
 
 
+def test_parting_counts_as_a_near_tie_only_inside_the_engines_rounding():
+    effect = torch.ones(3)
+    assert LlamaCppParity([1, 2], [1, 2], 2, effect, None, None).parts_on_near_tie  # never parted
+    assert LlamaCppParity([1, 2], [1, 3], 1, effect, 0.1, 0.5).parts_on_near_tie
+    assert not LlamaCppParity([1, 2], [1, 3], 1, effect, 0.9, 0.5).parts_on_near_tie
+
+
 @torch.no_grad()
 def test_llamacpp_steers_as_saealign_does(gemma, tmp_path):
     """llama.cpp on the Q4_K_M GGUF with the exported control vector against saealign on its float32 dequantisation
@@ -61,22 +68,10 @@ def test_llamacpp_steers_as_saealign_does(gemma, tmp_path):
     agreed = {}
     for prompt in PROMPTS:
         ids = gemma.to_tokens(prompt)[0].tolist()
-        with steer(gemma, sae, medical, exclude_special_tokens=False):
-            ours = gemma.generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False, verbose=False,
-                                  stop_at_eos=False)[0, len(ids):].tolist()
-            steered = gemma(torch.tensor([ids + ours]))[0]
-        unsteered = gemma(torch.tensor([ids + ours]))[0]
-        plain_theirs = llamacpp_logits(plain_llm, ids + ours)
-        effect = torch.nn.functional.cosine_similarity(llamacpp_logits(llm, ids + ours) - plain_theirs,
-                                                       steered - unsteered, dim=-1)
-        assert effect.median() > 0.95, (prompt, effect)
-        theirs = llamacpp_greedy(llm, ids, 16)
-        agreed[prompt] = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), 16)
-        if agreed[prompt] < 16:
-            at, k = len(ids) + agreed[prompt] - 1, agreed[prompt]
-            margin = steered[at, ours[k]] - steered[at, theirs[k]]
-            assert margin < (plain_theirs[at] - unsteered[at]).abs().max(), (prompt, k, margin)
-        assert llamacpp_greedy(plain_llm, ids, 16) != ours, prompt  # the vector is what makes them follow
+        parity = llamacpp_parity(gemma, sae, medical, llm, plain_llm, ids, 16)
+        assert parity.effect.median() > 0.95 and parity.parts_on_near_tie, (prompt, parity)
+        agreed[prompt] = parity.agreed
+        assert llamacpp_greedy(plain_llm, ids, 16) != parity.ours, prompt  # the vector is what makes them follow
     assert agreed[PROMPTS[0]] == 16, agreed
     with pytest.raises(ValueError, match=r"logits_all=True"):
         llamacpp_logits(llamacpp_model(weights, n_ctx=32), ids)
