@@ -20,7 +20,7 @@ from pathlib import Path
 from ._utils import finite_number
 from .core import (SHIPPED_DIR, cache_folder, cache_root, json_sha256, load_embedder, shipped_file, tensor_sha256,
                            write_json)
-from .evaluation import alignment_distances, relevance
+from .evaluation import alignment_distances, instruction_prefix, relevance
 from .reference import sae_digest, tensor_digest
 from .selection import MIN_DIFFERENCE, ActivationMeans, TopicInputs, prompt_prefix
 from .steering import Method, generate, register_method
@@ -29,8 +29,9 @@ log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['log', 'POSITIONS', 'MAX_STRENGTH', 'TUNING_PROMPTS', 'CALIBRATION_STRENGTHS', 'CALIBRATION_TOKENS',
-           'CALIBRATION_FORMAT', 'CALIBRATION_BATCH_TOKENS', 'PROTECTIONS', 'DEFAULT_METHOD', 'decay_factors',
-           'TopicSteer', 'harmonic', 'pick_strength', 'Calibration', 'calibrate', 'topic_steer', 'ship_precomputed']
+           'CALIBRATION_FORMAT', 'CALIBRATION_BATCH_TOKENS', 'PROTECTIONS', 'CALIBRATION_RULES', 'DEFAULT_METHOD',
+           'decay_factors', 'TopicSteer', 'harmonic', 'pick_strength', 'Calibration', 'calibrate', 'topic_steer',
+           'topic_prefix', 'ship_precomputed']
 
 # %% ../nbs/03d_calibration.ipynb #eed00396
 POSITIONS = ("all", "prompt", "generation")
@@ -258,8 +259,8 @@ def calibrate(model, sae, steer: TopicSteer, align_texts, *, embedder=None, acce
     every, made = prompts * len(strengths), []
     bar = tqdm(range(0, len(every), per_call), desc=f"calibrating the strength ({len(every)} continuations)",
                unit="batch", disable=not progress, leave=False)
-    for start in bar:
-        made += generate(model, sae, every[start:start + per_call], steer.with_strength(rows[start:start + per_call]),
+    for first in bar:
+        made += generate(model, sae, every[first:first + per_call], steer.with_strength(rows[first:first + per_call]),
                          max_new_tokens=max_new_tokens, seed=seed, pad_batch=True, prefix=steer.prefix)
     concept = alignment_distances(embedder, [g.continuation for g in made], texts)["centroid_cosine"]
     scores = harmonic(concept, acceptability([g.text for g in made]), relevance(embedder, made))
@@ -275,12 +276,14 @@ def calibrate(model, sae, steer: TopicSteer, align_texts, *, embedder=None, acce
 
 # %% ../nbs/03d_calibration.ipynb #b1350e80
 def topic_steer(inputs: TopicInputs, *, strength=None, lift: bool = False, prompted: bool = False,
-                acceptability=None, calibration: dict | None = None, name: str = "TopicSteer", **options) -> TopicSteer:
+                instructed: bool = False, acceptability=None, calibration: dict | None = None, name: str = "TopicSteer",
+                **options) -> TopicSteer:
     """A `TopicSteer` for one topic: the difference of means at the SAE's hook (`lift`: only up to a target),
-    behind the topic's texts as a prompt when `prompted`, at `strength`, or at the strength `calibrate` chooses
+    behind the topic's texts as a prompt when `prompted` or behind an instruction built from their distinctive
+    words when `instructed` (the two prompting baselines), at `strength`, or at the strength `calibrate` chooses
     (options for it in `calibration`; the result is kept as the steer's `calibration`), labelled `name`.
     `options`: `half_life`, `positions`."""
-    prefix = prompt_prefix(inputs.align_texts) if prompted else ""
+    prefix = topic_prefix(inputs, prompted=prompted, instructed=instructed)
     steer = TopicSteer.from_means(inputs.scores, *inputs.means, lift=lift, prefix=prefix, **options)
     steer.name = name  # generations are labelled with it
     # the texts (in the key already) and the reference decide the direction, unless the caller gave other means
@@ -294,19 +297,33 @@ def topic_steer(inputs: TopicInputs, *, strength=None, lift: bool = False, promp
     return steer
 
 
+def topic_prefix(inputs: TopicInputs, *, prompted: bool = False, instructed: bool = False) -> str:
+    "The prompt a steer runs behind: the topic's texts (`prompted`), an instruction from their words (`instructed`), or none."
+    if prompted and instructed:
+        raise ValueError("a steer runs behind one prompt: the texts (prompted) or the instruction (instructed), not both.")
+    if instructed:  # the instruction baseline's background, as the comparison grid builds it: the reference prompts
+        try:
+            return instruction_prefix(inputs.align_texts, inputs.reference.prompts)
+        except ValueError as e:  # no distinctive word to instruct with: steer without an instruction, and say so
+            log.warning("steering without an instruction: %s", e)
+            return ""
+    return prompt_prefix(inputs.align_texts) if prompted else ""
+
+
 PROTECTIONS = {  # name -> the protection's options; each calibrated on its own
     "TopicSteer": {}, "TopicSteer-decay": {"half_life": 16.0}, "TopicSteer-generation": {"positions": "generation"},
-    "TopicSteer-lift": {"lift": True}, "TopicSteer-prompted": {"prompted": True}}
-_CALIBRATION_RULES = {"prompts": TUNING_PROMPTS, "strengths": CALIBRATION_STRENGTHS, "tokens": CALIBRATION_TOKENS,
+    "TopicSteer-lift": {"lift": True}, "TopicSteer-prompted": {"prompted": True},
+    "TopicSteer-instructed": {"positions": "generation", "instructed": True}}
+CALIBRATION_RULES = {"prompts": TUNING_PROMPTS, "strengths": CALIBRATION_STRENGTHS, "tokens": CALIBRATION_TOKENS,
                       "pick": "gentlest within one SE of the best mean harmonic"}
 for _name, _options in PROTECTIONS.items():
     register_method(_name, lambda inputs, _o=_options, _n=_name, **kw: topic_steer(inputs, name=_n, **{**_o, **kw}),
                     inputs=TopicInputs,
-                    settings={**_options, "calibration": _CALIBRATION_RULES})
+                    settings={**_options, "calibration": CALIBRATION_RULES})
 
 # what steer_by_text, the command line, the demo and the explorer use: the calibrated comparison (04i) checks
 # that it is the steer its tuning topics chose
-DEFAULT_METHOD = "TopicSteer-generation"
+DEFAULT_METHOD = "TopicSteer-instructed"
 
 # %% ../nbs/03d_calibration.ipynb #1f022c7e
 def ship_precomputed(model, sae, embedder, topics: dict[str, list[str]], *, reference=None, folder=None,
