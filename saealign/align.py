@@ -71,5 +71,7 @@ def method_from_texts(align_texts: list[str], method: str = DEFAULT_METHOD, *, m
                       reference: ReferenceSet | None = None, progress: bool = False, **method_options) -> Method:
     """The steering method `method` (any name `method_names()` lists; default `DEFAULT_METHOD`) for the topic of
     `align_texts` on `model` and `sae`, built as `steer_by_text` builds it, to steer with yourself:
-    `with method.apply(model, sae): ...`. Its `scores` are the latents' scores for the topic."""
+    `generate(model, sae, prompt, method)`, or `with method.apply(model, sae): ...` (a method with a `prefix`, such as
+    the default, also wants its prefix before your prompt: `generate` adds it). Its `scores` are the latents' scores
+    for the topic."""
     return _topic_method(align_texts, method, model, sae, embedder, reference, progress, method_options)[0]

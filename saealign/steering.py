@@ -481,14 +481,17 @@ def _left_padding(tokenizer):
 def generate(model, sae=None, prompts: str | list[str] = "", method: Method | None = None, *,
              output: str = DEFAULT_OUTPUT, max_new_tokens: int = 64, top_k: int | None = 5,
              temperature: float = 1.0, seed: int = 0, do_sample: bool = True, pad_batch: bool = False,
-             prefix: str = "", plain: list[bool] | None = None) -> list[Generation]:
+             prefix: str | None = None, plain: list[bool] | None = None) -> list[Generation]:
     """Continue each prompt, steered by `method` through `sae` (or unmodified); one `Generation` per prompt.
     `pad_batch=True` runs all prompts as one left-padded batch: several times faster for prompts of many lengths.
     Every row samples with the same noise (`shared_noise_sample`). `prefix` goes before every prompt (prompting);
-    each Generation's `prompt` is still the user's prompt. `plain` (one bool per prompt) marks prompts that the
+    None: the method's own (`method.prefix`: a steer that runs behind a prompt, such as the default), else none.
+    Each Generation's `prompt` is still the user's prompt. `plain` (one bool per prompt) marks prompts that the
     unmodified model continues in the same batches."""
     _check_output(output)
     check_sampling(max_new_tokens, top_k, temperature)
+    if prefix is None:
+        prefix = getattr(method, "prefix", "") if sae is not None else ""
     if not isinstance(prefix, str):
         raise ValueError(f"prefix must be a string, got {type(prefix).__name__}.")
     prompts = [prompts] if isinstance(prompts, str) else prompts

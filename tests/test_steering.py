@@ -80,3 +80,15 @@ def test_the_registry_builds_by_name_and_refuses_unknown_names(sae):
     assert isinstance(clamp, Clamp) and len(clamp.latents) == 3 and isinstance(make_method("Swap", scores), Method)
     with pytest.raises(ValueError, match="unknown steering method 'Swapp'"):
         make_method("Swapp", scores)
+
+
+def test_a_prompted_steer_generates_behind_its_own_prompt(model, sae):
+    "`generate` puts a method's `prefix` before the prompt unless told otherwise, as `side_by_side` and the grid do."
+    from saealign.calibration import TopicSteer
+    axis = torch.zeros(sae.cfg.d_in)
+    axis[0] = 1.0
+    steer = TopicSteer(torch.ones(sae.cfg.d_sae), axis, positions="generation", prefix="Tom had a big red ball. ")
+    run = lambda **kw: generate(model, sae, "The", steer, max_new_tokens=12, seed=0, **kw)[0].tokens
+    assert run() == run(prefix=steer.prefix) != run(prefix="")
+    assert generate(model, None, "Once upon a time", steer, max_new_tokens=12, seed=0)[0].tokens == \
+        generate(model, None, "Once upon a time", max_new_tokens=12, seed=0)[0].tokens  # no SAE: the unmodified model
