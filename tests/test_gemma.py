@@ -98,16 +98,16 @@ def test_the_default_steer_ships_for_every_named_topic(gemma, monkeypatch):
     """A first run of the default steer on a named topic reads its strength from the files saealign ships and
     generates nothing: without them a fresh machine's demo calibrates (and first trains the fluency classifier)."""
     from saealign import calibration
-    from saealign.acceptability import load_acceptability
     from saealign.core import load_embedder
     from saealign.reference import default_reference
     from saealign.scoring import topic_file, topic_texts
     from saealign.selection import TopicInputs
     from saealign.steering import make_method
     sae, embedder = load_sae(model=gemma), load_embedder()
-    reference, acceptability = default_reference(gemma, sae, embedder), load_acceptability()
+    reference = default_reference(gemma, sae, embedder)
     monkeypatch.setattr(calibration, "generate", lambda *a, **k: pytest.fail("calibrated although it ships"))
     for name in ("medical", *topic_file("general")):
+        # as the demo, steer_by_text and the explorer ask: the default classifier, the shipped files only
         steer = make_method(calibration.DEFAULT_METHOD, TopicInputs(gemma, sae, reference, topic_texts(name), embedder),
-                            acceptability=acceptability, calibration={"cache_dir": False})  # the shipped files only
+                            calibration={"cache_dir": False})
         assert steer.calibration.cached and steer.name == calibration.DEFAULT_METHOD, name
