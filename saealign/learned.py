@@ -19,7 +19,7 @@ from .calibration import (CALIBRATION_RULES, TUNING_PROMPTS, Calibration, TopicS
 from .core import DamagedFileError, cache_folder, cache_root, json_sha256, load_tensors, save_tensors, tensor_sha256
 from .reference import sae_digest, tensor_digest
 from .selection import TopicInputs, decoder_directions
-from .steering import register_method
+from .steering import generate, register_method
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +198,6 @@ def learn_vector(model, sae, texts, start, *, prompts=TUNING_PROMPTS, objective:
     vocabulary = candidate_tokens(model, sae, resid, data, [torch.zeros_like(start), start], per_position=per_position,
                                   rows=first_of_each_text)
     if objective == "preference":
-        from saealign.steering import generate
         own = generate(model, None, prompts, max_new_tokens=REJECTED_TOKENS, seed=seed, pad_batch=True)
         rejected = paired_batch(model, [(p, g.continuation.strip() or ".") for p, g in zip(prompts, own)],
                                 settings["text_tokens"])
