@@ -85,7 +85,7 @@ table.settings th {{text-align: left; padding-right: 1em}} .charts {{display: fl
 <table class="settings">{rows}</table>
 <h2>Continuations</h2>
 <p>Each generated token is coloured by what the buttons pick: its contamination (the share of its SAE activation that
-came from latents unaligned with the topic) as a percentile among the reference prompts' tokens, how much the steering
+came from latents unaligned with the topic), taken with its neighbours, as a percentile among the reference prompts' tokens, how much the steering
 changed its probability, or the raw contamination. Hover a token for all three, the edits that moved it most and its
 strongest latents.</p>
 {columns_html(columns, "calibrated", toggle=True)}
@@ -175,8 +175,8 @@ def align(align_texts: list[str], prompt: str, *, model_name: str = DEFAULT_MODE
     print(f"\nper-token contamination of the {method} continuation (0 = from aligned latents):")
     print(_token_line(result.steered))
     columns = highlight_result(result, model=model, sae=sae, reference=reference)
-    print(f"\nper token: raw contamination, its percentile among reference tokens, and the factor by which the steering "
-          "changed its probability:")
+    print(f"\nper token: raw contamination, its percentile (with its neighbours) among reference tokens, and the factor by "
+          "which the steering changed its probability:")
     print(format_token_rows(columns[1].details))
     if report:
         settings = {"model": model_name, "SAE": f"{release}/{sae_id}", "topic": topic, "prompt": prompt,

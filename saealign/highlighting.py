@@ -12,8 +12,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import pandas as pd
 import torch
 
+from ._utils import check_positive_int
 from .core import DamagedFileError, cache_folder, cache_root, json_sha256, load_tensors, save_tensors
 from .activations import check_no_saes, content_mask, hook_activations, pad_id, pad_right, tokenize
 from .reference import ReferenceSet, tensor_digest
@@ -25,20 +27,29 @@ from .steering import (DEFAULT_OUTPUT, Generation, Method, Unchanged, _pieces, a
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'TOKENS_FORMAT', 'MODE_FIELDS', 'SIGN', 'ReferenceTokens', 'reference_tokens', 'ContaminationScale',
-           'contamination_scale', 'TokenPass', 'token_pass', 'steer_attribution', 'latent_attribution', 'highlight',
-           'highlighted_columns', 'highlight_result', 'token_rows', 'format_token_rows', 'first_sentence',
-           'heldout_paragraphs', 'text_generation', 'on_topic_labels', 'auroc', 'separation', 'separation_table']
+__all__ = ['log', 'TOKENS_FORMAT', 'CONTAMINATION_WINDOW', 'MODE_FIELDS', 'SIGN', 'ReferenceTokens', 'reference_tokens',
+           'window_mean', 'ContaminationScale', 'contamination_scale', 'TokenPass', 'token_pass', 'steer_attribution',
+           'latent_attribution', 'highlight', 'highlighted_columns', 'highlight_result', 'token_rows',
+           'format_token_rows', 'first_sentence', 'heldout_paragraphs', 'text_generation', 'on_topic_labels', 'auroc',
+           'separation', 'separation_table']
 
 # %% ../nbs/04d_highlighting.ipynb #b779af9a
 @dataclass(eq=False)
 class ReferenceTokens:
-    "The SAE's input at every non-special token of a sample of reference prompts."
-    x: torch.Tensor   # float32 [n_tokens, d_in]
-    n_prompts: int
+    "The SAE's input at every non-special token of a sample of reference prompts, prompt after prompt."
+    x: torch.Tensor        # float32 [n_tokens, d_in]
+    lengths: torch.Tensor  # int64 [n_prompts]: each prompt's tokens in `x`, in order (a window stays in its prompt)
+
+    def __post_init__(self):
+        if self.lengths.ndim != 1 or int(self.lengths.sum()) != len(self.x) or (self.lengths < 0).any():
+            raise ValueError(f"lengths must be one count per prompt summing to the {len(self.x)} tokens.")
+
+    @property
+    def n_prompts(self) -> int:
+        return len(self.lengths)
 
 
-TOKENS_FORMAT = 1
+TOKENS_FORMAT = 2  # 2: the tokens of each prompt are counted, so a window can be taken within each prompt
 
 
 @torch.no_grad()
@@ -61,26 +72,46 @@ def reference_tokens(model, sae, reference: ReferenceSet, *, n: int = 128, max_t
             t, meta = load_tensors(path)
             if meta.get("key") != key or t["x"].ndim != 2 or t["x"].shape[1] != sae.cfg.d_in:
                 raise DamagedFileError(f"{path} was written for another model, hook or reference")
-            return ReferenceTokens(t["x"], int(meta["n_prompts"]))
+            return ReferenceTokens(t["x"], t["lengths"])
         except (DamagedFileError, KeyError, ValueError) as e:
             log.warning("measuring the reference tokens again: %s", e)
     ids, _ = tokenize(model, reference_sample(reference, n, seed=seed), max_tokens)
     pad = pad_id(model)
-    rows = []
+    rows, lengths = [], []
     for start in range(0, len(ids), batch_size):
         tokens, mask = pad_right(ids[start:start + batch_size], pad, model.cfg.device)
         x = hook_activations(model, hook, tokens, mask)
-        rows.append(x[content_mask(model, tokens, mask)].float().cpu())
-    found = ReferenceTokens(torch.cat(rows), len(ids))
+        kept = content_mask(model, tokens, mask)
+        rows.append(x[kept].float().cpu())  # row-major: prompt after prompt
+        lengths.append(kept.sum(1).cpu())
+    found = ReferenceTokens(torch.cat(rows), torch.cat(lengths))
     if path is not None:
-        save_tensors(path, {"x": found.x}, {"key": key, "n_prompts": str(found.n_prompts)})
+        save_tensors(path, {"x": found.x, "lengths": found.lengths}, {"key": key})
     return found
 
 # %% ../nbs/04d_highlighting.ipynb #c013987e
+CONTAMINATION_WINDOW = 7  # tokens, three either side: chosen on the general topics (see "On Gemma 3 270M")
+
+
+def window_mean(values, window: int) -> torch.Tensor:
+    """Each value of a sequence replaced by the mean of the finite values in the `window` (odd) centred on it, fewer at
+    the ends; NaN where the window holds none."""
+    check_positive_int("window", window)
+    if window % 2 == 0:
+        raise ValueError(f"window must be odd, so that it is centred on its token, not {window}.")
+    v = torch.as_tensor(values, dtype=torch.float64)
+    if v.ndim != 1:
+        raise ValueError(f"window_mean takes one sequence (1-d), not shape {tuple(v.shape)}.")
+    means = pd.Series(v.numpy()).rolling(window, center=True, min_periods=1).mean()  # pandas skips NaN
+    return torch.tensor(means.to_numpy(), dtype=torch.float64)
+
+
 @dataclass(eq=False)
 class ContaminationScale:
-    "The contamination of reference tokens, sorted: places a token's contamination among them."
+    """The contamination of reference tokens, each averaged over the `window` tokens around it within its prompt,
+    sorted: places a text's tokens, averaged the same way, among them."""
     values: torch.Tensor  # float64, sorted, finite
+    window: int = 1
 
     def __post_init__(self):
         v = self.values
@@ -88,6 +119,11 @@ class ContaminationScale:
             raise ValueError("a ContaminationScale needs a non-empty 1-d tensor of finite reference values.")
         if (v[1:] < v[:-1]).any():
             raise ValueError("a ContaminationScale's values must be sorted (ascending).")
+        window_mean([], self.window)  # checks the window
+
+    def place(self, shares) -> torch.Tensor:
+        "The percentile of each token of one text: its contamination share averaged over the window, among the values."
+        return self.percentile(window_mean(shares, self.window))
 
     @property
     def median(self) -> float:
@@ -107,9 +143,10 @@ class ContaminationScale:
 
 
 @torch.no_grad()
-def contamination_scale(sae, tokens: ReferenceTokens, method: Method, *, batch: int = 4096) -> ContaminationScale:
-    """The contamination (`method.contamination`, the share) of the reference `tokens` after `method`'s edit:
-    `Unchanged(scores)` for the SAE's own activations."""
+def contamination_scale(sae, tokens: ReferenceTokens, method: Method, *, window: int = CONTAMINATION_WINDOW,
+                        batch: int = 4096) -> ContaminationScale:
+    """The contamination (`method.contamination`, the share) of the reference `tokens` after `method`'s edit
+    (`Unchanged(scores)` for the SAE's own activations), averaged over `window` tokens within each prompt."""
     if not isinstance(method, Method):
         raise ValueError(f"method must be a Method (e.g. Unchanged(scores)), not {type(method).__name__}.")
     method.check(sae)
@@ -117,8 +154,8 @@ def contamination_scale(sae, tokens: ReferenceTokens, method: Method, *, batch: 
     for x in tokens.x.split(batch):
         h, acts = encode_with_inputs(sae, x.to(sae.W_dec.device, sae.dtype))
         shares.append(method.contamination(method.edit(sae, h, acts))[1].double().cpu())
-    share = torch.cat(shares)
-    return ContaminationScale(share[share.isfinite()].sort().values)
+    share = torch.cat([window_mean(s, window) for s in torch.cat(shares).split(tokens.lengths.tolist())])
+    return ContaminationScale(share[share.isfinite()].sort().values, window)
 
 # %% ../nbs/04d_highlighting.ipynb #79ea9124
 @dataclass(eq=False)
@@ -232,7 +269,7 @@ def highlight(model, sae, generation: Generation, scores, method: Method | None 
               output: str = DEFAULT_OUTPUT, scale: ContaminationScale | None = None, reference: ReferenceSet | None = None,
               top: int = 5) -> list[TokenDetail]:
     """Per generated token of `generation` (made by `method` when `steered`, else by the unmodified model): its
-    contamination under `scores` and its percentile under `scale`, its attribution to `method` (steered in
+    contamination under `scores` and its percentile under `scale` (averaged over the scale's window), its attribution to `method` (steered in
     `output` mode) and the edits that moved it, with their top prompt in `reference`."""
     score_t = as_scores(scores, sae.cfg.d_sae)
     plain = token_pass(model, sae, generation)
@@ -244,7 +281,7 @@ def highlight(model, sae, generation: Generation, scores, method: Method | None 
         moved_by = latent_attribution(model, sae, moved, plain, generation.tokens, top=top)
         seen = moved if steered else plain
     share = Unchanged(score_t).contamination(seen.edited)[1]
-    calibrated = scale.percentile(share) if scale is not None else torch.full_like(share, torch.nan)
+    calibrated = scale.place(share) if scale is not None else torch.full_like(share, torch.nan)
     prompt = lambda i: _short(top_prompts(reference, i, 1)[0][0], 80) if reference is not None and int(reference.prompt_counts[i]) else ""
     return [TokenDetail(piece, float(share[j]), strongest, float(calibrated[j]), float(attribution[j]),
                         [(i, change, nats, float(score_t[i]) if i >= 0 else math.nan, prompt(i) if i >= 0 else "")

@@ -68,7 +68,8 @@ def _check_mode(mode: str) -> str:
 
 
 _LEGEND_WORDS = {
-    "calibrated": ("contamination against the reference prompts' tokens (percentile)", "0 more aligned than any",
+    "calibrated": ("contamination of the token and its neighbours against the reference prompts' tokens (percentile)",
+                   "0 more aligned than any",
                    "0.5 typical", "1 less aligned than any"),
     "attribution": ("how much the steer changed the token's probability", f"÷{math.exp(ATTRIBUTION_SPAN):.0f} lowered",
                     "unchanged", f"×{math.exp(ATTRIBUTION_SPAN):.0f} raised"),
@@ -174,7 +175,7 @@ def _factor(nats: float) -> str:
 def _tooltip(d: TokenDetail) -> str:
     head = f"contamination {d.contamination:.2f}" if math.isfinite(d.contamination) else "no active latent"
     if math.isfinite(d.calibrated):
-        head += f" (percentile {d.calibrated:.2f} among reference tokens)"
+        head += f" (with its neighbours: percentile {d.calibrated:.2f} among reference tokens)"
     if math.isfinite(d.attribution):
         head += f"; steer {_factor(d.attribution)} ({d.attribution:+.2f} nats)"
     moved = [f"{'the method’s vector' if i < 0 else f'latent {i} (score {s:.2f})'}: {nats:+.2f} nats direct"

@@ -24,7 +24,7 @@ def test_demo_writes_a_self_contained_report(tmp_path):
     assert page.startswith("<!DOCTYPE html>") and page.count("<svg") >= 2 and "<script" not in page
     assert "<th>output score</th>" not in page  # the calibrated default measures no output scores
     # the highlighting: per-token numbers printed, and a page with the script-free colour toggle
-    assert "percentile among reference tokens" in done.stdout and "pctl" in done.stdout
+    assert "percentile (with its neighbours) among reference tokens" in done.stdout and "pctl" in done.stdout
     assert page.count('<input type="radio" class="sa-mode') == 3 and " checked>" in page
     assert page.count('class="sa-tok"') == page.count("--sa-attribution:") > 24
 

@@ -2,12 +2,14 @@
 steer's teacher-forced pass against cached decoding, the views without a method, and bad input."""
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from saealign.calibration import topic_steer
-from saealign.highlighting import (ContaminationScale, auroc, contamination_scale, format_token_rows, highlight,
-                                   reference_tokens, steer_attribution, token_pass, token_rows)
+from saealign.highlighting import (CONTAMINATION_WINDOW, ContaminationScale, ReferenceTokens, auroc, contamination_scale,
+                                   format_token_rows, highlight, reference_tokens, steer_attribution, token_pass,
+                                   token_rows, window_mean)
 from saealign.reference import build_reference_prompts, compute_reference
 from saealign.scoring import STORY_TOPICS, score_latents
 from saealign.selection import DiffMeans, TopicInputs, decoder_directions
@@ -36,6 +38,34 @@ def test_reference_median_is_half_and_percentiles_follow_the_raw_share(sae, toke
     raw = torch.linspace(float(cal.values[0]), float(cal.values[-1]), 50)
     pct = cal.percentile(raw)
     assert (pct.diff() >= 0).all() and pct[0] < 0.01 and pct[-1] > 0.99
+
+
+def test_window_mean_known_answers():
+    torch.testing.assert_close(window_mean([0.0, 0.0, 3.0, 0.0, 0.0], 3), torch.tensor([0.0, 1.0, 1.0, 1.0, 0.0], dtype=torch.float64))
+    torch.testing.assert_close(window_mean([2.0, 4.0, 9.0], 5), torch.tensor([5.0, 5.0, 5.0], dtype=torch.float64))  # ends: fewer
+    torch.testing.assert_close(window_mean([1.0, math.nan, 3.0], 3), torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64))
+    assert window_mean([math.nan, math.nan], 1).isnan().all() and len(window_mean([], 3)) == 0
+    for bad in (2, 0, 1.5):
+        with pytest.raises(ValueError):
+            window_mean([1.0], bad)
+
+
+def test_the_scale_averages_within_each_reference_prompt(sae, tokens, scores):
+    per_token = contamination_scale(sae, tokens, Unchanged(scores), window=1)
+    windowed = contamination_scale(sae, tokens, Unchanged(scores), window=3)
+    assert per_token.window == 1 and windowed.window == 3 and len(per_token.values) == len(windowed.values)
+    # independently: the shares prompt by prompt, each averaged with numpy over its own neighbours only
+    with torch.no_grad():
+        share = Unchanged(scores).contamination(sae.encode(tokens.x))[1].double().numpy()
+    expected, start = [], 0
+    for n in tokens.lengths.tolist():
+        s = share[start:start + n]
+        expected += [s[max(0, i - 1):i + 2].mean() for i in range(n)]
+        start += n
+    np.testing.assert_allclose(windowed.values.numpy(), np.sort(expected), atol=1e-6)
+    np.testing.assert_allclose(per_token.values.numpy(), np.sort(share), atol=1e-6)
+    with pytest.raises(ValueError, match="summing"):
+        ReferenceTokens(tokens.x, tokens.lengths[:-1])
 
 
 def test_calibration_under_a_method_sees_its_edit(sae, tokens, scores):
@@ -163,8 +193,12 @@ def test_a_fixed_steer_is_attributed_as_before(model, sae, topic_steers, scores)
 
 def test_without_a_method_there_is_nothing_to_attribute(model, sae, scores, tokens):
     g = generate(model, None, "Once upon a time", max_new_tokens=8, seed=0)[0]
-    details = highlight(model, sae, g, scores, None, scale=contamination_scale(sae, tokens, Unchanged(scores)))
+    scale = contamination_scale(sae, tokens, Unchanged(scores))
+    details = highlight(model, sae, g, scores, None, scale=scale)
     assert all(math.isnan(d.attribution) and not d.moved and 0 <= d.calibrated <= 1 for d in details)
+    # the colour: each token's raw share averaged with its neighbours, placed among the reference's averages
+    placed = scale.percentile(window_mean([d.contamination for d in details], CONTAMINATION_WINDOW))
+    torch.testing.assert_close(torch.tensor([d.calibrated for d in details]), placed, check_dtype=False)
     text = format_token_rows(details)
     assert "–" in text and len(token_rows(details)) == len(g.tokens)
 
