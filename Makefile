@@ -86,7 +86,7 @@ tests/browser/node_modules/.installed: tests/browser/package.json tests/browser/
 
 test: export-check clean-check classifier nbtest pytest
 
-# The evaluation chapter's full grid (about half an hour on 2 cores); run it again to resume after an interruption.
+# The grid chapter's full grid (about half an hour on 2 cores); run it again to resume after an interruption.
 grid: install
 	$(BIN)/saealign grid
 

@@ -17,7 +17,7 @@ from sae_lens import HookedSAETransformer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from saealign.core import load_embedder
-from saealign.evaluation import evaluation_topics
+from saealign.grid import evaluation_topics
 from saealign.models import GEMMA_HUB_ID, gemma_folder, load_model, model_spec
 from saealign.activations import pad_right, tokenize
 from saealign.reference import build_reference_prompts, compute_reference, default_reference, reference_plan

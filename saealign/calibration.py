@@ -20,7 +20,7 @@ from pathlib import Path
 from ._utils import finite_number
 from .core import (SHIPPED_DIR, cache_folder, cache_root, json_sha256, load_embedder, shipped_file, tensor_sha256,
                            write_json)
-from .evaluation import alignment_distances, instruction_prefix, relevance
+from .metrics import alignment_distances, instruction_prefix, relevance
 from .reference import sae_digest, tensor_digest
 from .selection import MIN_DIFFERENCE, ActivationMeans, TopicInputs, prompt_prefix
 from .steering import Method, generate, register_method

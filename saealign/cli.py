@@ -21,13 +21,14 @@ from .saes import load_sae
 from .align import SteeredText, steer_by_text
 from .calibration import DEFAULT_METHOD
 from .selection import TopicInputs
-from .evaluation import default_grid_path, read_rows, run_grid, summary_table, torch_threads
+from .grid import default_grid_path, read_rows, run_grid, torch_threads
 from .reference import default_reference
 from .scoring import _CONTROL, TOPIC_NAMES, topic_texts
 from .steering import (DEFAULT_OUTPUT, OUTPUT_MODES, check_sampling, encode_prompts, format_side_by_side,
                                make_method, method_names)
 from .export import FORMATS, POSITIONS, export_steer, load_vector
 from .render import chart_svg, columns_html, contamination_chart, inspector_html
+from .tables import chart, summary_table
 from .highlighting import format_token_rows, highlight_result
 
 # %% auto #0
@@ -66,8 +67,9 @@ def scores_chart(scores):
     import altair as alt
     import pandas as pd
     df = pd.DataFrame({"score": scores.scores[scores.eligible].tolist()})
-    return alt.Chart(df, width=300, height=180, title=f"Scores of {len(df)} eligible latents").mark_bar().encode(
-        x=alt.X("score:Q", bin=alt.Bin(maxbins=25), title="score", axis=alt.Axis(format=".1f", tickCount=5)), y=alt.Y("count():Q", title="latents"))
+    return chart(df, "bar", width=300, height=180, title=f"Scores of {len(df)} eligible latents",
+                 x=alt.X("score:Q", bin=alt.Bin(maxbins=25), title="score", axis=alt.Axis(format=".1f", tickCount=5)),
+                 y=alt.Y("count():Q", title="latents"))
 
 
 def report_html(result: SteeredText, *, model, sae, reference, title: str, settings: dict, columns=None) -> str:

@@ -15,6 +15,7 @@ import torch
 
 from .scoring import LatentScores, summaries_by_latent
 from .steering import ORIGINAL, Generation, Method, as_scores, steer
+from .tables import chart
 
 # %% auto #0
 __all__ = ['COLOUR_STOPS', 'NEUTRAL', 'ATTRIBUTION_STOPS', 'ATTRIBUTION_SPAN', 'MODES', 'STYLE', 'TOGGLE_STYLE',
@@ -284,11 +285,12 @@ def contamination_chart(columns: list[Column]):
                  contamination=d.contamination if math.isfinite(d.contamination) else None)
             for c in columns for j, d in enumerate(c.details)]
     df = pd.DataFrame(rows, columns=["column", "position", "token", "contamination"])
-    return alt.Chart(df, width=560, height=180, title="Contamination along the generated sequence").mark_line(
-        point=True).encode(x=alt.X("position:Q", title="generated token"),
-                           y=alt.Y("contamination:Q", scale=alt.Scale(domain=[0, 1]), title="contamination"),
-                           color=alt.Color("column:N", title=None),
-                           tooltip=["column", "position", "token", alt.Tooltip("contamination:Q", format=".2f")])
+    return chart(df, "line", mark_options=dict(point=True), width=560, height=180,
+                 title="Contamination along the generated sequence",
+                 x=alt.X("position:Q", title="generated token"),
+                 y=alt.Y("contamination:Q", scale=alt.Scale(domain=[0, 1]), title="contamination"),
+                 color=alt.Color("column:N", title=None),
+                 tooltip=["column", "position", "token", alt.Tooltip("contamination:Q", format=".2f")])
 
 
 def chart_svg(chart) -> str:

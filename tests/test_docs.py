@@ -9,7 +9,7 @@ from nbdev.quarto import _nbdev_yml
 
 from browser_support import ARTIFACTS, ROOT, dump_dom, skip_reason
 
-STAGES = ["index.ipynb", "01_reference.ipynb", "02_scoring.ipynb", "03_steering.ipynb", "04_evaluation.ipynb",
+STAGES = ["index.ipynb", "01_reference.ipynb", "02_scoring.ipynb", "03_steering.ipynb", "04_metrics.ipynb",
           "05_widgets.ipynb"]
 
 

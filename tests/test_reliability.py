@@ -190,74 +190,6 @@ def test_chunk_of_another_run_reports_its_own_fingerprint(model, sae, embedder, 
     assert shown == (first.fingerprint[:12], other.fingerprint[:12]) and shown[0] != shown[1]
 
 
-# --- the evaluation grid's resume ----------------------------------------------------------------
-
-@pytest.fixture
-def tiny_grid(model, sae, embedder, ref):
-    sae_id = sae.cfg.metadata.hook_name
-    return dict(model=model, embedder=embedder, saes={sae_id: sae}, references={sae_id: ref},
-                topics={"sea": STORY_TOPICS["sea"][:6]}, prompts={"Once upon a time": "neutral"}, seeds=(0,),
-                methods=("Original", "Clamp"), outputs=("error",), max_new_tokens=8, progress=False)
-
-
-def test_grid_units_are_keyed_by_every_setting(tmp_path, tiny_grid):
-    from saealign.evaluation import read_rows, run_grid
-    path = tmp_path / "grid.jsonl"
-    first = run_grid(path, **tiny_grid)
-    assert len(first) == 2 and first.unit.nunique() == 2
-    variants = [{"topics": {"sea": STORY_TOPICS["sea"][6:12]}}, {"seeds": (1,)}, {"max_new_tokens": 6},
-                {"prompts": {"Once upon a time": "metaphor"}}, {"clamp_options": {"value": 2.0, "mode": "multiply"}}]
-    seen = set(first.unit)
-    for change in variants:
-        n_before = len(read_rows(path))
-        rows = run_grid(path, **{**tiny_grid, **change})
-        new = set(rows.unit) - seen
-        # every unit whose rows depend on the change is run anew; its old rows are never returned
-        expected = 1 if "clamp_options" in change else 2
-        assert len(rows) == 2 and len(new) == expected and len(read_rows(path)) == n_before + expected, change
-        seen |= new
-    again = run_grid(path, **tiny_grid)
-    assert set(again.unit) == set(first.unit) and again.continuation.tolist() == first.continuation.tolist()
-
-
-def test_grid_refuses_other_files_and_damaged_lines_untouched(tmp_path, tiny_grid):
-    from saealign.evaluation import run_grid
-    notes = tmp_path / "notes.jsonl"
-    notes.write_bytes(b'{"topic": "mine"}\n{"a partial last line')
-    with pytest.raises(ValueError, match="notes.jsonl is not a saealign grid file.*left unchanged"):
-        run_grid(notes, **tiny_grid)
-    assert notes.read_bytes() == b'{"topic": "mine"}\n{"a partial last line'
-    path = tmp_path / "grid.jsonl"
-    run_grid(path, **tiny_grid)
-    lines = path.read_bytes().split(b"\n")
-    path.write_bytes(b"\n".join(lines[:1] + [b"{damaged"] + lines[1:]) + b'{"cut')
-    before = path.read_bytes()
-    with pytest.raises(ValueError, match=r"grid.jsonl, line 2: not a grid row"):
-        run_grid(path, **tiny_grid)
-    assert path.read_bytes() == before  # not even the cut last line was removed
-    (tmp_path / "folder.jsonl").mkdir()
-    with pytest.raises(ValueError, match="folder.jsonl is not a file"):
-        run_grid(tmp_path / "folder.jsonl", **tiny_grid)
-
-
-@pytest.mark.parametrize("change, match", [({"outputs": ("recon",)}, "outputs must be some of"),
-                                           ({"outputs": "error"}, "outputs must be some of"),
-                                           ({"seeds": ()}, "seeds must be a non-empty list"),
-                                           ({"seeds": (0, 0)}, "seeds must be a non-empty list of distinct"),
-                                           ({"max_new_tokens": 0}, "max_new_tokens must be a positive int"),
-                                           ({"prompts": {}}, "prompts must be a non-empty dict")])
-def test_grid_rejects_bad_settings_before_writing(tmp_path, tiny_grid, change, match):
-    from saealign.evaluation import run_grid
-    path = tmp_path / "grid.jsonl"
-    run_grid(path, **tiny_grid)
-    before = path.read_bytes()
-    with pytest.raises(ValueError, match=match):
-        run_grid(path, **{**tiny_grid, **change})
-    with pytest.raises(ValueError, match=match):
-        run_grid(tmp_path / "new.jsonl", **{**tiny_grid, **change})
-    assert path.read_bytes() == before and not (tmp_path / "new.jsonl").exists()
-
-
 # --- files the user owns -------------------------------------------------------------------------
 
 def test_cache_dir_that_saealign_did_not_make_is_refused_untouched(model, sae, embedder, prompts, tmp_path):
@@ -694,57 +626,6 @@ def test_a_mean_difference_of_float_noise_is_refused(model, sae, ref):
                          given_scores=LatentScores.of(torch.ones(sae.cfg.d_sae)))
     with pytest.raises(ValueError, match="no direction"):
         make_method("DiffMeans", inputs)
-
-
-# --- grid rows ------------------------------------------------------------------------------------------
-
-def _edit_line(path, number, edit):
-    lines = path.read_text().splitlines()
-    lines[number - 1] = edit(lines[number - 1], lines)
-    path.write_text("\n".join(lines) + "\n")
-
-
-def _with(key, value):
-    return lambda line, lines: json.dumps({**json.loads(line), key: value})
-
-
-@pytest.mark.parametrize("edit", [
-    lambda line, lines: re.sub(r'("perplexity": \d+\.)(\d)', lambda m: m[1] + str((int(m[2]) + 1) % 10), line),
-    _with("continuation", " an edited continuation"),
-    _with("unit_rows", 1),
-    lambda line, lines: lines[2]],  # line 3 copied over line 2: valid, but its unit repeats a row and lacks one
-    ids=["one digit", "valid JSON", "unit_rows", "a row repeated"])
-def test_edited_grid_row_runs_its_unit_again(tmp_path, tiny_grid, caplog, edit):
-    from saealign.evaluation import read_rows, run_grid
-    grid = {**tiny_grid, "seeds": (0, 1)}
-    path = tmp_path / "grid.jsonl"
-    first = run_grid(path, **grid)
-    assert len(first) == 4 and first.unit.nunique() == 2
-    _edit_line(path, 2, edit)
-    with caplog.at_level(logging.WARNING, logger="saealign.evaluation"):
-        again = run_grid(path, **grid)
-    assert "running" in caplog.text and "again" in caplog.text
-    key = ["unit", "seed", "continuation", "perplexity"]
-    assert again.sort_values(key)[key].values.tolist() == first.sort_values(key)[key].values.tolist()
-    caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="saealign.evaluation"):
-        assert len(read_rows(path)) == 4 and len(run_grid(path, **grid)) == 4
-    assert not caplog.text  # the file is whole again
-
-
-def test_grid_of_format_2_is_read_and_sealed_on_resume(tmp_path, tiny_grid, monkeypatch):
-    from saealign import evaluation as E
-    path = tmp_path / "grid.jsonl"
-    first = E.run_grid(path, **tiny_grid)
-    rows = [{k: v for k, v in json.loads(line).items() if k not in ("unit_row", "row_sha256")}
-            for line in path.read_text().splitlines()[1:]]
-    path.write_text("".join(json.dumps(r) + "\n" for r in [E.LEGACY_HEADER, *rows]))  # as the repository's results
-    assert [r["continuation"] for r in E.read_rows(path)] == first.continuation.tolist()
-    monkeypatch.setattr(E, "_run_unit", lambda *a, **k: pytest.fail("a unit of the legacy file was run again"))
-    assert E.run_grid(path, **tiny_grid).continuation.tolist() == first.continuation.tolist()
-    lines = path.read_text().splitlines()
-    assert json.loads(lines[0]) == E.GRID_HEADER and all(E.row_digest(json.loads(l)) == json.loads(l)["row_sha256"]
-                                                         for l in lines[1:])
 
 
 # --- topic texts ------------------------------------------------------------------------------------------

@@ -324,32 +324,6 @@ def test_every_registered_method_from_topic_inputs(model, sae):
         TopicInputs(model, sae, ref, texts, None, multiplier=float("nan"))
 
 
-def test_grid_measures_reference_means_once_for_all_topics(model, sae, embedder, monkeypatch, tmp_path):
-    """They depend only on the SAE: two topics running DiffMeans measure the reference once, each topic's texts once;
-    a second grid finds the reference's on disk."""
-    import saealign.selection as selection
-    from saealign.evaluation import run_grid
-    from saealign.scoring import STORY_TOPICS
-    ref = ReferenceSet.from_summaries(torch.eye(sae.cfg.d_sae)[:40] + 0.01, torch.nn.functional.normalize(
-        torch.randn(40, 384, generator=torch.Generator().manual_seed(0)), dim=1), prompts=[f"A story {i}." for i in range(40)])
-    monkeypatch.setenv("SAEALIGN_CACHE", str(tmp_path / "cache"))  # nothing measured before, in memory or on disk
-    measured, real = [], selection.activation_means
-    monkeypatch.setattr(selection, "activation_means", lambda m, s, texts, **kw: measured.append(list(texts)) or real(m, s, texts, **kw))
-    sae_id = sae.cfg.metadata.hook_name
-    topics = {"sea": STORY_TOPICS["sea"][:3], "food": STORY_TOPICS["food"][:3]}
-    rows = run_grid(tmp_path / "grid.jsonl", model=model, embedder=embedder, saes={sae_id: sae}, references={sae_id: ref},
-                    topics=topics, prompts={"Once upon a time": "neutral"}, seeds=(0,), methods=("DiffMeans",),
-                    outputs=("error",), max_new_tokens=4, progress=False)
-    assert len(rows) == 2
-    as_sets = lambda lists: sorted(tuple(sorted(t)) for t in lists)
-    assert as_sets(measured) == as_sets([topics["sea"], topics["food"], ref.prompts])
-    measured.clear()
-    run_grid(tmp_path / "other.jsonl", model=model, embedder=embedder, saes={sae_id: sae}, references={sae_id: ref},
-             topics={"sea": topics["sea"]}, prompts={"Once upon a time": "neutral"}, seeds=(0,), methods=("DiffMeans",),
-             outputs=("error",), max_new_tokens=4, progress=False)
-    assert as_sets(measured) == as_sets([topics["sea"]])
-
-
 def test_topic_inputs_measured_computes_nothing(model, sae):
     ref = ReferenceSet.from_summaries(torch.eye(sae.cfg.d_sae)[:40] + 0.01, torch.nn.functional.normalize(
         torch.randn(40, 384, generator=torch.Generator().manual_seed(0)), dim=1), prompts=[f"A story {i}." for i in range(40)])
