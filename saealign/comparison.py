@@ -18,8 +18,9 @@ from .models import load_model
 from .reference import default_reference
 from .saes import load_sae
 from .scoring import score_latents, topic_file
-from .selection import compare_scorings, contrastive_scores, decoder_directions
-from .steering import make_method
+from .output_scores import decoder_directions
+from .scoring import compare_scorings, contrastive_scores
+from .registry import make_method
 
 # %% auto #0
 __all__ = ['COMPARISON_SAE', 'COMPARISON_REFERENCE', 'COMPARISON_METHODS', 'SAE_METHODS', 'AXBENCH', 'TABLE_COLUMNS',

@@ -10,9 +10,11 @@ from saealign.highlighting import (ContaminationScale, auroc, contamination_scal
                                    reference_tokens, steer_attribution, token_pass, token_rows)
 from saealign.reference import build_reference_prompts, compute_reference
 from saealign.scoring import STORY_TOPICS, score_latents
-from saealign.selection import DiffMeans, TopicInputs, decoder_directions
+from saealign.additive import DiffMeans, TopicInputs
+from saealign.output_scores import decoder_directions
 from saealign import steering
-from saealign.steering import Swap, Unchanged, generate, steer
+from saealign.methods import Swap, Unchanged
+from saealign.steering import generate, steer
 
 
 @pytest.fixture(scope="module")

@@ -8,11 +8,15 @@ import torch
 from saealign.reference import ReferenceSet
 from saealign.saes import random_sae
 from saealign.scoring import LatentScores, score_latents
-from saealign.selection import (ActivationMeans, AddSteer, DiffMeans, MatchedSteer, OutputClamp, OutputScores,
-                                OutputSwap, _next_token_logprobs, TopicInputs, activation_means, contrastive_scores,
-                                decoder_directions, distinctive_tokens, generate_prompted, matched_strengths,
-                                mean_difference_strengths, output_latents, output_scores, prompt_prefix)
-from saealign.steering import Clamp, Swap, generate, make_method, method_names, steer
+from saealign.additive import (ActivationMeans, AddSteer, DiffMeans, MatchedSteer, TopicInputs, activation_means,
+                               matched_strengths, mean_difference_strengths)
+from saealign.methods import OutputClamp, OutputSwap, generate_prompted, prompt_prefix
+from saealign.output_scores import (OutputScores, _next_token_logprobs, decoder_directions, distinctive_tokens,
+                                    output_latents, output_scores)
+from saealign.scoring import contrastive_scores
+from saealign.methods import Clamp, Swap
+from saealign.registry import make_method, method_names
+from saealign.steering import generate, steer
 
 
 class TableEmbedder:

@@ -4,8 +4,9 @@ and the method registry."""
 import pytest
 import torch
 
-from saealign.steering import (Clamp, Method, Swap, Unchanged, Weight, apply_activation, generate, make_method,
-                               method_names, steer)
+from saealign.methods import Clamp, Method, Swap, Unchanged, Weight
+from saealign.registry import make_method, method_names
+from saealign.steering import apply_activation, generate, steer
 
 
 def test_contamination_known_answer():
@@ -84,7 +85,7 @@ def test_the_registry_builds_by_name_and_refuses_unknown_names(sae):
 
 def test_a_prompted_steer_generates_behind_its_own_prompt(model, sae):
     "`generate` puts a method's `prefix` before the prompt unless told otherwise, as `side_by_side` and the grid do."
-    from saealign.calibration import TopicSteer
+    from saealign.additive import TopicSteer
     axis = torch.zeros(sae.cfg.d_in)
     axis[0] = 1.0
     steer = TopicSteer(torch.ones(sae.cfg.d_sae), axis, positions="generation", prefix="Tom had a big red ball. ")

@@ -14,7 +14,8 @@ import saealign.widgets as Wd
 from saealign.reference import ReferenceSet, build_reference_prompts, compute_reference
 from saealign.scoring import STORY_TOPICS
 from saealign.calibration import DEFAULT_METHOD, PROTECTIONS
-from saealign.steering import Clamp, Swap, Weight, generate
+from saealign.methods import Clamp, Swap, Weight
+from saealign.steering import generate
 from saealign.render import NEUTRAL, TokenDetail, attribution_colour, contamination_colour, token_details, tokens_html, top_prompts
 from saealign.widgets import CUSTOM, AlignmentExplorer, sae_and_method
 
