@@ -22,9 +22,9 @@ from .core import (SHIPPED_DIR, cache_folder, cache_root, json_sha256, load_embe
                            write_json)
 from .evaluation import alignment_distances, instruction_prefix, relevance
 from .reference import sae_digest, tensor_digest
-from .additive import TopicInputs, TopicSteer
+from .additive import MAX_STRENGTH, TopicInputs, TopicSteer
 from .methods import prompt_prefix
-from .registry import register_method
+from .registry import make_method, register_method
 from .steering import generate
 
 log = logging.getLogger(__name__)

@@ -611,7 +611,7 @@ def test_activation_means_under_another_key_are_measured_again(model, sae, ref, 
     reference_means(model, sae, ref, n=16, cache_dir=tmp_path)
     (other,) = set(tmp_path.glob("*.safetensors")) - {mine}
     mine.write_bytes(other.read_bytes())  # a valid file, of other means, under this key's name
-    with caplog.at_level(logging.WARNING, logger="saealign.selection"):
+    with caplog.at_level(logging.WARNING, logger="saealign.additive"):
         got = reference_means(model, sae, ref, n=48, cache_dir=tmp_path)
     assert "its key differs" in caplog.text
     torch.testing.assert_close(got.resid, want.resid)
@@ -630,7 +630,7 @@ def test_output_scores_under_another_key_are_measured_again(model, sae, ref, emb
     run("food")
     (other,) = set(tmp_path.glob("*.safetensors")) - {mine}
     mine.write_bytes(other.read_bytes())  # the food topic's file under the sea topic's key
-    with caplog.at_level(logging.WARNING, logger="saealign.selection"):
+    with caplog.at_level(logging.WARNING, logger="saealign.output_scores"):
         again = run("sea")
     assert not again.cached and "its key differs" in caplog.text
     assert torch.equal(again.latents, sea.latents)

@@ -9,7 +9,7 @@ from html.parser import HTMLParser
 import pytest
 import torch
 
-import saealign.steering as steering
+import saealign.registry as registry
 import saealign.widgets as Wd
 from saealign.reference import ReferenceSet, build_reference_prompts, compute_reference
 from saealign.scoring import STORY_TOPICS
@@ -173,8 +173,8 @@ def test_sae_and_method():
 
 
 def test_explorer_offers_a_method_registered_later(explorer, monkeypatch):
-    monkeypatch.setattr(steering, "_FACTORIES", dict(steering._FACTORIES))  # the registration ends with the test
-    steering.register_method("Swap again", Swap)
+    monkeypatch.setattr(registry, "_FACTORIES", dict(registry._FACTORIES))  # the registration ends with the test
+    registry.register_method("Swap again", Swap)
     fresh = AlignmentExplorer(explorer.model, explorer.sae, explorer.reference, explorer.embedder)
     assert list(fresh.method.options) == ["Original", "SAE", "Clamp", "Swap", "Weight", "OutputSwap", "OutputClamp",
                                           "AddSteer", "MatchedSteer", "DiffMeans", *PROTECTIONS, "Swap again"]
