@@ -149,7 +149,8 @@ class MethodInputs:
 
 # %% ../nbs/03a_methods.ipynb #7ca440c9
 def checked_output_latents(output, scores) -> torch.Tensor:
-    "`output_latents(output)`; ValueError unless `output` is an `OutputScores` of as many latents as `scores` and some latent passes."
+    """`output_latents(output)`; ValueError unless `output` is an `OutputScores` of as many latents as `scores` and
+    some latent passes."""
     if not isinstance(output, OutputScores):
         raise ValueError(f"output must be the OutputScores of this topic (from output_scores), not {type(output).__name__}.")
     if len(output.scores) != len(scores):

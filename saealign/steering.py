@@ -125,8 +125,8 @@ def _checked_delta(sae, delta, *, per_position: bool = False) -> torch.Tensor | 
 def steer(model, sae, method=None, *, output: str = DEFAULT_OUTPUT,
           exclude_special_tokens: bool = True, plain_rows: torch.Tensor | None = None,
           prompt_length: int | None = None):
-    """Attach `sae` to `model` with `method` (a `methods.Method`, or None) editing its latents and adding its residual vector; yields the
-    `SteeringRecord`. `plain_rows` (one bool per batch row) marks rows that run the unmodified model: the SAE's
+    """Attach `sae` to `model` with `method` (a `methods.Method`, or None) editing its latents and adding its
+    residual vector; yields the `SteeringRecord`. `plain_rows` (one bool per batch row) marks rows that run the unmodified model: the SAE's
     output there is its input. `prompt_length`: every forward pass is one teacher-forced pass over a prompt of that
     many tokens and its continuation, and gets at each position what cached decoding added there; None: the passes
     are cached decoding's."""

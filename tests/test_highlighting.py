@@ -12,7 +12,7 @@ from saealign.reference import build_reference_prompts, compute_reference
 from saealign.scoring import STORY_TOPICS, score_latents
 from saealign.additive import DiffMeans, TopicInputs
 from saealign.output_scores import decoder_directions
-from saealign import steering
+from saealign import registry
 from saealign.methods import Swap, Unchanged
 from saealign.steering import generate, steer
 
@@ -221,7 +221,7 @@ def test_separation_pairs_sentences_and_measures_every_mode(model, sae, ref, emb
 
     def building(name, inputs, **options):
         raise LookupError(name)
-    monkeypatch.setattr(steering, "make_method", building)
+    monkeypatch.setattr(registry, "make_method", building)
     with pytest.raises(LookupError, match=DEFAULT_METHOD):
         separation(model, sae, ref, embedder, topics, names=["sea"], tokens=tokens, progress=False)
 
