@@ -11,16 +11,17 @@ from benchlib import interleaved_best_of, options, timed, torch_inference
 import time
 
 from saealign.acceptability import load_acceptability
-from saealign.calibration import (CALIBRATION_STRENGTHS, CALIBRATION_TOKENS, DEFAULT_METHOD, TUNING_PROMPTS, TopicSteer,
-                                  calibrate)
+from saealign.additive import TopicSteer
+from saealign.calibration import CALIBRATION_STRENGTHS, CALIBRATION_TOKENS, DEFAULT_METHOD, TUNING_PROMPTS, calibrate
 from saealign.core import load_embedder
 from saealign.models import load_model
 from saealign.reference import default_reference
 from saealign.saes import load_sae
 from saealign.scoring import topic_file
-from saealign.selection import TopicInputs
+from saealign.additive import TopicInputs
 from saealign.learned import LEARNING, learn_vector
-from saealign.steering import generate, make_method
+from saealign.registry import make_method
+from saealign.steering import generate
 
 BUDGET_CPU_S = 60.0
 

@@ -19,7 +19,7 @@ from saealign.export import LLAMACPP_INSTALL, apply, export_vector, llamacpp_gre
 from saealign.models import GENERAL_PROMPTS, gemma_folder, gguf_package, load_model
 from saealign.saes import load_sae
 from saealign.scoring import topic_texts
-from saealign.selection import DiffMeans, activation_means
+from saealign.additive import DiffMeans, activation_means
 from saealign.steering import generate
 
 PROMPT = "The patient was diagnosed with"

@@ -23,8 +23,10 @@ from saealign.activations import pad_right, tokenize
 from saealign.reference import build_reference_prompts, compute_reference, default_reference, reference_plan
 from saealign.saes import load_sae
 from saealign.calibration import DEFAULT_METHOD
-from saealign.selection import activation_means, output_scores, reference_sample
-from saealign.steering import Swap, generate
+from saealign.additive import activation_means, reference_sample
+from saealign.output_scores import output_scores
+from saealign.methods import Swap
+from saealign.steering import generate
 from saealign.widgets import AlignmentExplorer
 
 PROMPT = "The patient was diagnosed with"

@@ -15,7 +15,8 @@ from saealign.highlighting import highlight, token_pass
 from saealign.models import load_model
 from saealign.render import token_details
 from saealign.saes import load_sae
-from saealign.steering import Swap, generate
+from saealign.methods import Swap
+from saealign.steering import generate
 
 
 def bench(title, model, prompt, n_tokens, repeats):

@@ -9,7 +9,8 @@ import torch
 
 from saealign.models import load_model
 from saealign.saes import load_sae, random_sae
-from saealign.steering import Clamp, Swap, generate
+from saealign.methods import Clamp, Swap
+from saealign.steering import generate
 
 PAPER_S_PER_64_TOKENS = 6.263  # Swap, paper Table 3 (V100, no KV cache: the whole sequence re-run per token)
 PAPER_SWAP_OVERHEAD_S = 0.00092  # Swap minus unmodified, per token (paper abstract)

@@ -16,9 +16,9 @@ _EXPORTS = {
     "ReferenceSet": "reference", "default_reference": "reference", "compute_reference": "reference",
     "score_latents": "scoring", "steer_by_text": "align", "method_from_texts": "align", "generate": "steering",
     "steer": "steering",
-    "side_by_side": "steering", "make_method": "steering", "method_names": "steering",
-    "Swap": "steering", "Clamp": "steering", "DiffMeans": "selection", "MatchedSteer": "selection",
-    "TopicSteer": "calibration", "calibrate": "calibration", "export_steer": "export",
+    "side_by_side": "steering", "make_method": "registry", "method_names": "registry",
+    "Swap": "methods", "Clamp": "methods", "DiffMeans": "additive", "MatchedSteer": "additive",
+    "TopicSteer": "additive", "calibrate": "calibration", "export_steer": "export",
     "AlignmentExplorer": "widgets",
 }
 __all__ = sorted(_EXPORTS)

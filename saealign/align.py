@@ -13,8 +13,11 @@ from .reference import ReferenceSet, default_reference
 from .saes import load_sae
 from .scoring import LatentScores, score_latents
 from .calibration import DEFAULT_METHOD
-from .selection import OutputScores, TopicInputs
-from .steering import DEFAULT_OUTPUT, Generation, Method, make_method, side_by_side
+from .additive import TopicInputs
+from .output_scores import OutputScores
+from .methods import Method
+from .registry import make_method
+from .steering import DEFAULT_OUTPUT, Generation, side_by_side
 
 # %% auto #0
 __all__ = ['TOPIC_OPTIONS', 'SteeredText', 'steer_by_text', 'method_from_texts']
@@ -38,7 +41,7 @@ def steer_by_text(align_texts: list[str], prompt: str, *, model=None, sae=None, 
                   reference: ReferenceSet | None = None, method: str = DEFAULT_METHOD, output: str = DEFAULT_OUTPUT,
                   max_new_tokens: int = 64, seed: int = 0, progress: bool = False, **method_options) -> SteeredText:
     """Score the SAE's latents against `align_texts` and continue `prompt` unsteered and steered by `method`
-    (any name `method_names()` lists: Swap, Weight, Clamp, SAE, the selection chapter's OutputSwap, OutputClamp,
+    (any name `method_names()` lists: Swap, Weight, Clamp, SAE, the output-restricted OutputSwap, OutputClamp, the additive
     AddSteer, MatchedSteer, DiffMeans, the calibration chapter's TopicSteer family (the default, `DEFAULT_METHOD`),
     or one registered later). Defaults: the default model, its default SAE and MiniLM."""
     # `is None`, not `or`: sae_lens deprecates an SAE's truth value (it goes through len())

@@ -22,133 +22,17 @@ from .core import (SHIPPED_DIR, cache_folder, cache_root, json_sha256, load_embe
                            write_json)
 from .metrics import alignment_distances, instruction_prefix, relevance
 from .reference import sae_digest, tensor_digest
-from .selection import MIN_DIFFERENCE, ActivationMeans, TopicInputs, prompt_prefix
-from .steering import Method, generate, register_method
+from .additive import MAX_STRENGTH, TopicInputs, TopicSteer
+from .methods import prompt_prefix
+from .registry import make_method, register_method
+from .steering import generate
 
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'POSITIONS', 'MAX_STRENGTH', 'TUNING_PROMPTS', 'CALIBRATION_STRENGTHS', 'CALIBRATION_TOKENS',
-           'CALIBRATION_FORMAT', 'CALIBRATION_BATCH_TOKENS', 'PROTECTIONS', 'CALIBRATION_RULES', 'DEFAULT_METHOD',
-           'decay_factors', 'TopicSteer', 'harmonic', 'pick_strength', 'Calibration', 'calibrate', 'topic_steer',
-           'topic_prefix', 'ship_precomputed']
-
-# %% ../nbs/03d_calibration.ipynb #eed00396
-POSITIONS = ("all", "prompt", "generation")
-
-
-def decay_factors(steps, half_life: float | None) -> torch.Tensor:
-    "The strength factor at each generated step t (0 for the token the prompt produces): 0.5 ** (t / half_life)."
-    steps = torch.as_tensor(steps, dtype=torch.float32)
-    return torch.ones_like(steps) if half_life is None else 0.5 ** (steps / half_life)
-
-# %% ../nbs/03d_calibration.ipynb #be39ceb5
-MAX_STRENGTH = 20.0  # in units of the direction's own norm: past this a 270M model writes noise
-
-
-class TopicSteer(Method):
-    """Adds `strength × direction` to the residual at the SAE's hook (the latents are left alone; `scores` label
-    contamination), with three protections of fluency and of the user's prompt:
-    - `half_life`: the strength halves every `half_life` generated tokens (None: constant);
-    - `positions`: "all", "prompt" (the prompt's positions only) or "generation" (the positions that produce
-      new tokens: the prompt's last and every generated one), as cached decoding (`generate`) runs them;
-    - `floor` (a number): add only what lifts the activation's projection on the direction to
-      `floor + strength × |direction|` (nothing where it is already there); None adds the whole vector.
-    `strength` may be one number per batch row (a 1-d tensor), which `calibrate` uses to try several at once.
-    `prefix` is a prompt the generation runs behind (prompting and steering combined)."""
-    name = "TopicSteer"
-
-    def __init__(self, scores, direction, *, strength=1.0, half_life: float | None = None, positions: str = "all",
-                 floor: float | None = None, prefix: str = ""):
-        super().__init__(scores)
-        self.direction = torch.as_tensor(direction, dtype=torch.float32).detach()
-        if self.direction.ndim != 1 or not torch.isfinite(self.direction).all() or not self.direction.norm() > 0:
-            raise ValueError("the direction must be a finite, non-zero 1-d vector: the alignment texts and the "
-                             "reference prompts have the same mean activation, so there is nothing to steer toward.")
-        if isinstance(strength, torch.Tensor) and strength.ndim == 1:
-            if not torch.isfinite(strength).all() or (strength.abs() > MAX_STRENGTH).any():
-                raise ValueError(f"every strength must be finite and within ±{MAX_STRENGTH:g}.")
-            self.strength = strength.float()
-        else:
-            self.strength = finite_number("strength", strength, low=-MAX_STRENGTH, high=MAX_STRENGTH)
-        if half_life is not None:
-            half_life = finite_number("half_life", half_life, low=1e-3)
-        if positions not in POSITIONS:
-            raise ValueError(f"positions must be one of {POSITIONS}, not {positions!r}.")
-        self.half_life, self.positions, self.prefix = half_life, positions, prefix
-        self.floor = None if floor is None else finite_number("floor", floor)
-        if not isinstance(prefix, str):
-            raise ValueError(f"prefix must be a string, got {type(prefix).__name__}.")
-
-    @property
-    def fixed(self) -> bool:
-        "True when the same vector is added at every position of every pass (what other engines can replay)."
-        return (not isinstance(self.strength, torch.Tensor) and self.half_life is None and self.positions == "all"
-                and self.floor is None)
-
-    def check(self, sae) -> None:
-        super().check(sae)
-        if len(self.direction) != sae.cfg.d_in:
-            raise ValueError(f"the direction has {len(self.direction)} values; the SAE's hook has d_in={sae.cfg.d_in}.")
-
-    def edit(self, sae, h, acts):
-        return acts
-
-    def residual_delta(self, sae):
-        return self.strength * self.direction if self.fixed else None
-
-    def factors(self, n_positions: int, step: int) -> torch.Tensor:
-        "The strength factor of each position of forward pass `step` (see the class)."
-        prompt = 1.0 if self.positions in ("all", "prompt") else 0.0
-        new = decay_factors([step], self.half_life) * (self.positions in ("all", "generation"))
-        if step == 0:  # the prompt pass: its last position produces the first new token
-            return torch.cat([torch.full((n_positions - 1,), prompt), new])
-        return new.expand(n_positions)
-
-    def residual_at(self, x, step):
-        if self.fixed:
-            return None
-        f = self.factors(x.shape[1], step).to(x)[None, :, None]  # [1, pos, 1]
-        s = self.strength
-        if isinstance(s, torch.Tensor):
-            if len(s) != x.shape[0]:
-                raise ValueError(f"{len(s)} strengths for a batch of {x.shape[0]} rows: give one per row.")
-            s = s.to(x)[:, None, None]
-        norm = self.direction.norm()
-        unit = (self.direction / norm).to(x)
-        amount = s * norm * f  # how far to move each position along the direction
-        if self.floor is not None:
-            lift = (self.floor + amount - (x @ unit)[..., None]).clamp_min(0)
-            amount = torch.where(f > 0, lift, torch.zeros_like(lift))
-        return amount * unit
-
-    def __repr__(self):
-        strength = (f"{self.strength:.3g}" if not isinstance(self.strength, torch.Tensor)
-                    else f"{len(self.strength)} rows")
-        extras = ([f"half_life={self.half_life:g}"] if self.half_life is not None else []) + (
-            [f"positions={self.positions!r}"] if self.positions != "all" else []) + (
-            [f"floor={self.floor:.3g}"] if self.floor is not None else []) + (["prefixed"] if self.prefix else [])
-        return f"{self.name}(|direction|={float(self.direction.norm()):.3g}, strength={strength}{''.join(', ' + e for e in extras)})"
-
-    def with_strength(self, strength) -> "TopicSteer":
-        "The same steer at another strength."
-        steer = TopicSteer(self.scores, self.direction, strength=strength, half_life=self.half_life,
-                           positions=self.positions, floor=self.floor, prefix=self.prefix)
-        steer.name = self.name  # the registered name it was built under, if any
-        return steer
-
-    @classmethod
-    def from_means(cls, scores, align: ActivationMeans, reference: ActivationMeans, *, lift: bool = False,
-                   **options) -> "TopicSteer":
-        """The difference of means as the direction; with `lift`, the floor is the reference mean's projection
-        on it (a position already as far along as the reference mean plus the strength gets nothing)."""
-        direction = align.resid - reference.resid
-        # the same texts measured in other batches differ in the last bits only: that is no direction
-        if not direction.norm() > MIN_DIFFERENCE * reference.resid.norm():
-            raise ValueError("the alignment texts' mean activation equals the reference prompts' (are they the "
-                             "reference prompts?): there is nothing to steer toward. Give texts about the topic.")
-        floor = float(reference.resid @ direction / direction.norm()) if lift else None
-        return cls(scores, direction, floor=floor, **options)
+__all__ = ['log', 'TUNING_PROMPTS', 'CALIBRATION_STRENGTHS', 'CALIBRATION_TOKENS', 'CALIBRATION_FORMAT',
+           'CALIBRATION_BATCH_TOKENS', 'PROTECTIONS', 'CALIBRATION_RULES', 'DEFAULT_METHOD', 'harmonic',
+           'pick_strength', 'Calibration', 'calibrate', 'topic_steer', 'topic_prefix', 'ship_precomputed']
 
 # %% ../nbs/03d_calibration.ipynb #1f675b33
 def harmonic(concept, fluency, relevance) -> np.ndarray:
@@ -332,8 +216,7 @@ def ship_precomputed(model, sae, embedder, topics: dict[str, list[str]], *, refe
     would compute: the reference set (`reference`, default `default_reference`; compact), its reference means, and
     each topic's calibration (options in `calibration`). Returns the bytes under `folder` per kind."""
     from saealign.reference import default_reference, shipped_reference_name
-    from saealign.selection import reference_means
-    from saealign.steering import make_method
+    from saealign.additive import reference_means
     folder = Path(folder or SHIPPED_DIR)
     reference = default_reference(model, sae, embedder) if reference is None else reference
     reference.save(folder / "reference" / shipped_reference_name(model, sae, embedder, n=reference.n_prompts, seed=0,

@@ -20,12 +20,12 @@ from .models import DEFAULT_MODEL, MODEL_SPECS, load_model, model_spec
 from .saes import load_sae
 from .align import SteeredText, steer_by_text
 from .calibration import DEFAULT_METHOD
-from .selection import TopicInputs
+from .additive import TopicInputs
 from .grid import default_grid_path, read_rows, run_grid, torch_threads
 from .reference import default_reference
 from .scoring import _CONTROL, TOPIC_NAMES, topic_texts
-from .steering import (DEFAULT_OUTPUT, OUTPUT_MODES, check_sampling, encode_prompts, format_side_by_side,
-                               make_method, method_names)
+from .registry import make_method, method_names
+from .steering import DEFAULT_OUTPUT, OUTPUT_MODES, check_sampling, encode_prompts, format_side_by_side
 from .export import FORMATS, POSITIONS, export_steer, load_vector
 from .render import chart_svg, columns_html, contamination_chart, inspector_html
 from .tables import chart, summary_table

@@ -31,9 +31,11 @@ from .saes import load_sae, shipped_sae_ids
 from .reference import (build_reference_prompts, compute_reference, default_reference, embed_texts, sae_digest,
                                 tensor_digest)
 from .scoring import model_topics, score_latents
-from .selection import OUTPUT_AMPLIFY, STEER_MULTIPLIER, TopicInputs, generate_prompted, prompt_prefix
-from .steering import (DEFAULT_OUTPUT, ORIGINAL, OUTPUT_MODES, PAPER_CLAMP, Generation, Method, check_sampling,
-                               generate, make_method, method_names, method_settings, steer)
+from .additive import STEER_MULTIPLIER, TopicInputs
+from .methods import PAPER_CLAMP, Method, generate_prompted, prompt_prefix
+from .output_scores import OUTPUT_AMPLIFY
+from .registry import make_method, method_names, method_settings
+from .steering import DEFAULT_OUTPUT, ORIGINAL, OUTPUT_MODES, Generation, check_sampling, generate, steer
 
 log = logging.getLogger(__name__)
 

@@ -20,9 +20,10 @@ from .core import DamagedFileError, cache_folder, cache_root, json_sha256, load_
 from .activations import check_no_saes, content_mask, hook_activations, pad_id, pad_right, tokenize
 from .reference import ReferenceSet, tensor_digest
 from .render import ORIGINAL, Column, TokenDetail, _short, strongest_latents, top_prompts
-from .selection import decoder_directions, reference_sample
-from .steering import (DEFAULT_OUTPUT, Generation, Method, Unchanged, _pieces, as_scores, encode_with_inputs,
-                               steer)
+from .additive import reference_sample
+from .output_scores import decoder_directions
+from .methods import Method, Unchanged
+from .steering import DEFAULT_OUTPUT, Generation, _pieces, as_scores, encode_with_inputs, steer
 
 log = logging.getLogger(__name__)
 
@@ -383,8 +384,8 @@ def separation(model, sae, reference: ReferenceSet, embedder, topics: dict[str, 
 
     from saealign.scoring import score_latents
     from saealign.calibration import DEFAULT_METHOD
-    from saealign.selection import TopicInputs
-    from saealign.steering import make_method
+    from saealign.additive import TopicInputs
+    from saealign.registry import make_method
     method = method or DEFAULT_METHOD
     tokens = tokens or reference_tokens(model, sae, reference)
     paragraphs, shared, values = heldout_paragraphs({k: t["heldout"] for k, t in topics.items()}, n), {}, []

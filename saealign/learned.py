@@ -14,12 +14,14 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ._utils import check_positive_int, finite_number, hook_layer
-from .calibration import (CALIBRATION_RULES, TUNING_PROMPTS, Calibration, TopicSteer, calibrate,
-                                  topic_steer)
+from .additive import TopicSteer
+from .calibration import CALIBRATION_RULES, TUNING_PROMPTS, Calibration, calibrate, topic_steer
 from .core import DamagedFileError, cache_folder, cache_root, json_sha256, load_tensors, save_tensors, tensor_sha256
 from .reference import sae_digest, tensor_digest
-from .selection import TopicInputs, decoder_directions
-from .steering import generate, register_method
+from .additive import TopicInputs
+from .output_scores import decoder_directions
+from .registry import register_method
+from .steering import generate
 
 log = logging.getLogger(__name__)
 

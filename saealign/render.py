@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 import torch
 
 from .scoring import LatentScores, summaries_by_latent
-from .steering import ORIGINAL, Generation, Method, as_scores, steer
+from .methods import Method
+from .steering import ORIGINAL, Generation, as_scores, steer
 from .tables import chart
 
 # %% auto #0
@@ -260,7 +261,7 @@ def _percent(share: float) -> str:
 
 def inspector_html(ref, scores: LatentScores, k: int = 10, n_prompts: int = 3, output=None) -> str:
     """The `k` best-scored latents: score, reference prompts fired on, and the prompts that fire them most. With
-    `output` (the selection chapter's `OutputScores`), each latent's output score too ('–' where not measured)."""
+    `output` (the output scores chapter's `OutputScores`), each latent's output score too ('–' where not measured)."""
     rows = []
     for rank, i in enumerate(scores.top(k).tolist(), 1):
         prompts = "<br>".join(f"{_percent(share)} &middot; {html.escape(_short(p))}" for p, share in top_prompts(ref, i, n_prompts))

@@ -24,9 +24,10 @@ from .reference import (ReferenceSet, embed_texts, embedder_description, embeddi
 
 # %% auto #0
 __all__ = ['STORY_TOPICS', 'TOPICS_DIR', 'TOPIC_NAMES', 'LatentScores', 'check_texts', 'check_reference', 'sae_identity',
-           'summaries_by_latent', 'topic_distances', 'score_latents', 'strawman_latents', 'topk_token_share',
-           'validation_curve', 'validation_chart', 'top_latent_tokens', 'kendall_tau', 'score_violin',
-           'topic_distance_table', 'topic_file', 'topic_texts', 'model_topics']
+           'summaries_by_latent', 'topic_distances', 'min_max_scores', 'score_latents', 'strawman_latents',
+           'topk_token_share', 'validation_curve', 'validation_chart', 'top_latent_tokens', 'kendall_tau',
+           'score_violin', 'topic_distance_table', 'topic_file', 'topic_texts', 'model_topics', 'contrastive_scores',
+           'compare_scorings']
 
 # %% ../nbs/02_scoring.ipynb #d1bc882f
 @dataclass(eq=False)
@@ -148,6 +149,20 @@ def topic_distances(ref: ReferenceSet, embedder, topics: dict[str, list[str]]) -
     return torch.stack(cols, 1).sqrt()
 
 # %% ../nbs/02_scoring.ipynb #37d5c086
+def min_max_scores(g: torch.Tensor, eligible: torch.Tensor, name: str) -> torch.Tensor:
+    """`1 − (g − min g) / (max g − min g)` over the `eligible` latents, 0 elsewhere, float32; all 1 (with a warning)
+    when every eligible latent has the same g."""
+    ge, scores = g[eligible], torch.zeros(len(g), dtype=torch.float64)
+    lo, hi = ge.min(), ge.max()
+    if hi > lo:
+        scores[eligible] = (1 - (ge - lo) / (hi - lo)).clamp(0, 1)
+    else:
+        warnings.warn(f"topic {name!r}: all {int(eligible.sum())} eligible latents have the same g; "
+                      "they all score 1 and their ranking carries no information.")
+        scores[eligible] = 1.0
+    return scores.float()
+
+
 def score_latents(ref: ReferenceSet, align_texts, embedder, *, min_prompts: int = 20, distance_power: float = 1,
                   model=None, sae=None):
     """Scores of all latents for a topic given by `align_texts` (a list of texts), or for several topics at once
@@ -185,20 +200,11 @@ def score_latents(ref: ReferenceSet, align_texts, embedder, *, min_prompts: int 
 
     out = {}
     for j, (name, texts) in enumerate(topics.items()):
-        ge = g[eligible, j]
-        lo, hi = ge.min(), ge.max()
-        scores = torch.zeros(ref.d_sae, dtype=torch.float64)
-        if hi > lo:
-            scores[eligible] = (1 - (ge - lo) / (hi - lo)).clamp(0, 1)
-        else:
-            warnings.warn(f"topic {name!r}: all {int(eligible.sum())} eligible latents have the same g; "
-                          "they all score 1 and their ranking carries no information.")
-            scores[eligible] = 1.0
         settings = {"min_prompts": min_prompts, "distance_power": distance_power, "n_eligible": int(eligible.sum()),
                     "reference_fingerprint": ref.fingerprint, "n_reference_prompts": ref.n_prompts,
                     "normalisation": "min-max over eligible latents; ineligible score 0",
                     "embeddings": "L2-normalised, Euclidean distance", **sae_identity(ref)}
-        out[name] = LatentScores(scores.float(), g[:, j].float(), eligible.clone(), name, list(texts), settings)
+        out[name] = LatentScores(min_max_scores(g[:, j], eligible, name), g[:, j].float(), eligible.clone(), name, list(texts), settings)
     return out["topic"] if single else out
 
 # %% ../nbs/02_scoring.ipynb #9458277a
@@ -420,3 +426,68 @@ def model_topics(model) -> dict[str, list[str]]:
     if model_spec(model).topics == "stories":
         return {t: list(v) for t, v in STORY_TOPICS.items()}
     return {t: topic_texts(t) for t in ("medical", *topic_file("general"))}
+
+# %% ../nbs/02_scoring.ipynb #a151a3b9
+def contrastive_scores(ref: ReferenceSet, align_texts, embedder, background: dict | None = None, *,
+                       min_prompts: int = 20, model=None, sae=None):
+    """The paper's score with each prompt's distance taken relative to a background panel of other topics:
+    r(p) = dist(p, topic) − mean over panel topics b of dist(p, b). `align_texts`: a list (then `background`, a
+    dict topic -> texts, is required) or a dict topic -> texts (each topic against the others and `background`'s);
+    panel entries with the topic's own name or texts are skipped. Returns what `score_latents` would."""
+    if not isinstance(ref, ReferenceSet):
+        raise ValueError(f"contrastive_scores needs a ReferenceSet, not {type(ref).__name__}.")
+    single = not isinstance(align_texts, dict)
+    topics = {"topic": align_texts} if single else dict(align_texts)
+    topics = {n: check_texts(t, "align_texts" if single else f"align_texts[{n!r}]") for n, t in topics.items()}
+    if background is not None and not isinstance(background, dict):
+        raise ValueError("background must be a dict topic -> texts (e.g. scoring.model_topics(model)).")
+    panel = {} if single else dict(topics)
+    panel |= {n: check_texts(t, f"background[{n!r}]") for n, t in (background or {}).items()}
+    if not isinstance(min_prompts, int) or min_prompts < 0:
+        raise ValueError(f"min_prompts must be an int >= 0, got {min_prompts!r}")
+    check_reference(ref, embedder, model, sae)
+    eligible = ref.prompt_counts >= max(min_prompts, 1)
+    if not eligible.any():
+        raise ValueError(f"no latent is eligible: min_prompts={min_prompts} but the most prompts any latent fired on "
+                         f"is {int(ref.prompt_counts.max())}. Lower min_prompts or use more reference prompts.")
+    groups = {("topic", n): t for n, t in topics.items()} | {("panel", n): t for n, t in panel.items()}
+    dist = topic_distances(ref, embedder, groups)
+    column = {key: i for i, key in enumerate(groups)}
+    rel = []
+    for name, texts in topics.items():
+        others = [column["panel", b] for b, t in panel.items() if b != name and t != texts]
+        if not others:
+            raise ValueError(f"topic {name!r} has no other topic to contrast with: give background={{name: texts, ...}}.")
+        rel.append(dist[:, column["topic", name]] - dist[:, others].mean(1))
+    m = summaries_by_latent(ref) @ torch.stack(rel + [torch.ones(ref.n_prompts, dtype=dist.dtype)], 1)
+    g = torch.where(m[:, -1:] > 0, m[:, :-1] / m[:, -1:].clamp_min(1e-300), torch.nan)
+    out = {}
+    for j, (name, texts) in enumerate(topics.items()):
+        settings = {"min_prompts": min_prompts, "n_eligible": int(eligible.sum()), "reference_fingerprint": ref.fingerprint,
+                    "contrast": "distance to the topic minus mean distance to the background topics",
+                    "background": [b for b, t in panel.items() if b != name and t != texts],
+                    "normalisation": "min-max over eligible latents; ineligible score 0", **sae_identity(ref)}
+        out[name] = LatentScores(min_max_scores(g[:, j], eligible, name), g[:, j].float(), eligible.clone(), name,
+                                 list(texts), settings)
+    return out["topic"] if single else out
+
+# %% ../nbs/02_scoring.ipynb #babb443e
+def compare_scorings(model, sae, scorings: dict, heldout: dict, *, ks=(5, 20), batch_size: int = 16):
+    """Per scoring (name -> {topic -> LatentScores}) and topic: `mean_tau`, the mean Kendall τ to the other
+    topics' scores under the same scoring, and `gap@k`, the share of the topic's held-out tokens (`heldout`:
+    topic -> texts) firing its top-k latents minus the share of the other topics' held-out tokens. A DataFrame."""
+    import pandas as pd
+    rows = []
+    for name, by_topic in scorings.items():
+        if len(by_topic) < 2 or set(by_topic) - set(heldout):
+            raise ValueError(f"scoring {name!r} needs two or more topics, each with held-out texts; missing held-out "
+                             f"texts for {sorted(set(by_topic) - set(heldout))}.")
+        for topic, s in by_topic.items():
+            others = [t for t in by_topic if t != topic]
+            unaligned = [x for t in others for x in heldout[t]]
+            curve = validation_curve(model, sae, s, heldout[topic], unaligned, ks, batch_size=batch_size)
+            share = curve.set_index(["texts", "k"])["share"]
+            rows.append({"scoring": name, "topic": topic,
+                         "mean_tau": sum(kendall_tau(s, by_topic[t]) for t in others) / len(others),
+                         **{f"gap@{k}": share["aligned", k] - share["unaligned", k] for k in ks}})
+    return pd.DataFrame(rows)

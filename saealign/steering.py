@@ -9,27 +9,25 @@ import contextlib
 import math
 import numbers
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
-from ._utils import check_positive_int, finite_number, hook_layer
+from ._utils import check_positive_int, hook_layer
 from .activations import pad_id, special_ids
 from .models import model_spec
-from .reference import sae_digest
 from .saes import check_sae_fits
 
 # %% auto #0
-__all__ = ['OUTPUT_MODES', 'DEFAULT_OUTPUT', 'SUPPORTED_ARCHITECTURES', 'CLAMP_VALUE', 'ORIGINAL', 'PAPER_CLAMP',
-           'check_architecture', 'activation_input', 'apply_activation', 'encode_with_inputs', 'as_scores', 'Method',
-           'Swap', 'Weight', 'Clamp', 'Unchanged', 'MethodInputs', 'register_method', 'method_names', 'method_settings',
-           'make_method', 'SteeringRecord', 'steer', 'check_sampling', 'encode_prompts', 'Generation',
-           'shared_noise_sample', 'generate', 'side_by_side', 'format_side_by_side', 'layer_metrics', 'layer_charts']
+__all__ = ['OUTPUT_MODES', 'DEFAULT_OUTPUT', 'SUPPORTED_ARCHITECTURES', 'ORIGINAL', 'check_architecture', 'activation_input',
+           'apply_activation', 'encode_with_inputs', 'as_scores', 'SteeringRecord', 'steer', 'check_sampling',
+           'encode_prompts', 'Generation', 'shared_noise_sample', 'generate', 'side_by_side', 'format_side_by_side',
+           'layer_metrics', 'layer_charts']
 
 # %% ../nbs/03_steering.ipynb #7cb6fc4b
 OUTPUT_MODES = ("reconstruction", "error")
-DEFAULT_OUTPUT = "error"  # chosen from the evaluation grid (04_evaluation): as aligned, more fluent
+DEFAULT_OUTPUT = "error"  # chosen from the evaluation grid (04b_grid): as aligned, more fluent
 SUPPORTED_ARCHITECTURES = ("standard", "topk", "jumprelu")
+ORIGINAL = "Original"  # the unmodified model: the name of "no SAE", never a registered method
 
 
 def check_architecture(sae) -> str:
@@ -86,193 +84,6 @@ def as_scores(scores, d_sae: int | None = None) -> torch.Tensor:
     return values
 
 
-# %% ../nbs/03_steering.ipynb #0c13dd3b
-class Method:
-    "A steering method: turns the SAE's activations into edited ones, given latent scores; may add a residual vector."
-    name = "Method"
-
-    def __init__(self, scores):
-        self.scores = as_scores(scores)
-        # scores of a known SAE (score_latents records its weights' digest): `check` refuses any other SAE
-        self.sae_weights = getattr(scores, "settings", {}).get("sae_weights")
-
-    def check(self, sae) -> None:
-        as_scores(self.scores, sae.cfg.d_sae)
-        if self.sae_weights is not None and self.sae_weights != sae_digest(sae):
-            raise ValueError(f"{self.name}'s scores were computed for another SAE (its weights differ from this "
-                             f"{sae.cfg.metadata.hook_name} SAE's): score this SAE's latents, with a reference set "
-                             "computed with it, and steer with those.")
-
-    def edit(self, sae, h: torch.Tensor, acts: torch.Tensor) -> torch.Tensor:
-        "Edited activations from the activation inputs `h` and the SAE's activations `acts` = σ(h)."
-        raise NotImplementedError
-
-    def residual_delta(self, sae) -> torch.Tensor | None:
-        "A vector [d_in] that `steer` adds to the SAE's output wherever the SAE is spliced in; None adds nothing."
-        return None
-
-    def residual_at(self, x: torch.Tensor, step: int) -> torch.Tensor | None:
-        """What to add to the SAE's output in one forward pass, when that depends on the pass: `x` the SAE's input
-        `[batch, pos, d_in]`, `step` the pass (0 the prompt, k the k-th single-token pass of cached decoding).
-        None (every method here): `steer` adds the fixed `residual_delta` instead."""
-        return None
-
-    def residual_teacher_forced(self, x: torch.Tensor, prompt_length: int) -> torch.Tensor | None:
-        """`residual_at` for one teacher-forced pass over a prompt of `prompt_length` positions and its continuation:
-        each position gets what cached decoding added there (pass 0 the prompt, pass k position prompt_length + k − 1)."""
-        check_positive_int("prompt_length", prompt_length)
-        if prompt_length > x.shape[1]:
-            raise ValueError(f"prompt_length {prompt_length} is longer than the pass's {x.shape[1]} positions.")
-        spans = [slice(0, prompt_length)] + [slice(p, p + 1) for p in range(prompt_length, x.shape[1])]
-        added = [self.residual_at(x[:, span], step) for step, span in enumerate(spans)]
-        if all(a is None for a in added):
-            return None
-        # each pass's vector(s) broadcast over its own positions; a pass that adds nothing gets zeros
-        return torch.cat([torch.zeros_like(x[:, span]) + (0 if a is None else torch.as_tensor(a).to(x))
-                          for span, a in zip(spans, added)], 1)
-
-    def contamination(self, acts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        "Raw Σᵢ zᵢ(1 − scoreᵢ) and its share of Σᵢ zᵢ (NaN where no latent is active), per token."
-        raw = acts @ (1 - self.scores.to(acts))
-        total = acts.sum(-1)
-        return raw, torch.where(total > 0, raw / total, torch.nan)
-
-    def apply(self, model, sae, **options):
-        """`steer(model, sae, self, **options)`: a context manager that steers `model` through `sae` with this method
-        and removes every hook on exit (transformer_lens's `model.hooks()` idiom)."""
-        return steer(model, sae, self, **options)
-
-    def __repr__(self):
-        return f"{self.name}()"
-
-
-class Swap(Method):
-    "The paper's method: σ chooses the active set from γ ⊙ score; the original values are decoded."
-    name = "Swap"
-
-    def edit(self, sae, h, acts):
-        keep = apply_activation(sae, h * self.scores.to(h)) != 0
-        return torch.where(keep, h, torch.zeros_like(h))
-
-
-class Weight(Method):
-    "The paper's A.4 ablation: decode σ(γ ⊙ score) itself."
-    name = "Weight"
-
-    def edit(self, sae, h, acts):
-        return apply_activation(sae, h * self.scores.to(h))
-
-
-# %% ../nbs/03_steering.ipynb #69da3f26
-CLAMP_VALUE = 5.0  # the evaluation grid's strength sweep: the strongest clamp that costs no fluency (×10 does)
-
-
-class Clamp(Method):
-    "The baseline: the `top_n` best-scored latents multiplied by `value` (the paper's text: 10) or raised by it (its code)."
-    name = "Clamp"
-
-    def __init__(self, scores, top_n: int = 5, value: float = CLAMP_VALUE, mode: str = "multiply"):
-        super().__init__(scores)
-        if mode not in ("multiply", "add"):
-            raise ValueError(f"Clamp mode must be 'multiply' or 'add', not {mode!r}.")
-        check_positive_int("top_n", top_n)
-        finite_number("Clamp value", value)  # the paper uses 10
-        eligible = getattr(scores, "eligible", torch.ones_like(self.scores, dtype=torch.bool))
-        # best scores first; ineligible latents never chosen; ties broken by index (stable sort)
-        ranked = torch.argsort(torch.where(eligible, self.scores, -1.0), descending=True, stable=True)
-        self.latents = ranked[:min(top_n, int(eligible.sum()))]
-        self.top_n, self.value, self.mode = top_n, value, mode
-
-    def edit(self, sae, h, acts):
-        edited = acts.clone()
-        top = edited[..., self.latents]
-        edited[..., self.latents] = top * self.value if self.mode == "multiply" else top + self.value
-        return edited
-
-    def __repr__(self):
-        return f"Clamp(top_n={self.top_n}, value={self.value}, mode={self.mode!r})"
-
-
-# %% ../nbs/03_steering.ipynb #b3bfb510
-ORIGINAL = "Original"  # the unmodified model: the name of "no SAE", never a registered method
-
-
-class Unchanged(Method):
-    "The SAE spliced in and left alone; with scores, so that the unmodified output's contamination is measured."
-    name = "SAE"
-
-    def edit(self, sae, h, acts):
-        return acts
-
-
-PAPER_CLAMP = {"value": 10.0, "mode": "multiply"}  # the paper's Clamp (its text), which the evaluation grid runs
-
-
-class MethodInputs:
-    """What a method is built from for one topic. Here only the latents' `scores`; a subclass adds what its
-    methods need (the selection chapter's: the model, the SAE, the reference and the topic's texts)."""
-
-    def __init__(self, scores):
-        self._scores = scores
-
-    @property
-    def scores(self):
-        return self._scores
-
-
-_FACTORIES: dict[str, tuple[Callable[..., Method], type | None]] = {}
-_SETTINGS: dict[str, dict] = {}
-
-
-def register_method(name: str, factory: Callable[..., Method], *, inputs: type | None = None,
-                    settings: dict | None = None) -> None:
-    """Let `make_method(name, given, **options)` return `factory(scores, **options)`, or with `inputs` (a
-    `MethodInputs` subclass) `factory(given, **options)` on a `given` of that class. `settings`: the fixed rules
-    the method is built by (JSON-able), which a grid keys its results on. A name registered again is replaced."""
-    if not isinstance(name, str) or not name.strip() or name == ORIGINAL:
-        raise ValueError(f"a method's name is a non-empty string other than {ORIGINAL!r} (no SAE), not {name!r}.")
-    if not callable(factory):
-        raise TypeError(f"the factory of {name!r} must be callable (a Method class or a function), not {factory!r}.")
-    if inputs is not None and not (isinstance(inputs, type) and issubclass(inputs, MethodInputs)):
-        raise TypeError(f"inputs of {name!r} must be a subclass of MethodInputs, not {inputs!r}.")
-    _FACTORIES[name] = (factory, inputs)
-    _SETTINGS[name] = dict(settings or {})
-
-
-def method_names() -> tuple[str, ...]:
-    "The registered methods' names, in the order they were registered."
-    return tuple(_FACTORIES)
-
-
-def method_settings(name: str) -> dict:
-    "The settings `name` was registered with (empty for a name that has none or is not registered)."
-    return dict(_SETTINGS.get(name, {}))
-
-
-def make_method(name: str, given, **options) -> Method:
-    """The method registered as `name` for one topic: `given` is its scores or a `MethodInputs` (what the methods
-    registered with `inputs=` need); `options` go to its factory."""
-    if name not in _FACTORIES:
-        raise ValueError(f"unknown steering method {name!r}: use one of {', '.join(_FACTORIES)}.")
-    factory, needs = _FACTORIES[name]
-    if needs is None:
-        method = factory(given.scores if isinstance(given, MethodInputs) else given, **options)
-    elif isinstance(given, needs):
-        method = factory(given, **options)
-    else:
-        raise ValueError(f"{name} is built from a {needs.__qualname__} ({needs.__module__}), not from "
-                         f"{type(given).__name__}: it needs more than the scores.")
-    if not isinstance(method, Method):
-        raise TypeError(f"the factory of {name!r} returned {type(method).__name__}, not a Method.")
-    return method
-
-
-register_method("SAE", Unchanged)
-register_method("Clamp", Clamp)
-register_method("Swap", Swap)
-register_method("Weight", Weight)
-
-
 # %% ../nbs/03_steering.ipynb #8ce15651
 @dataclass
 class SteeringRecord:
@@ -281,7 +92,7 @@ class SteeringRecord:
     contamination_raw: list[torch.Tensor] = field(default_factory=list)
     n_changed: list[torch.Tensor] = field(default_factory=list)
 
-    def add(self, method: Method | None, acts: torch.Tensor, edited: torch.Tensor) -> None:
+    def add(self, method, acts: torch.Tensor, edited: torch.Tensor) -> None:
         self.n_changed.append((edited != acts).sum(-1).cpu())
         if method is not None:
             raw, share = method.contamination(edited)
@@ -311,11 +122,11 @@ def _checked_delta(sae, delta, *, per_position: bool = False) -> torch.Tensor | 
 
 
 @contextlib.contextmanager
-def steer(model, sae, method: Method | None = None, *, output: str = DEFAULT_OUTPUT,
+def steer(model, sae, method=None, *, output: str = DEFAULT_OUTPUT,
           exclude_special_tokens: bool = True, plain_rows: torch.Tensor | None = None,
           prompt_length: int | None = None):
-    """Attach `sae` to `model` with `method` editing its latents and adding its residual vector; yields the
-    `SteeringRecord`. `plain_rows` (one bool per batch row) marks rows that run the unmodified model: the SAE's
+    """Attach `sae` to `model` with `method` (a `methods.Method`, or None) editing its latents and adding its
+    residual vector; yields the `SteeringRecord`. `plain_rows` (one bool per batch row) marks rows that run the unmodified model: the SAE's
     output there is its input. `prompt_length`: every forward pass is one teacher-forced pass over a prompt of that
     many tokens and its continuation, and gets at each position what cached decoding added there; None: the passes
     are cached decoding's."""
@@ -339,7 +150,7 @@ def steer(model, sae, method: Method | None = None, *, output: str = DEFAULT_OUT
         return edited
 
     hooks = [(f"{hook}.hook_sae_acts_pre", read_pre), (f"{hook}.hook_sae_acts_post", edit)]
-    if method is not None and type(method).residual_at is not Method.residual_at:
+    if method is not None:  # every method is asked in each pass what it adds there (None: nothing)
         passes = iter(range(1 << 62))
 
         def read_input(x, hook):
@@ -478,7 +289,7 @@ def _left_padding(tokenizer):
         tokenizer.padding_side = side
 
 
-def generate(model, sae=None, prompts: str | list[str] = "", method: Method | None = None, *,
+def generate(model, sae=None, prompts: str | list[str] = "", method=None, *,
              output: str = DEFAULT_OUTPUT, max_new_tokens: int = 64, top_k: int | None = 5,
              temperature: float = 1.0, seed: int = 0, do_sample: bool = True, pad_batch: bool = False,
              prefix: str | None = None, plain: list[bool] | None = None) -> list[Generation]:
@@ -528,7 +339,7 @@ def generate(model, sae=None, prompts: str | list[str] = "", method: Method | No
 
 
 # %% ../nbs/03_steering.ipynb #2674b6e2
-def side_by_side(model, sae, prompt: str, method: Method, *, output: str = DEFAULT_OUTPUT,
+def side_by_side(model, sae, prompt: str, method, *, output: str = DEFAULT_OUTPUT,
                  max_new_tokens: int = 64, seed: int = 0, **kwargs) -> tuple[Generation, Generation]:
     """The unmodified model's and the steered model's continuations of `prompt`, as two rows of one batch with `seed`:
     each decoding step reads the weights once for both, so the pair costs little more than one continuation, and
@@ -555,7 +366,7 @@ def format_side_by_side(plain: Generation, steered: Generation, width: int = 60)
 
 # %% ../nbs/03_steering.ipynb #31fd401c
 @torch.no_grad()
-def layer_metrics(model, sae, methods: dict[str, Method], texts: list[str], *, label: str = "") -> list[dict]:
+def layer_metrics(model, sae, methods: dict, texts: list[str], *, label: str = "") -> list[dict]:
     "One row per (method, text, token): latents changed, reconstruction error difference, contamination."
     check_sae_fits(model, sae)
     hook = sae.cfg.metadata.hook_name

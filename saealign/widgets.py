@@ -13,13 +13,14 @@ import ipywidgets as W
 
 from .calibration import DEFAULT_METHOD
 from .models import model_spec
-from .selection import TopicInputs
+from .additive import TopicInputs
 from .export import export_steer
 from .highlighting import ReferenceTokens, contamination_scale, highlighted_columns, reference_tokens
 from .render import MODES, Column, chart_svg, columns_html, contamination_chart, inspector_html
 from .scoring import LatentScores, check_reference, model_topics, score_latents
-from .steering import (DEFAULT_OUTPUT, ORIGINAL, OUTPUT_MODES, Method, Unchanged, generate, make_method,
-                               method_names, side_by_side)
+from .methods import Method, Unchanged
+from .registry import make_method, method_names
+from .steering import DEFAULT_OUTPUT, ORIGINAL, OUTPUT_MODES, generate, side_by_side
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ from saealign.export import (LLAMACPP_INSTALL, apply, export_vector, llamacpp_gr
 from saealign.models import GENERAL_PROMPTS, gemma_folder, gguf_package
 from saealign.saes import load_sae
 from saealign.scoring import topic_texts
-from saealign.selection import AddSteer, DiffMeans, activation_means
+from saealign.additive import AddSteer, DiffMeans, activation_means
 from saealign.steering import steer
 
 PROMPTS = ["The patient was diagnosed with", "Once upon a time, in a small village far away,"]

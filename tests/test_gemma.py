@@ -9,7 +9,8 @@ from saealign import models
 from saealign.activations import special_ids
 from saealign.models import gemma_folder, model_spec
 from saealign.saes import check_sae_fits, load_sae, shipped_sae_ids
-from saealign.steering import Swap, generate
+from saealign.methods import Swap
+from saealign.steering import generate
 
 PROMPTS = ["The patient was diagnosed with", "Once upon a time, in a small village far away,",
            "The recipe calls for two cups of flour and"]
@@ -101,8 +102,8 @@ def test_the_default_steer_ships_for_every_named_topic(gemma, monkeypatch):
     from saealign.core import load_embedder
     from saealign.reference import default_reference
     from saealign.scoring import topic_file, topic_texts
-    from saealign.selection import TopicInputs
-    from saealign.steering import make_method
+    from saealign.additive import TopicInputs
+    from saealign.registry import make_method
     sae, embedder = load_sae(model=gemma), load_embedder()
     reference = default_reference(gemma, sae, embedder)
     monkeypatch.setattr(calibration, "generate", lambda *a, **k: pytest.fail("calibrated although it ships"))

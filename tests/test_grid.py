@@ -214,12 +214,12 @@ def test_grid_of_format_2_is_read_and_sealed_on_resume(tmp_path, tiny_grid, monk
 def test_grid_measures_reference_means_once_for_all_topics(model, sae, embedder, monkeypatch, tmp_path):
     """They depend only on the SAE: two topics running DiffMeans measure the reference once, each topic's texts once;
     a second grid finds the reference's on disk."""
-    import saealign.selection as selection
+    import saealign.additive as additive
     ref = ReferenceSet.from_summaries(torch.eye(sae.cfg.d_sae)[:40] + 0.01, torch.nn.functional.normalize(
         torch.randn(40, 384, generator=torch.Generator().manual_seed(0)), dim=1), prompts=[f"A story {i}." for i in range(40)])
     monkeypatch.setenv("SAEALIGN_CACHE", str(tmp_path / "cache"))  # nothing measured before, in memory or on disk
-    measured, real = [], selection.activation_means
-    monkeypatch.setattr(selection, "activation_means", lambda m, s, texts, **kw: measured.append(list(texts)) or real(m, s, texts, **kw))
+    measured, real = [], additive.activation_means
+    monkeypatch.setattr(additive, "activation_means", lambda m, s, texts, **kw: measured.append(list(texts)) or real(m, s, texts, **kw))
     sae_id = sae.cfg.metadata.hook_name
     topics = {"sea": STORY_TOPICS["sea"][:3], "food": STORY_TOPICS["food"][:3]}
     rows = run_grid(tmp_path / "grid.jsonl", model=model, embedder=embedder, saes={sae_id: sae}, references={sae_id: ref},

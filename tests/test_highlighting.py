@@ -12,9 +12,11 @@ from saealign.highlighting import (CONTAMINATION_WINDOW, ContaminationScale, Ref
                                    token_rows, window_mean)
 from saealign.reference import build_reference_prompts, compute_reference
 from saealign.scoring import STORY_TOPICS, score_latents
-from saealign.selection import DiffMeans, TopicInputs, decoder_directions
-from saealign import steering
-from saealign.steering import Swap, Unchanged, generate, steer
+from saealign.additive import DiffMeans, TopicInputs
+from saealign.output_scores import decoder_directions
+from saealign import registry
+from saealign.methods import Swap, Unchanged
+from saealign.steering import generate, steer
 
 
 @pytest.fixture(scope="module")
@@ -253,7 +255,7 @@ def test_separation_pairs_sentences_and_measures_every_mode(model, sae, ref, emb
 
     def building(name, inputs, **options):
         raise LookupError(name)
-    monkeypatch.setattr(steering, "make_method", building)
+    monkeypatch.setattr(registry, "make_method", building)
     with pytest.raises(LookupError, match=DEFAULT_METHOD):
         separation(model, sae, ref, embedder, topics, names=["sea"], tokens=tokens, progress=False)
 

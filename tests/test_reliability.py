@@ -19,7 +19,8 @@ from saealign.core import DamagedFileError, atomic_write, cache_folder, cache_ro
 from saealign.models import load_model
 from saealign.reference import ReferenceSet, build_reference_prompts, compute_reference
 from saealign.scoring import STORY_TOPICS, LatentScores, score_latents
-from saealign.steering import Clamp, Swap, generate
+from saealign.methods import Clamp, Swap
+from saealign.steering import generate
 
 MAX_TOKENS = 24
 
@@ -536,13 +537,13 @@ def test_a_long_cut_asked_for_is_warned_about(model, sae, monkeypatch, caplog):
 # --- per-topic caches record their own key ------------------------------------------------------------------
 
 def test_activation_means_under_another_key_are_measured_again(model, sae, ref, tmp_path, caplog):
-    from saealign.selection import reference_means
+    from saealign.additive import reference_means
     want = reference_means(model, sae, ref, n=48, cache_dir=tmp_path)
     (mine,) = tmp_path.glob("*.safetensors")
     reference_means(model, sae, ref, n=16, cache_dir=tmp_path)
     (other,) = set(tmp_path.glob("*.safetensors")) - {mine}
     mine.write_bytes(other.read_bytes())  # a valid file, of other means, under this key's name
-    with caplog.at_level(logging.WARNING, logger="saealign.selection"):
+    with caplog.at_level(logging.WARNING, logger="saealign.additive"):
         got = reference_means(model, sae, ref, n=48, cache_dir=tmp_path)
     assert "its key differs" in caplog.text
     torch.testing.assert_close(got.resid, want.resid)
@@ -551,7 +552,7 @@ def test_activation_means_under_another_key_are_measured_again(model, sae, ref, 
 
 
 def test_output_scores_under_another_key_are_measured_again(model, sae, ref, embedder, tmp_path, caplog):
-    from saealign.selection import output_scores
+    from saealign.output_scores import output_scores
     neutral = ["Once upon a time", "One day"]
     scores = {t: score_latents(ref, STORY_TOPICS[t], embedder, min_prompts=1) for t in ("sea", "food")}
     run = lambda t: output_scores(model, sae, scores[t], STORY_TOPICS[t], neutral, n_latents=6,
@@ -561,7 +562,7 @@ def test_output_scores_under_another_key_are_measured_again(model, sae, ref, emb
     run("food")
     (other,) = set(tmp_path.glob("*.safetensors")) - {mine}
     mine.write_bytes(other.read_bytes())  # the food topic's file under the sea topic's key
-    with caplog.at_level(logging.WARNING, logger="saealign.selection"):
+    with caplog.at_level(logging.WARNING, logger="saealign.output_scores"):
         again = run("sea")
     assert not again.cached and "its key differs" in caplog.text
     assert torch.equal(again.latents, sea.latents)
@@ -583,7 +584,8 @@ def test_sampled_tokens_under_another_key_are_sampled_again(model, caplog):
 
 def test_scores_of_another_sae_are_refused(model, sae, ref, embedder, tmp_path):
     from saealign.saes import load_sae
-    from saealign.selection import OutputSwap, OutputScores
+    from saealign.methods import OutputSwap
+    from saealign.output_scores import OutputScores
     scores = score_latents(ref, STORY_TOPICS["sea"], embedder, min_prompts=1)
     other = load_sae(model=model)
     with torch.no_grad():
@@ -601,20 +603,20 @@ def test_scores_of_another_sae_are_refused(model, sae, ref, embedder, tmp_path):
 
 @pytest.mark.parametrize("multiplier", [-1e9, 1e9, 101.0, float("inf"), float("nan"), True, "2"])
 def test_multiplier_out_of_bounds_is_refused(model, sae, ref, multiplier):
-    from saealign.selection import TopicInputs
+    from saealign.additive import TopicInputs
     with pytest.raises(ValueError, match=r"multiplier must be a finite number in \[-100, 100\]"):
         TopicInputs(model, sae, ref, STORY_TOPICS["sea"], None, multiplier=multiplier)
 
 
 def test_multiplier_within_bounds_is_taken(model, sae, ref):
-    from saealign.selection import TopicInputs
+    from saealign.additive import TopicInputs
     for multiplier in (-100, -2.0, 0, 16, 100.0):
         assert TopicInputs(model, sae, ref, STORY_TOPICS["sea"], None, multiplier=multiplier).multiplier == multiplier
 
 
 def test_a_mean_difference_of_float_noise_is_refused(model, sae, ref):
-    from saealign.selection import DiffMeans, TopicInputs, activation_means, matched_strengths
-    from saealign.steering import make_method
+    from saealign.additive import DiffMeans, TopicInputs, activation_means, matched_strengths
+    from saealign.registry import make_method
     texts = ref.prompts[:16]
     align = activation_means(model, sae, texts)
     same = activation_means(model, sae, texts[::-1], batch_size=5)  # the same texts in other batches

@@ -7,7 +7,7 @@ import torch
 
 from saealign.reference import ReferenceSet, compute_reference
 from saealign.saes import load_sae
-from saealign.scoring import (LatentScores, kendall_tau, score_latents, score_violin, strawman_latents,
+from saealign.scoring import (LatentScores, contrastive_scores, kendall_tau, score_latents, score_violin, strawman_latents,
                      top_latent_tokens, topic_distance_table, topk_token_share, validation_chart, validation_curve)
 
 
@@ -264,3 +264,57 @@ def test_top_latent_tokens_against_independent(model, sae, ref, embedder):
     assert row["count"] == int((z[tok == tid, latent] > 0).sum())
     masses = torch.zeros(model.cfg.d_vocab).index_add_(0, tok, z[:, latent])
     assert tid == int(masses.argmax())
+
+
+# the contrastive score: topics A, B, C on the axes
+def unit(*v):
+    return torch.nn.functional.normalize(torch.tensor(v, dtype=torch.float32), dim=0)
+
+
+# topics A, B, C on the axes; latent i fires only on prompt i
+PROMPTS = [unit(1, -1, -1), unit(2, 1, 1), unit(0, 1, 0), unit(0, 0, 1)]  # A-leaning, generic, B, C
+TABLE = FakeEmbedder({"A": [1, 0, 0], "B": [0, 1, 0], "C": [0, 0, 1], "A2": [1, 0.2, 0]})
+
+
+def abc_ref():
+    return ReferenceSet.from_summaries(torch.eye(4), torch.stack(PROMPTS))
+
+
+def test_contrastive_known_answer():
+    ref = abc_ref()
+    paper = score_latents(ref, ["A"], TABLE, min_prompts=0)
+    contrast = contrastive_scores(ref, ["A"], TABLE, {"B": ["B"], "C": ["C"]}, min_prompts=0)
+    assert paper.top(2).tolist() == [1, 0]  # the generic prompt is nearer to A
+    assert contrast.top(2).tolist() == [0, 1]  # but it is as near to B and C
+    axes = torch.eye(3)
+    r = torch.tensor([(p - axes[0]).norm() - ((p - axes[1]).norm() + (p - axes[2]).norm()) / 2 for p in PROMPTS])
+    torch.testing.assert_close(contrast.g, r, atol=1e-6, rtol=0)
+    torch.testing.assert_close(contrast.scores, 1 - (r - r.min()) / (r.max() - r.min()), atol=1e-6, rtol=0)
+    assert contrast.settings["background"] == ["B", "C"]
+
+
+def test_contrastive_dict_form_and_panel_rules():
+    ref = abc_ref()
+    together = contrastive_scores(ref, {"A": ["A"], "B": ["B"], "C": ["C"]}, TABLE, min_prompts=0)
+    for name, others in [("A", ("B", "C")), ("B", ("A", "C"))]:
+        alone = contrastive_scores(ref, [name], TABLE, {o: [o] for o in others}, min_prompts=0)
+        # one distance matrix for all topics has other shapes than one per topic: equal within float error
+        torch.testing.assert_close(together[name].scores, alone.scores, atol=1e-6, rtol=0)
+    # a panel entry with the topic's own texts is skipped, so it cannot cancel the topic
+    same = contrastive_scores(ref, ["A"], TABLE, {"copy": ["A"], "B": ["B"], "C": ["C"]}, min_prompts=0)
+    torch.testing.assert_close(same.scores, together["A"].scores, atol=1e-6, rtol=0)
+    # the min over several alignment texts, as in the paper: "A2" is never nearer than "A" for prompt 0..1
+    two = contrastive_scores(ref, ["A", "A2"], TABLE, {"B": ["B"], "C": ["C"]}, min_prompts=0)
+    assert two.top(1).tolist() == [0]
+
+
+def test_contrastive_bad_input():
+    ref = abc_ref()
+    with pytest.raises(ValueError, match="no other topic"):
+        contrastive_scores(ref, ["A"], TABLE, {"same": ["A"]}, min_prompts=0)
+    with pytest.raises(ValueError, match="background must be a dict"):
+        contrastive_scores(ref, ["A"], TABLE, ["B"], min_prompts=0)
+    with pytest.raises(ValueError, match="no latent is eligible"):
+        contrastive_scores(ref, ["A"], TABLE, {"B": ["B"]}, min_prompts=5)
+    with pytest.raises(ValueError, match="single string"):
+        contrastive_scores(ref, "A", TABLE, {"B": ["B"]})

@@ -1,31 +1,10 @@
-"""Steering on stories260K and on hand-built latents: the invariants (Swap and Weight with every score 1 change
-nothing), Clamp's and contamination's known answers, hooks removed whatever happens, batches equal single runs,
-and the method registry."""
+"""The steering engine on stories260K: the invariants (Swap and Weight with every score 1 change nothing), hooks
+removed whatever happens, `apply` is `steer`, batches equal single runs, and a prompted steer runs behind its prompt."""
 import pytest
 import torch
 
-from saealign.steering import (Clamp, Method, Swap, Unchanged, Weight, apply_activation, generate, make_method,
-                               method_names, steer)
-
-
-def test_contamination_known_answer():
-    acts = torch.tensor([[1.0, 0.0, 3.0], [0.0, 0.0, 0.0]])
-    raw, share = Unchanged(torch.tensor([1.0, 0.0, 0.5])).contamination(acts)
-    assert raw.tolist() == [1.5, 0.0] and share[0] == pytest.approx(1.5 / 4) and torch.isnan(share[1])
-
-
-def test_clamp_known_answer_ties_broken_by_index(sae):
-    scores = torch.zeros(sae.cfg.d_sae)
-    scores[[3, 1, 7]] = torch.tensor([0.9, 0.9, 0.5])
-    clamp = Clamp(scores, top_n=2, value=10.0)
-    assert clamp.latents.tolist() == [1, 3]
-    acts = torch.rand(2, sae.cfg.d_sae)
-    edited = clamp.edit(sae, acts, acts)
-    assert torch.equal(edited[:, [1, 3]], acts[:, [1, 3]] * 10) and torch.equal(edited[:, 4:], acts[:, 4:])
-    added = Clamp(scores, top_n=1, value=2.0, mode="add").edit(sae, acts, acts)
-    assert torch.equal(added[:, 1], acts[:, 1] + 2) and torch.equal(added[:, 2:], acts[:, 2:])
-    with pytest.raises(ValueError, match="Clamp value must be a finite number"):
-        Clamp(scores, value=float("nan"))
+from saealign.methods import Clamp, Swap, Weight
+from saealign.steering import apply_activation, generate, steer
 
 
 @pytest.mark.parametrize("method_class", [Swap, Weight])
@@ -73,18 +52,9 @@ def test_a_batch_equals_its_prompts_run_alone(model, sae):
     assert [g.tokens for g in together] == [g.tokens for g in alone]
 
 
-def test_the_registry_builds_by_name_and_refuses_unknown_names(sae):
-    scores = torch.rand(sae.cfg.d_sae)
-    assert {"SAE", "Clamp", "Swap", "Weight"} <= set(method_names())
-    clamp = make_method("Clamp", scores, top_n=3)
-    assert isinstance(clamp, Clamp) and len(clamp.latents) == 3 and isinstance(make_method("Swap", scores), Method)
-    with pytest.raises(ValueError, match="unknown steering method 'Swapp'"):
-        make_method("Swapp", scores)
-
-
 def test_a_prompted_steer_generates_behind_its_own_prompt(model, sae):
     "`generate` puts a method's `prefix` before the prompt unless told otherwise, as `side_by_side` and the grid do."
-    from saealign.calibration import TopicSteer
+    from saealign.additive import TopicSteer
     axis = torch.zeros(sae.cfg.d_in)
     axis[0] = 1.0
     steer = TopicSteer(torch.ones(sae.cfg.d_sae), axis, positions="generation", prefix="Tom had a big red ball. ")

@@ -9,12 +9,13 @@ from html.parser import HTMLParser
 import pytest
 import torch
 
-import saealign.steering as steering
+import saealign.registry as registry
 import saealign.widgets as Wd
 from saealign.reference import ReferenceSet, build_reference_prompts, compute_reference
 from saealign.scoring import STORY_TOPICS
 from saealign.calibration import DEFAULT_METHOD, PROTECTIONS
-from saealign.steering import Clamp, Swap, Weight, generate
+from saealign.methods import Clamp, Swap, Weight
+from saealign.steering import generate
 from saealign.render import NEUTRAL, TokenDetail, attribution_colour, contamination_colour, token_details, tokens_html, top_prompts
 from saealign.widgets import CUSTOM, AlignmentExplorer, sae_and_method
 
@@ -172,11 +173,13 @@ def test_sae_and_method():
 
 
 def test_explorer_offers_a_method_registered_later(explorer, monkeypatch):
-    monkeypatch.setattr(steering, "_FACTORIES", dict(steering._FACTORIES))  # the registration ends with the test
-    steering.register_method("Swap again", Swap)
+    monkeypatch.setattr(registry, "_FACTORIES", dict(registry._FACTORIES))  # the registration ends with the test
+    before = registry.method_names()  # the learned steers too, when a test before this one imported them
+    assert before[:9 + len(PROTECTIONS)] == ("SAE", "Clamp", "Swap", "Weight", "OutputSwap", "OutputClamp", "AddSteer",
+                                               "MatchedSteer", "DiffMeans", *PROTECTIONS)
+    registry.register_method("Swap again", Swap)
     fresh = AlignmentExplorer(explorer.model, explorer.sae, explorer.reference, explorer.embedder)
-    assert list(fresh.method.options) == ["Original", "SAE", "Clamp", "Swap", "Weight", "OutputSwap", "OutputClamp",
-                                          "AddSteer", "MatchedSteer", "DiffMeans", *PROTECTIONS, "Swap again"]
+    assert list(fresh.method.options) == ["Original", *before, "Swap again"]
     assert fresh.method.value == DEFAULT_METHOD
     fresh.render_html("The cat", SEA, method="Swap again", max_new_tokens=4)
     assert fresh.columns[1].generation.method == "Swap"

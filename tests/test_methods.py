@@ -1,102 +1,20 @@
-"""saealign.selection: known answers on hand-built cases, invariants of the new methods, parity with the model."""
-import dataclasses
+"""saealign.methods, additive and registry: known answers on hand-built cases, invariants of the methods, parity
+with the model, and the registry's names and settings."""
 import math
 
 import pytest
 import torch
 
+from saealign.additive import (ActivationMeans, AddSteer, DiffMeans, TopicInputs, activation_means,
+                               matched_strengths, mean_difference_strengths)
+from saealign.methods import (CLAMP_VALUE, PAPER_CLAMP, Clamp, Method, OutputClamp, OutputSwap, Swap, Unchanged,
+                              generate_prompted, prompt_prefix)
+from saealign.output_scores import OutputScores, decoder_directions, output_latents
 from saealign.reference import ReferenceSet
 from saealign.saes import random_sae
-from saealign.scoring import LatentScores, score_latents
-from saealign.selection import (ActivationMeans, AddSteer, DiffMeans, MatchedSteer, OutputClamp, OutputScores,
-                                OutputSwap, _next_token_logprobs, TopicInputs, activation_means, contrastive_scores,
-                                decoder_directions, distinctive_tokens, generate_prompted, matched_strengths,
-                                mean_difference_strengths, output_latents, output_scores, prompt_prefix)
-from saealign.steering import Clamp, Swap, generate, make_method, method_names, steer
-
-
-class TableEmbedder:
-    "encode() looks texts up in a table of designed vectors: distances known by construction."
-    def __init__(self, table):
-        self.table = {k: torch.tensor(v, dtype=torch.float32) for k, v in table.items()}
-
-    def get_embedding_dimension(self):
-        return 3
-
-    def state_dict(self):
-        return {}
-
-    def encode(self, texts, normalize_embeddings=False, **kw):
-        e = torch.stack([self.table[t] for t in texts])
-        return torch.nn.functional.normalize(e, dim=1) if normalize_embeddings else e
-
-
-def unit(*v):
-    return torch.nn.functional.normalize(torch.tensor(v, dtype=torch.float32), dim=0)
-
-
-# topics A, B, C on the axes; latent i fires only on prompt i
-PROMPTS = [unit(1, -1, -1), unit(2, 1, 1), unit(0, 1, 0), unit(0, 0, 1)]  # A-leaning, generic, B, C
-TABLE = TableEmbedder({"A": [1, 0, 0], "B": [0, 1, 0], "C": [0, 0, 1], "A2": [1, 0.2, 0]})
-
-
-def hand_ref():
-    return ReferenceSet.from_summaries(torch.eye(4), torch.stack(PROMPTS))
-
-
-def test_contrastive_known_answer():
-    ref = hand_ref()
-    paper = score_latents(ref, ["A"], TABLE, min_prompts=0)
-    contrast = contrastive_scores(ref, ["A"], TABLE, {"B": ["B"], "C": ["C"]}, min_prompts=0)
-    assert paper.top(2).tolist() == [1, 0]  # the generic prompt is nearer to A
-    assert contrast.top(2).tolist() == [0, 1]  # but it is as near to B and C
-    axes = torch.eye(3)
-    r = torch.tensor([(p - axes[0]).norm() - ((p - axes[1]).norm() + (p - axes[2]).norm()) / 2 for p in PROMPTS])
-    torch.testing.assert_close(contrast.g, r, atol=1e-6, rtol=0)
-    torch.testing.assert_close(contrast.scores, 1 - (r - r.min()) / (r.max() - r.min()), atol=1e-6, rtol=0)
-    assert contrast.settings["background"] == ["B", "C"]
-
-
-def test_contrastive_dict_form_and_panel_rules():
-    ref = hand_ref()
-    together = contrastive_scores(ref, {"A": ["A"], "B": ["B"], "C": ["C"]}, TABLE, min_prompts=0)
-    for name, others in [("A", ("B", "C")), ("B", ("A", "C"))]:
-        alone = contrastive_scores(ref, [name], TABLE, {o: [o] for o in others}, min_prompts=0)
-        # one distance matrix for all topics has other shapes than one per topic: equal within float error
-        torch.testing.assert_close(together[name].scores, alone.scores, atol=1e-6, rtol=0)
-    # a panel entry with the topic's own texts is skipped, so it cannot cancel the topic
-    same = contrastive_scores(ref, ["A"], TABLE, {"copy": ["A"], "B": ["B"], "C": ["C"]}, min_prompts=0)
-    torch.testing.assert_close(same.scores, together["A"].scores, atol=1e-6, rtol=0)
-    # the min over several alignment texts, as in the paper: "A2" is never nearer than "A" for prompt 0..1
-    two = contrastive_scores(ref, ["A", "A2"], TABLE, {"B": ["B"], "C": ["C"]}, min_prompts=0)
-    assert two.top(1).tolist() == [0]
-
-
-def test_contrastive_bad_input():
-    ref = hand_ref()
-    with pytest.raises(ValueError, match="no other topic"):
-        contrastive_scores(ref, ["A"], TABLE, {"same": ["A"]}, min_prompts=0)
-    with pytest.raises(ValueError, match="background must be a dict"):
-        contrastive_scores(ref, ["A"], TABLE, ["B"], min_prompts=0)
-    with pytest.raises(ValueError, match="no latent is eligible"):
-        contrastive_scores(ref, ["A"], TABLE, {"B": ["B"]}, min_prompts=5)
-    with pytest.raises(ValueError, match="single string"):
-        contrastive_scores(ref, "A", TABLE, {"B": ["B"]})
-
-
-def test_decoder_directions_match_the_decoder(model):
-    for arch in ("standard", "topk", "jumprelu"):
-        s = random_sae(arch, d_in=64, d_sae=32, hook_name="blocks.2.hook_resid_post", k=4, seed=1)
-        with torch.no_grad():
-            s.W_dec.mul_(torch.linspace(0.5, 2, 32)[:, None])  # decoder rows of different norms
-        d = decoder_directions(s, [3, 30])
-        rescaled = getattr(s.cfg, "rescale_acts_by_decoder_norm", False)
-        want = s.W_dec[[3, 30]] / (s.W_dec[[3, 30]].norm(dim=-1, keepdim=True) if rescaled else 1)
-        torch.testing.assert_close(d, want.detach(), atol=1e-6, rtol=0)
-    with pytest.raises(ValueError, match="must lie in 0..31"):
-        decoder_directions(s, [32])
-    with pytest.raises(ValueError, match="must not repeat"):
-        decoder_directions(s, [1, 1])
+from saealign.registry import make_method, method_names, method_settings
+from saealign.scoring import LatentScores
+from saealign.steering import generate, steer
 
 
 def test_residual_vector_and_addsteer_move_the_output_exactly(model, sae):
@@ -180,71 +98,6 @@ def test_activation_means_parity(model, sae):
     torch.testing.assert_close(first.resid, x.mean(0), atol=1e-5, rtol=0)
     torch.testing.assert_close(first.latents, sae.encode(x).mean(0), atol=1e-5, rtol=0)
     assert got.n_tokens == first.n_tokens + model.to_tokens("Lily saw a big dog.").shape[1] - 1
-
-
-def test_distinctive_tokens_known_answer(model):
-    zzz = model.to_tokens(" zzzqq", prepend_bos=False)[0].tolist()
-    align = ["the sea zzzqq zzzqq", "the sea zzzqq"]
-    reference = ["the sea"] * 20
-    got = distinctive_tokens(model, align, reference, min_ratio=5.0)
-    assert set(got.tolist()) <= set(zzz) and len(got) > 0
-    assert not set(got.tolist()) & set(model.to_tokens("the sea", prepend_bos=False)[0].tolist())
-    with pytest.raises(ValueError, match="no token occurs"):
-        distinctive_tokens(model, ["the sea"], reference)
-
-
-@pytest.fixture(scope="module")
-def probe(model):
-    "An SAE at the last block whose latent 7 decodes to the unembedding direction of ' fish'; the rest random."
-    hook = f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"
-    s = random_sae("standard", d_in=model.cfg.d_model, d_sae=32, hook_name=hook, seed=3)
-    target = model.to_tokens(" fish", prepend_bos=False)[0, 0]
-    with torch.no_grad():
-        s.W_dec[7] = model.W_U[:, target] / model.W_U[:, target].norm()
-    return s, int(target)
-
-
-NEUTRAL = ["Once upon a time", "One day, a little girl", "Tom and his mom went", "The dog saw"]
-
-
-def test_output_score_known_answer(model, probe, tmp_path):
-    s, target = probe
-    out = output_scores(model, s, torch.ones(32), ["-"], NEUTRAL, n_latents=32, tokens=[target], cache_dir=tmp_path)
-    assert out.top(1).tolist() == [7] and out.scores[7] > 1 and not out.cached
-    assert sorted(out.latents.tolist()) == list(range(32)) and out.seconds > 0
-    # batching does not change the answer; the cache returns the same numbers
-    one_by_one = output_scores(model, s, torch.ones(32), ["-"], NEUTRAL, n_latents=32, tokens=[target],
-                               latents_per_batch=1, cache_dir=False)
-    torch.testing.assert_close(one_by_one.scores, out.scores, atol=1e-4, rtol=0)
-    again = output_scores(model, s, torch.ones(32), ["-"], NEUTRAL, n_latents=32, tokens=[target], cache_dir=tmp_path)
-    assert again.cached and torch.equal(again.scores, out.scores) and torch.equal(again.kl, out.kl)
-    # only the n best latents by paper score are measured; the rest are NaN
-    scores = torch.zeros(32)
-    scores[[7, 3]] = torch.tensor([0.9, 1.0])
-    two = output_scores(model, s, scores, ["-"], NEUTRAL, n_latents=2, tokens=[target], cache_dir=False)
-    assert two.latents.tolist() == [3, 7] and torch.isnan(two.scores).sum() == 30 and two.top(1).tolist() == [7]
-
-
-def test_output_score_zero_push_and_bad_input(model, probe):
-    s, target = probe
-    still = output_scores(model, s, torch.ones(32), ["-"], NEUTRAL, n_latents=4, tokens=[target], amplify=0.0,
-                          cache_dir=False)
-    assert still.scores[still.latents].abs().max() < 1e-5 and still.kl[still.latents].abs().max() < 1e-5
-    with pytest.raises(ValueError, match="reference_texts"):
-        output_scores(model, s, torch.ones(32), ["-"], NEUTRAL, cache_dir=False)
-    with pytest.raises(ValueError, match="tokens must lie in"):
-        output_scores(model, s, torch.ones(32), ["-"], NEUTRAL, tokens=[10**6], cache_dir=False)
-    with pytest.raises(ValueError, match="32 scores|31 scores"):
-        output_scores(model, s, torch.ones(31), ["-"], NEUTRAL, tokens=[target], cache_dir=False)
-
-
-def test_next_token_logprobs_parity_with_padding(model):
-    from saealign.activations import pad_right
-    ids = [model.to_tokens(p)[0] for p in NEUTRAL]
-    tokens, mask = pad_right(ids, 0, "cpu")
-    lp = _next_token_logprobs(model, "blocks.2.hook_resid_post", tokens, mask, mask.sum(1) - 1)
-    for i, x in enumerate(ids):
-        torch.testing.assert_close(lp[i], model(x[None])[0, -1].log_softmax(-1), atol=1e-5, rtol=1e-5)
 
 
 def fake_output(d_sae, latents, gains):
@@ -336,3 +189,96 @@ def test_topic_inputs_measured_computes_nothing(model, sae):
     assert inputs.measured("means")[0] is align
     with pytest.raises(ValueError, match="piece must be"):
         inputs.measured("strengths")
+
+
+def test_contamination_known_answer():
+    acts = torch.tensor([[1.0, 0.0, 3.0], [0.0, 0.0, 0.0]])
+    raw, share = Unchanged(torch.tensor([1.0, 0.0, 0.5])).contamination(acts)
+    assert raw.tolist() == [1.5, 0.0] and share[0] == pytest.approx(1.5 / 4) and torch.isnan(share[1])
+
+
+def test_clamp_known_answer_ties_broken_by_index(sae):
+    scores = torch.zeros(sae.cfg.d_sae)
+    scores[[3, 1, 7]] = torch.tensor([0.9, 0.9, 0.5])
+    clamp = Clamp(scores, top_n=2, value=10.0)
+    assert clamp.latents.tolist() == [1, 3]
+    acts = torch.rand(2, sae.cfg.d_sae)
+    edited = clamp.edit(sae, acts, acts)
+    assert torch.equal(edited[:, [1, 3]], acts[:, [1, 3]] * 10) and torch.equal(edited[:, 4:], acts[:, 4:])
+    added = Clamp(scores, top_n=1, value=2.0, mode="add").edit(sae, acts, acts)
+    assert torch.equal(added[:, 1], acts[:, 1] + 2) and torch.equal(added[:, 2:], acts[:, 2:])
+    with pytest.raises(ValueError, match="Clamp value must be a finite number"):
+        Clamp(scores, value=float("nan"))
+
+
+def test_the_registry_builds_by_name_and_refuses_unknown_names(sae):
+    scores = torch.rand(sae.cfg.d_sae)
+    assert {"SAE", "Clamp", "Swap", "Weight"} <= set(method_names())
+    clamp = make_method("Clamp", scores, top_n=3)
+    assert isinstance(clamp, Clamp) and len(clamp.latents) == 3 and isinstance(make_method("Swap", scores), Method)
+    with pytest.raises(ValueError, match="unknown steering method 'Swapp'"):
+        make_method("Swapp", scores)
+
+
+def test_clamp_default_is_half_the_papers():
+    "The grid keys its Clamp rows on PAPER_CLAMP (×10); Clamp's own default is ×5: both values stay as they were."
+    assert PAPER_CLAMP == {"value": 10.0, "mode": "multiply"} and CLAMP_VALUE == 5.0
+    assert Clamp(torch.rand(8)).value == 5.0
+
+
+def test_registry_settings_per_method():
+    "The fixed rules each method is registered with; a grid keys its units on them, so they stay byte for byte."
+    import saealign.learned  # noqa: F401  (registers the learned steers; calibration registers the TopicSteer family)
+    from saealign.calibration import CALIBRATION_RULES, PROTECTIONS
+    from saealign.core import json_sha256
+    from saealign.learned import LEARNED_METHODS
+    assert {n: method_settings(n) for n in ("SAE", "Clamp", "Swap", "Weight")} == dict.fromkeys(("SAE", "Clamp", "Swap", "Weight"), {})
+    assert method_settings("DiffMeans") == {"multiplier": 1.0}
+    assert method_settings("AddSteer") == {"multiplier": 1.0, "amplify": 0.25}
+    assert method_settings("OutputSwap") == method_settings("OutputClamp") == {"amplify": 0.25}
+    assert method_settings("MatchedSteer") == {"multiplier": 1.0, "amplify": 0.25, "strength": "the difference of means' norm"}
+    # the digest a grid unit's key takes of them (evaluation's SELECTION_SETTINGS on main, in its key order)
+    assert json_sha256(method_settings("MatchedSteer")) == json_sha256(
+        {"multiplier": 1.0, "amplify": 0.25, "strength": "the difference of means' norm"})
+    for name, options in PROTECTIONS.items():
+        assert method_settings(name) == {**options, "calibration": CALIBRATION_RULES}
+    for name in LEARNED_METHODS:
+        assert method_settings(name)["positions"] == "generation" and "learning" in method_settings(name)
+
+
+def test_method_names_after_importing_the_registry_alone():
+    """A fresh interpreter that imports only the registry lists the methods it registers; the TopicSteer family
+    is registered by calibration and the learned steers by learned, which build them."""
+    import subprocess
+    import sys
+    code = "import saealign.registry as r; print(','.join(r.method_names()))"
+    names = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert names.split(",") == ["SAE", "Clamp", "Swap", "Weight", "OutputSwap", "OutputClamp", "AddSteer", "MatchedSteer",
+                                "DiffMeans"]
+    code = "import saealign.learned, saealign.registry as r; print(','.join(r.method_names()))"
+    names = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert len(names.split(",")) == 19 and "TopicSteer-instructed" in names and "TopicSteer-preferred-instructed" in names
+
+
+def test_the_one_constructor_builds_every_registered_method(model, sae, embedder, tmp_path):
+    "`align.method_from_texts` builds every registered method, the default included, on stories260K."
+    import numpy as np
+    import saealign.learned  # noqa: F401
+    from saealign.align import method_from_texts
+    from saealign.calibration import DEFAULT_METHOD
+    from saealign.reference import compute_reference, default_reference_prompts
+    ref = compute_reference(model, sae, default_reference_prompts(model, 64), embedder, max_tokens=32, progress=False,
+                            cache_dir=tmp_path)
+    texts = ["The boat sailed on the big blue sea.", "Fish swam in the cold salty water.", "The sea was blue and wide."]
+    fluency = lambda texts: np.full(len(texts), 0.9)
+    small = {"calibration": {"prompts": ["Once upon a time", "One day"], "strengths": (1.0,), "max_new_tokens": 4,
+                             "cache_dir": False}, "acceptability": fluency}
+    options = {name: {} for name in method_names()}
+    options |= {name: {"strength": 1.0} for name in method_names() if name.startswith("TopicSteer")}
+    options |= {name: {"strength": 1.0, "learning": {"steps": 1, "cache_dir": False}, **small}
+                for name in method_names() if "learned" in name or "preferred" in name}
+    assert DEFAULT_METHOD in options
+    for name, opts in options.items():
+        method = method_from_texts(texts, name, model=model, sae=sae, embedder=embedder, reference=ref,
+                                   n_latents=20, cache_dir=False, **opts)
+        assert isinstance(method, Method) and method.name == name, name
