@@ -16,7 +16,7 @@ from .calibration import DEFAULT_METHOD
 from .additive import TopicInputs
 from .output_scores import OutputScores
 from .methods import Method
-from .registry import make_method
+from .registry import make_method, method_needs_sae
 from .steering import DEFAULT_OUTPUT, Generation, side_by_side
 
 # %% auto #0
@@ -43,7 +43,11 @@ def steer_by_text(align_texts: list[str], prompt: str, *, model=None, sae=None, 
     """Score the SAE's latents against `align_texts` and continue `prompt` unsteered and steered by `method`
     (any name `method_names()` lists: Swap, Weight, Clamp, SAE, the output-restricted OutputSwap, OutputClamp, the additive
     AddSteer, MatchedSteer, DiffMeans, the calibration chapter's TopicSteer family (the default, `DEFAULT_METHOD`),
-    or one registered later). Defaults: the default model, its default SAE and MiniLM."""
+    the learned steers, or one registered later; not a baseline that needs no SAE, such as `Prompting` or `FT`: build
+    those with `method_from_texts`). Defaults: the default model, its default SAE and MiniLM."""
+    if not method_needs_sae(method):  # before anything is loaded: the side by side shows the SAE's contamination
+        raise ValueError(f"{method} runs without an SAE, so steer_by_text cannot show its contamination: build it with "
+                         f"method_from_texts and continue with its generate, or name a method that steers through the SAE.")
     # `is None`, not `or`: sae_lens deprecates an SAE's truth value (it goes through len())
     model = load_model() if model is None else model
     sae = load_sae(model=model) if sae is None else sae
@@ -72,9 +76,9 @@ def _topic_method(align_texts, method: str, model, sae, embedder, reference, pro
 
 def method_from_texts(align_texts: list[str], method: str = DEFAULT_METHOD, *, model, sae, embedder=None,
                       reference: ReferenceSet | None = None, progress: bool = False, **method_options) -> Method:
-    """The steering method `method` (any name `method_names()` lists; default `DEFAULT_METHOD`) for the topic of
-    `align_texts` on `model` and `sae`, built as `steer_by_text` builds it, to steer with yourself:
-    `generate(model, sae, prompt, method)`, or `with method.apply(model, sae): ...` (a method with a `prefix`, such as
-    the default, also wants its prefix before your prompt: `generate` adds it). Its `scores` are the latents' scores
-    for the topic."""
+    """The method `method` (any name `method_names()` lists, the baselines included; default `DEFAULT_METHOD`) for the topic of
+    `align_texts` on `model` and `sae`, built as `steer_by_text` builds it, to generate with yourself:
+    `method.generate(model, sae, prompt)` (a baseline ignores the SAE), or for a method that steers through the SAE
+    `with method.apply(model, sae): ...` (a method with a `prefix`, such as the default, also wants its prefix before
+    your prompt: `generate` adds it). Its `scores` are the latents' scores for the topic (None for a baseline)."""
     return _topic_method(align_texts, method, model, sae, embedder, reference, progress, method_options)[0]

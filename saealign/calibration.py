@@ -24,7 +24,6 @@ from .metrics import alignment_distances, instruction_prefix, relevance
 from .reference import sae_digest, tensor_digest
 from .additive import MAX_STRENGTH, TopicInputs, TopicSteer
 from .methods import prompt_prefix
-from .registry import make_method, register_method
 from .steering import generate
 
 log = logging.getLogger(__name__)
@@ -200,10 +199,6 @@ PROTECTIONS = {  # name -> the protection's options; each calibrated on its own
     "TopicSteer-instructed": {"positions": "generation", "instructed": True}}
 CALIBRATION_RULES = {"prompts": TUNING_PROMPTS, "strengths": CALIBRATION_STRENGTHS, "tokens": CALIBRATION_TOKENS,
                       "pick": "gentlest within one SE of the best mean harmonic"}
-for _name, _options in PROTECTIONS.items():
-    register_method(_name, lambda inputs, _o=_options, _n=_name, **kw: topic_steer(inputs, name=_n, **{**_o, **kw}),
-                    inputs=TopicInputs,
-                    settings={**_options, "calibration": CALIBRATION_RULES})
 
 # what steer_by_text, the command line, the demo and the explorer use: the calibrated comparison (04i) checks
 # that it is the steer its tuning topics chose
@@ -224,7 +219,8 @@ def ship_precomputed(model, sae, embedder, topics: dict[str, list[str]], *, refe
                    compact=True)
     reference_means(model, sae, reference, cache_dir=folder / "activation-means")
     for texts in tqdm(list(topics.values()), desc="calibrating the named topics"):
-        make_method(DEFAULT_METHOD, TopicInputs(model, sae, reference, texts, embedder), acceptability=acceptability,
+        topic_steer(TopicInputs(model, sae, reference, texts, embedder), name=DEFAULT_METHOD,
+                    **PROTECTIONS[DEFAULT_METHOD], acceptability=acceptability,
                     calibration={**(calibration or {}), "cache_dir": folder / "calibration"})
     return {kind: sum(p.stat().st_size for p in (folder / kind).rglob("*") if p.is_file())
             for kind in ("reference", "activation-means", "calibration")}

@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import functools
 import inspect
@@ -23,27 +22,25 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from ._utils import check_positive_int, hook_layer
+from ._utils import hook_layer
 from .core import atomic_write, cache_root, json_sha256, load_embedder, load_texts
-from .metrics import instruction_prefix, measure, topic_words
+from .metrics import measure, topic_words
 from .models import DEFAULT_MODEL, load_model, model_spec
 from .saes import load_sae, shipped_sae_ids
 from .reference import (build_reference_prompts, compute_reference, default_reference, embed_texts, sae_digest,
                                 tensor_digest)
 from .scoring import model_topics, score_latents
-from .additive import STEER_MULTIPLIER, TopicInputs
-from .methods import PAPER_CLAMP, Method, generate_prompted, prompt_prefix
-from .output_scores import OUTPUT_AMPLIFY
-from .registry import make_method, method_names, method_settings
+from .additive import TopicInputs
+from .methods import PAPER_CLAMP, Method
+from .registry import make_method, method_names, method_needs_sae, method_settings
 from .steering import DEFAULT_OUTPUT, ORIGINAL, OUTPUT_MODES, Generation, check_sampling, generate, steer
 
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'METAPHOR_PROMPTS', 'METHODS', 'GRID_HEADER', 'LEGACY_HEADER', 'UNIT_KEY', 'PROMPTINGS', 'SAE_FREE',
-           'SELECTION_SETTINGS', 'GRID_SAMPLING', 'evaluation_prompts', 'evaluation_topics', 'fine_tune',
-           'default_grid_path', 'row_digest', 'read_rows', 'grid_units', 'unit_key', 'torch_threads', 'run_grid',
-           'contamination_under', 'clamp_sweep', 'cost_table']
+__all__ = ['log', 'METAPHOR_PROMPTS', 'METHODS', 'GRID_HEADER', 'LEGACY_HEADER', 'UNIT_KEY', 'GRID_SAMPLING',
+           'evaluation_prompts', 'evaluation_topics', 'default_grid_path', 'row_digest', 'read_rows', 'grid_units',
+           'unit_key', 'torch_threads', 'run_grid', 'contamination_under', 'clamp_sweep', 'cost_table']
 
 # %% ../nbs/04b_grid.ipynb #3223b367
 METAPHOR_PROMPTS = [
@@ -76,43 +73,6 @@ def evaluation_topics(sizes=(20, 6), medquad_size: int = 200, seed: int = 0, *,
     topics[f"medquad-{medquad_size}"] = sample(load_texts("medquad")["text"], medquad_size)
     return topics
 
-
-# %% ../nbs/04b_grid.ipynb #3910060d
-def fine_tune(model, texts: list[str], *, epochs: int = 5, lr: float = 1e-3, batch_size: int = 8,
-              row_tokens: int | None = None, max_rows: int | None = None, seed: int = 0, progress: bool = False):
-    """A copy of `model` fine-tuned on `texts` (next-token loss, AdamW); returns (model, info) where info has
-    `seconds`, `steps`, `loss_first` and `loss_last` (mean loss of the first and last epoch). `max_rows` trains on
-    that many rows of `row_tokens`, drawn at random: it bounds the cost of long texts on a large model."""
-    if not texts:
-        raise ValueError("fine_tune needs at least one text.")
-    if max_rows is not None:
-        check_positive_int("max_rows (or None)", max_rows)
-    start = time.perf_counter()
-    row_tokens = row_tokens or min(model.cfg.n_ctx, 128)
-    ids = []
-    for t in texts:
-        ids += model.to_tokens(t)[0].tolist()
-    n_rows = max(1, len(ids) // row_tokens)
-    rows = torch.tensor((ids * (1 + row_tokens // max(len(ids), 1)))[:n_rows * row_tokens]).view(n_rows, row_tokens)
-    generator = torch.Generator().manual_seed(seed)
-    if max_rows is not None:
-        rows = rows[torch.randperm(n_rows, generator=generator)[:max_rows]]
-        n_rows = len(rows)
-    tuned = copy.deepcopy(model).train()
-    optimiser = torch.optim.AdamW(tuned.parameters(), lr=lr)
-    losses, steps = [], 0
-    for _ in tqdm(range(epochs), desc="fine-tuning", disable=not progress):
-        epoch = []
-        for batch in torch.randperm(n_rows, generator=generator).split(batch_size):
-            loss = tuned(rows[batch].to(model.cfg.device), return_type="loss")
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
-            epoch.append(loss.item())
-            steps += 1
-        losses.append(float(np.mean(epoch)))
-    return tuned.eval(), {"seconds": time.perf_counter() - start, "steps": steps, "loss_first": losses[0],
-                          "loss_last": losses[-1]}
 
 # %% ../nbs/04b_grid.ipynb #da78f0d5
 METHODS = (ORIGINAL, "FT", "SAE", "Clamp", "Swap", "Weight")  # the grid's methods unless told otherwise
@@ -235,22 +195,16 @@ def _complete_units(path: Path) -> set[str]:
     return complete
 
 # %% ../nbs/04b_grid.ipynb #74a38be9
-PROMPTINGS = {  # the prompting baselines: name -> (alignment texts, background texts) -> the prefix
-    "Prompting": lambda texts, background: prompt_prefix(texts),
-    "PromptingWords": instruction_prefix}
-SAE_FREE = (ORIGINAL, "FT", *PROMPTINGS)  # run without an SAE: once per topic, not per SAE and output mode
-
-
 def grid_units(topics, methods=METHODS, sae_ids=("",), outputs=(DEFAULT_OUTPUT,)) -> list[tuple]:
-    "The (topic, method, sae, output) units of a grid, in the order they run."
-    known = (*SAE_FREE, *method_names())
-    unknown = [m for m in methods if m not in known]
+    """The (topic, method, sae, output) units of a grid, in the order they run: a method that needs no SAE
+    (`method_needs_sae`) once per topic, first, with sae and output empty; the others per SAE and output mode."""
+    unknown = [m for m in methods if m not in method_names()]
     if unknown:
-        raise ValueError(f"unknown methods {unknown}: use some of {', '.join(known)}.")
+        raise ValueError(f"unknown methods {unknown}: use some of {', '.join(method_names())}.")
     units = []
     for topic in topics:
-        units += [(topic, m, "", "") for m in methods if m in SAE_FREE]
-        units += [(topic, m, s, o) for s in sae_ids for o in outputs for m in methods if m in method_names()]
+        units += [(topic, m, "", "") for m in methods if not method_needs_sae(m)]
+        units += [(topic, m, s, o) for s in sae_ids for o in outputs for m in methods if method_needs_sae(m)]
     return units
 
 
@@ -291,11 +245,13 @@ def _check_grid_args(topics, prompts, seeds, methods, outputs, max_new_tokens):
 
 # %% ../nbs/04b_grid.ipynb #9fe90c9c
 class _TopicState:
-    "What a topic's units share, each built when first needed: alignment embeddings, topic words, scores, FT model."
+    "What a topic's units share, each built when first needed: alignment embeddings, topic words, scores, inputs."
 
-    def __init__(self, model, texts, embedder, references, background, fine_tune_options, shared_by_sae: dict):
+    def __init__(self, model, texts, embedder, references, shared_by_sae: dict):
         self.model, self.texts, self.embedder, self.references = model, texts, embedder, references
-        self.background, self.fine_tune_options = background, fine_tune_options
+        # the first SAE's reference: its prompts are the background of topic words and of the instruction baseline
+        self.background_reference = next(iter(references.values()))
+        self.background = self.background_reference.prompts
         self.shared_by_sae = shared_by_sae  # sae id -> what TopicInputs share there (reference means), for all topics
         self._scores, self._inputs = {}, {}
 
@@ -308,8 +264,9 @@ class _TopicState:
         return topic_words(self.texts, self.background)
 
     @functools.cached_property
-    def tuned(self):
-        return fine_tune(self.model, self.texts, **self.fine_tune_options)
+    def sae_free_inputs(self) -> TopicInputs:
+        "What the methods that need no SAE are built from: the topic's texts, with the background's reference."
+        return TopicInputs(self.model, None, self.background_reference, self.texts, self.embedder)
 
     def scores(self, sae_id):
         if sae_id not in self._scores:
@@ -337,11 +294,6 @@ def torch_threads(model, threads: int | None = None):
         torch.set_num_threads(before)
 
 # %% ../nbs/04b_grid.ipynb #c99b6a65
-# the fixed rules of the selection chapter's methods: a unit run under other values is run again
-SELECTION_SETTINGS = {"DiffMeans": {"multiplier": STEER_MULTIPLIER}, "AddSteer": {"multiplier": STEER_MULTIPLIER, "amplify": OUTPUT_AMPLIFY},
-                      "OutputSwap": {"amplify": OUTPUT_AMPLIFY}, "OutputClamp": {"amplify": OUTPUT_AMPLIFY},
-                      "MatchedSteer": {"multiplier": STEER_MULTIPLIER, "amplify": OUTPUT_AMPLIFY,
-                                       "strength": "the difference of means' norm"}}
 GRID_SAMPLING = {k: inspect.signature(generate).parameters[k].default for k in ("top_k", "temperature", "do_sample")}
 
 
@@ -369,6 +321,8 @@ def run_grid(path, *, model=None, embedder=None, saes: dict | None = None, refer
     if missing:
         raise ValueError(f"no reference set for SAEs {sorted(missing)}: pass references={{sae_id: ReferenceSet}}.")
     background = next(iter(references.values())).prompts
+    # what the grid builds these methods with; a unit's key holds them, or else the method's registered settings
+    method_options = {"Clamp": clamp_options or {}, "FT": fine_tune_options or {}}
     common = {"prompts": prompts, "seeds": seeds, "max_new_tokens": max_new_tokens, "sampling": GRID_SAMPLING,
               "model": _identity(model), "embedder": _identity(embedder), "acceptability": _identity(acceptability),
               "background": json_sha256(background)}
@@ -376,21 +330,19 @@ def run_grid(path, *, model=None, embedder=None, saes: dict | None = None, refer
     keys = {}
     for unit in grid_units(topics, methods, tuple(saes), outputs):
         topic, method, sae_id, _ = unit
-        options = ({"Clamp": clamp_options, "FT": fine_tune_options}.get(method) or SELECTION_SETTINGS.get(method)
-                   or method_settings(method))
+        options = method_options.get(method) or method_settings(method)
         settings = {**common, "texts": json_sha256(topics[topic]), "options": options}
         if sae_id:
             settings |= {"sae_weights": sae_weights[sae_id], "reference": references[sae_id].fingerprint}
         keys[unit] = unit_key(unit, settings)
     done = _complete_units(path)
     shared_by_sae = {}  # the reference means depend only on the SAE: measured for the first topic that needs them
-    states = {t: _TopicState(model, texts, embedder, references, background, fine_tune_options or {}, shared_by_sae)
-              for t, texts in topics.items()}
+    states = {t: _TopicState(model, texts, embedder, references, shared_by_sae) for t, texts in topics.items()}
     shared = {}  # generations that do not depend on the topic (Original, SAE), made once
     with torch_threads(model, threads):
         for unit in tqdm([u for u in keys if keys[u] not in done], desc="grid", disable=not progress):
             _run_unit(path, unit, keys[unit], model, embedder, saes, states[unit[0]], prompts, seeds, max_new_tokens,
-                      acceptability, clamp_options, shared)
+                      acceptability, method_options.get(unit[1], {}), shared)
     wanted = set(keys.values())
     return pd.DataFrame([r for r in read_rows(path) if r["unit"] in wanted])
 
@@ -414,39 +366,30 @@ def contamination_under(model, sae, method: Method, generations: list[Generation
 
 # %% ../nbs/04b_grid.ipynb #b5f1cedf
 def _run_unit(path, unit, key, model, embedder, saes, state, prompts, seeds, max_new_tokens, acceptability,
-              clamp_options, shared: dict):
-    """Generate and measure one grid unit, then append its rows, each carrying the unit's key and row count.
-    `Original` and `SAE` write the same text for every topic: their generations are made once and kept in `shared`."""
+              options: dict, shared: dict):
+    """Generate and measure one grid unit with its method built by name (with `options`), then append its rows,
+    each carrying the unit's key and row count. A method that writes the same text for every topic
+    (`topic_independent`: Original, SAE) is generated once and kept in `shared`; one that steers through an SAE
+    then has its contamination measured under this topic's scores."""
     topic, method, sae_id, output = unit
-    prompt_list, extra = list(prompts), {}
+    sae = saes[sae_id] if sae_id else None  # a unit without an SAE is one of a method that needs none
+    steering = make_method(method, state.inputs(sae_id, sae) if sae_id else state.sae_free_inputs, **options)
+    prompt_list = list(prompts)
     align_embeddings = state.embeddings
-    if method == "FT":
-        tuned, info = state.tuned
-        extra = {"fine_tune_seconds": info["seconds"]}
-        run = lambda s: [dataclasses.replace(g, method="FT")
-                         for g in generate(tuned, None, prompt_list, max_new_tokens=max_new_tokens, seed=s, pad_batch=True)]
-    elif method == "Original":
-        run = lambda s: generate(model, None, prompt_list, max_new_tokens=max_new_tokens, seed=s, pad_batch=True)
-    elif method in PROMPTINGS:
-        prefix = PROMPTINGS[method](state.texts, state.background)
-        run = lambda s: generate_prompted(model, prompt_list, prefix, max_new_tokens=max_new_tokens, seed=s, pad_batch=True)
-    else:
-        steering = make_method(method, state.inputs(sae_id, saes[sae_id]),
-                               **((clamp_options or {}) if method == "Clamp" else {}))
-        run = lambda s: generate(model, saes[sae_id], prompt_list, steering, output=output, max_new_tokens=max_new_tokens,
-                                 seed=s, pad_batch=True, prefix=getattr(steering, "prefix", ""))
+    run = lambda s: steering.generate(model, sae, prompt_list, output=output, max_new_tokens=max_new_tokens, seed=s,
+                                      pad_batch=True)
     gens, speed = [], {}
     for s in seeds:
         memo = (method, sae_id, output, s, max_new_tokens)
         if memo in shared:
             speed[s], done = shared[memo]
-            if method == "SAE":
-                done = contamination_under(model, saes[sae_id], steering, done, output)
+            if steering.needs_sae:
+                done = contamination_under(model, sae, steering, done, output)
         else:
             start = time.perf_counter()
             done = run(s)
             speed[s] = (time.perf_counter() - start) / max(1, sum(len(g.tokens) for g in done))
-            if method in ("Original", "SAE"):
+            if steering.topic_independent:
                 shared[memo] = speed[s], done
         gens += [(s, g) for g in done]
     metrics = measure(model, embedder, [g for _, g in gens], state.texts, align_embeddings=align_embeddings,
@@ -454,7 +397,7 @@ def _run_unit(path, unit, key, model, embedder, saes, state, prompts, seeds, max
     _append_rows(path, [dict(unit=key, unit_rows=len(gens), topic=topic, method=method, sae=sae_id, output=output,
                              layer=hook_layer(sae_id, default=-1), n_align=len(state.texts), prompt=g.prompt,
                              prompt_kind=prompts[g.prompt], seed=s, continuation=g.continuation, **m,
-                             seconds_per_token=speed[s], **extra)
+                             seconds_per_token=speed[s], **steering.costs)
                         for (s, g), m in zip(gens, metrics)])
 
 
@@ -479,11 +422,13 @@ def _timed(fn, repeats: int = 1):
 
 
 def cost_table(model, sae, embedder, align_texts: list[str], *, n_reference: int = 256, max_tokens: int = 128,
-               prompt: str = "Once upon a time", max_new_tokens: int = 64, repeats: int = 3,
+               prompt: str | None = None, max_new_tokens: int = 64, repeats: int = 3,
                fine_tune_options: dict | None = None) -> pd.DataFrame:
     """Seconds for each stage: set-up (reference latents, then reference embeddings as the rest of a full reference
     pass, on `n_reference` prompts, with seconds per reference token), per topic (alignment embeddings, distances + scores, fine-tuning) and inference
-    (`max_new_tokens` tokens for one prompt, per method, mean ± std over `repeats`)."""
+    (`max_new_tokens` tokens for `prompt`, default the model's demo prompt, per method of `METHODS`, each built by
+    name, mean ± std over `repeats`)."""
+    prompt = prompt or model_spec(model).demo_prompt
     prompts = build_reference_prompts(n_reference)
     latents_only, latents_s, _ = _timed(lambda: compute_reference(model, sae, prompts, None, max_tokens=max_tokens,
                                                                   progress=False))
@@ -491,7 +436,8 @@ def cost_table(model, sae, embedder, align_texts: list[str], *, n_reference: int
     n_tokens, embed_s = int(latents_only.token_counts.sum()), max(full_s - latents_s, 0.0)
     _, align_s, _ = _timed(lambda: embed_texts(embedder, align_texts), repeats)
     scores, score_s, _ = _timed(lambda: score_latents(ref, align_texts, embedder), repeats)
-    tuned, info = fine_tune(model, align_texts, **(fine_tune_options or {}))
+    inputs = TopicInputs(model, sae, ref, align_texts, embedder, given_scores=scores)
+    built = {name: make_method(name, inputs, **({"FT": fine_tune_options or {}}.get(name, {}))) for name in METHODS}
     rows = [dict(stage="reference latents", kind="set-up", method="SAE methods", seconds=latents_s, std=0.0,
                  per_token=latents_s / max(n_tokens, 1)),
             dict(stage="reference embeddings", kind="set-up", method="SAE methods", seconds=embed_s, std=0.0,
@@ -499,13 +445,10 @@ def cost_table(model, sae, embedder, align_texts: list[str], *, n_reference: int
             dict(stage="alignment embeddings", kind="per topic", method="SAE methods", seconds=align_s, std=0.0),
             dict(stage="distances + scores", kind="per topic", method="SAE methods",
                  seconds=max(score_s - align_s, 0.0), std=0.0),
-            dict(stage="fine-tuning", kind="per topic", method="FT", seconds=info["seconds"], std=0.0)]
-    for name in METHODS:
-        if name in ("Original", "FT"):
-            run = lambda m=(tuned if name == "FT" else model): generate(m, None, prompt, max_new_tokens=max_new_tokens)
-        else:
-            method = make_method(name, scores)
-            run = lambda method=method: generate(model, sae, prompt, method, max_new_tokens=max_new_tokens)
+            dict(stage="fine-tuning", kind="per topic", method="FT", seconds=built["FT"].costs["fine_tune_seconds"],
+                 std=0.0)]
+    for name, method in built.items():
+        run = lambda method=method: method.generate(model, sae, prompt, max_new_tokens=max_new_tokens)
         gens, mean, std = _timed(run, repeats)
         rows.append(dict(stage=f"{max_new_tokens} tokens", kind="inference", method=name, seconds=mean, std=std,
                          per_token=mean / max(len(gens[0].tokens), 1)))

@@ -20,7 +20,6 @@ from .core import DamagedFileError, cache_folder, cache_root, json_sha256, load_
 from .reference import sae_digest, tensor_digest
 from .additive import TopicInputs
 from .output_scores import decoder_directions
-from .registry import register_method
 from .steering import generate
 
 log = logging.getLogger(__name__)
@@ -294,11 +293,4 @@ def learned_steer(inputs: TopicInputs, *, strength=None, instructed: bool = Fals
 
 LEARNED_METHODS = {"TopicSteer-learned": {}, "TopicSteer-learned-instructed": {"instructed": True},
                    "TopicSteer-preferred": {"objective": "preference"},
-                   "TopicSteer-preferred-instructed": {"objective": "preference", "instructed": True}}
-for _name, _options in LEARNED_METHODS.items():
-    register_method(_name, lambda inputs, _n=_name, _o=_options, **kw: learned_steer(inputs, name=_n, **{**_o, **kw}),
-                    inputs=TopicInputs,
-                    settings={"positions": "generation", **_options,
-                              "start": "TopicSteer-instructed" if _options.get("instructed") else "TopicSteer-generation",
-                              "learning": {**LEARNING, "prompts": TUNING_PROMPTS, "format": LEARN_FORMAT},
-                              "calibration": {**CALIBRATION_RULES, "strengths": LEARNED_STRENGTHS}})
+                   "TopicSteer-preferred-instructed": {"objective": "preference", "instructed": True}}  # name -> options

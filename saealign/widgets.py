@@ -19,7 +19,7 @@ from .highlighting import ReferenceTokens, contamination_scale, highlighted_colu
 from .render import MODES, Column, chart_svg, columns_html, contamination_chart, inspector_html
 from .scoring import LatentScores, check_reference, model_topics, score_latents
 from .methods import Method, Unchanged
-from .registry import make_method, method_names
+from .registry import make_method, method_names, method_needs_sae
 from .steering import DEFAULT_OUTPUT, ORIGINAL, OUTPUT_MODES, generate, side_by_side
 
 log = logging.getLogger(__name__)
@@ -127,7 +127,9 @@ class AlignmentExplorer(_LiveScoring):
         self.topic = W.Dropdown(options=[CUSTOM, *self.topics], value=first, description="topic")
         self.texts = W.Textarea(value="\n".join(self.topics.get(first, [])), rows=8, continuous_update=False,
                                 placeholder="alignment texts, one per line", layout=W.Layout(width="100%"))
-        self.method = W.Dropdown(options=[ORIGINAL, *method_names()], value=DEFAULT_METHOD, description="method")
+        # the unmodified model, or a method that steers through the SAE: the columns show the SAE's contamination
+        steering = [n for n in method_names() if n == ORIGINAL or method_needs_sae(n)]
+        self.method = W.Dropdown(options=steering, value=DEFAULT_METHOD, description="method")
         self.output = W.Dropdown(options=OUTPUT_MODES, value=DEFAULT_OUTPUT, description="output")
         self.max_new_tokens = W.BoundedIntText(value=48, min=1, max=model.cfg.n_ctx, description="new tokens")
         self.seed = W.IntText(value=0, description="seed")

@@ -67,3 +67,22 @@ def test_chapter_renders_to_html_and_loads_in_chromium():
     assert "class AlignmentExplorer" in text and "def sae_and_method" in text
     assert "On the embedded default" in text and "Traceback" not in text
     assert dom.count('class="jp-Cell ') >= 19  # every cell of the chapter made it to the page
+
+
+def chapter_table(markdown: str) -> dict[str, str]:
+    "Notebook -> module of the README's chapter table (rows `| `nb.ipynb` | `module` | ... |`; '—' for none)."
+    rows = re.findall(r"^\| `([\w.]+\.ipynb)` \| (`[\w.]+`|—) \|", markdown, re.M)
+    return {nb: module.strip("`") for nb, module in rows}
+
+
+def test_the_readme_chapter_table_lists_every_notebook_with_its_module(cfg):
+    readme = (ROOT / "README.md").read_text()
+    table = chapter_table(readme)
+    notebooks = sorted(p.name for p in cfg.nbs_path.glob("*.ipynb") if p.name != "index.ipynb")
+    assert sorted(table) == notebooks, "README's chapter table names exactly the notebooks in nbs/"
+    for nb, module in table.items():
+        found = re.search(r"#\|\s*default_exp\s+([\w.]+)", (cfg.nbs_path / nb).read_text())
+        expected = "—" if found is None else ("saealign" if found[1] == "__init__" else f"saealign.{found[1]}")
+        assert module == expected, f"{nb} exports {expected}, README's table says {module}"
+    index = (cfg.nbs_path / "index.ipynb").read_text()
+    assert all(f"| `{nb}` |" in index for nb in table), "the index page's table lists the same notebooks"

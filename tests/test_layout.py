@@ -71,7 +71,7 @@ def test_imports_form_no_cycle(top_level_only):
 def test_sub_package_modules_are_found_and_their_relative_imports_resolved():
     assert {"grid", "tables", "experiments.paper", "experiments.comparison"} <= set(MODULES)
     assert {"grid", "core", "models"} <= imports_of("experiments.paper", top_level_only=True)
-    assert {"grid", "tables", "scoring"} <= imports_of("experiments.comparison", top_level_only=True)
+    assert {"grid", "tables", "scoring", "registry"} <= imports_of("experiments.comparison", top_level_only=True)
     assert "grid" in imports_of("cli", top_level_only=True)
 
 

@@ -8,11 +8,11 @@ import torch
 from saealign.additive import (ActivationMeans, AddSteer, DiffMeans, TopicInputs, activation_means,
                                matched_strengths, mean_difference_strengths)
 from saealign.methods import (CLAMP_VALUE, PAPER_CLAMP, Clamp, Method, OutputClamp, OutputSwap, Swap, Unchanged,
-                              generate_prompted, prompt_prefix)
+                              Unsteered, prompt_prefix)
 from saealign.output_scores import OutputScores, decoder_directions, output_latents
 from saealign.reference import ReferenceSet
 from saealign.saes import random_sae
-from saealign.registry import make_method, method_names, method_settings
+from saealign.registry import make_method, method_names, method_needs_sae, method_settings
 from saealign.scoring import LatentScores
 from saealign.steering import generate, steer
 
@@ -137,14 +137,18 @@ def test_prompting(model):
     prefix = prompt_prefix(["The sea was blue.", "  A boat sailed.  ", "Fish swam."], n_texts=2)
     assert prefix == "The sea was blue.\nA boat sailed.\n\n"
     assert prompt_prefix(topic=" A story about the sea. ") == "A story about the sea.\n\n"
-    got = generate_prompted(model, ["Once upon a time", "The dog saw"], prefix, max_new_tokens=10, seed=3)
+    prompting = Unsteered("Prompting", prefix=prefix)
+    got = prompting.generate(model, None, ["Once upon a time", "The dog saw"], max_new_tokens=10, seed=3)
     want = generate(model, None, [prefix + "Once upon a time", prefix + "The dog saw"], max_new_tokens=10, seed=3)
     assert [g.prompt for g in got] == ["Once upon a time", "The dog saw"] and got[0].method == "Prompting"
     assert [(g.tokens, g.continuation) for g in got] == [(g.tokens, g.continuation) for g in want]
+    assert not prompting.needs_sae and not prompting.topic_independent and Unsteered().topic_independent
     with pytest.raises(ValueError, match="either align_texts or a topic"):
         prompt_prefix(["a"], topic="b")
-    with pytest.raises(ValueError, match="do not pass sae"):
-        generate_prompted(model, ["x"], prefix, sae=object())
+    with pytest.raises(ValueError, match="prefix must be a string"):
+        Unsteered("Prompting", prefix=None)
+    with pytest.raises(TypeError, match="runs without an SAE"):
+        prompting.edit(None, torch.ones(2), torch.ones(2))
 
 
 def test_every_registered_method_from_topic_inputs(model, sae):
@@ -155,10 +159,12 @@ def test_every_registered_method_from_topic_inputs(model, sae):
     out = fake_output(sae.cfg.d_sae, list(range(10)), [1.0, 2.0, 0.5, 3.0, -1.0, 0.0, 4.0, 0.2, 0.1, 5.0])
     texts = ["The boat sailed on the big blue sea.", "Fish swam in the cold salty water."]
     inputs = TopicInputs(model, sae, ref, texts, None, given_scores=scores, given_output=out)
-    # the calibration chapter's steers calibrate with the CoLA classifier: tested there (03d)
-    methods = {name: make_method(name, inputs) for name in method_names() if not name.startswith("TopicSteer")}
-    assert {"Swap", "Clamp", "Weight", "SAE", "OutputSwap", "OutputClamp", "AddSteer", "MatchedSteer", "DiffMeans"} <= set(methods)
-    assert all(type(m).__name__ == name for name, m in methods.items() if name != "SAE")
+    # the calibration chapter's steers calibrate with the CoLA classifier: tested there (03d); FT fine-tunes (below)
+    methods = {name: make_method(name, inputs) for name in method_names() if not name.startswith("TopicSteer") and name != "FT"}
+    assert {"Original", "Prompting", "PromptingWords", "Swap", "Clamp", "Weight", "SAE", "OutputSwap", "OutputClamp",
+            "AddSteer", "MatchedSteer", "DiffMeans"} <= set(methods)
+    assert all(type(m).__name__ == name for name, m in methods.items() if m.needs_sae and name != "SAE")
+    assert all(m.needs_sae == method_needs_sae(name) and m.name == name for name, m in methods.items())
     assert sorted(methods["AddSteer"].latents.tolist()) == sorted(output_latents(out).tolist())
     align, refm = activation_means(model, sae, texts), activation_means(model, sae, ref.prompts)
     torch.testing.assert_close(methods["DiffMeans"].vector, align.resid - refm.resid, atol=1e-6, rtol=0)
@@ -167,8 +173,10 @@ def test_every_registered_method_from_topic_inputs(model, sae):
     added = (matched.strengths[:, None] * decoder_directions(sae, matched.latents)).sum(0)
     torch.testing.assert_close(added.norm(), methods["DiffMeans"].vector.norm(), rtol=1e-4, atol=0)
     assert make_method("Clamp", inputs, top_n=2).latents.tolist() == [0, 1]
-    for m in methods.values():
-        assert len(generate(model, sae, "Once upon a time", m, max_new_tokens=4)[0].tokens) == 4
+    for m in methods.values():  # each through its own generate: the baselines without the SAE
+        assert len(m.generate(model, sae, "Once upon a time", max_new_tokens=4)[0].tokens) == 4
+    plain = generate(model, None, "Once upon a time", max_new_tokens=4, seed=2)[0].tokens
+    assert methods["Original"].generate(model, sae, "Once upon a time", max_new_tokens=4, seed=2)[0].tokens == plain
     with pytest.raises(ValueError, match="unknown steering method 'Steer'"):
         make_method("Steer", inputs)
     with pytest.raises(ValueError, match="DiffMeans is built from a TopicInputs"):
@@ -228,16 +236,16 @@ def test_clamp_default_is_half_the_papers():
 
 def test_registry_settings_per_method():
     "The fixed rules each method is registered with; a grid keys its units on them, so they stay byte for byte."
-    import saealign.learned  # noqa: F401  (registers the learned steers; calibration registers the TopicSteer family)
     from saealign.calibration import CALIBRATION_RULES, PROTECTIONS
     from saealign.core import json_sha256
     from saealign.learned import LEARNED_METHODS
-    assert {n: method_settings(n) for n in ("SAE", "Clamp", "Swap", "Weight")} == dict.fromkeys(("SAE", "Clamp", "Swap", "Weight"), {})
+    plain = ("Original", "FT", "Prompting", "PromptingWords", "SAE", "Clamp", "Swap", "Weight")
+    assert {n: method_settings(n) for n in plain} == dict.fromkeys(plain, {})  # a grid keys them on its own options
     assert method_settings("DiffMeans") == {"multiplier": 1.0}
     assert method_settings("AddSteer") == {"multiplier": 1.0, "amplify": 0.25}
     assert method_settings("OutputSwap") == method_settings("OutputClamp") == {"amplify": 0.25}
     assert method_settings("MatchedSteer") == {"multiplier": 1.0, "amplify": 0.25, "strength": "the difference of means' norm"}
-    # the digest a grid unit's key takes of them (evaluation's SELECTION_SETTINGS on main, in its key order)
+    # the digest a grid unit's key takes of them (the grid's former SELECTION_SETTINGS, in its key order)
     assert json_sha256(method_settings("MatchedSteer")) == json_sha256(
         {"multiplier": 1.0, "amplify": 0.25, "strength": "the difference of means' norm"})
     for name, options in PROTECTIONS.items():
@@ -247,23 +255,25 @@ def test_registry_settings_per_method():
 
 
 def test_method_names_after_importing_the_registry_alone():
-    """A fresh interpreter that imports only the registry lists the methods it registers; the TopicSteer family
-    is registered by calibration and the learned steers by learned, which build them."""
+    """A fresh interpreter that imports only the registry lists every method, the baselines, the TopicSteer family
+    and the learned steers included; which of them need no SAE is known before any is built."""
     import subprocess
     import sys
-    code = "import saealign.registry as r; print(','.join(r.method_names()))"
-    names = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
-    assert names.split(",") == ["SAE", "Clamp", "Swap", "Weight", "OutputSwap", "OutputClamp", "AddSteer", "MatchedSteer",
-                                "DiffMeans"]
-    code = "import saealign.learned, saealign.registry as r; print(','.join(r.method_names()))"
-    names = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
-    assert len(names.split(",")) == 19 and "TopicSteer-instructed" in names and "TopicSteer-preferred-instructed" in names
+    code = ("import saealign.registry as r; print(','.join(r.method_names())); "
+            "print(','.join(n for n in r.method_names() if not r.method_needs_sae(n)))")
+    names, sae_free = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                     check=True).stdout.strip().splitlines()
+    assert names.split(",") == [
+        "Original", "FT", "Prompting", "PromptingWords", "SAE", "Clamp", "Swap", "Weight", "OutputSwap", "OutputClamp",
+        "AddSteer", "MatchedSteer", "DiffMeans", "TopicSteer", "TopicSteer-decay", "TopicSteer-generation",
+        "TopicSteer-lift", "TopicSteer-prompted", "TopicSteer-instructed", "TopicSteer-learned",
+        "TopicSteer-learned-instructed", "TopicSteer-preferred", "TopicSteer-preferred-instructed"]
+    assert sae_free.split(",") == ["Original", "FT", "Prompting", "PromptingWords"]
 
 
 def test_the_one_constructor_builds_every_registered_method(model, sae, embedder, tmp_path):
     "`align.method_from_texts` builds every registered method, the default included, on stories260K."
     import numpy as np
-    import saealign.learned  # noqa: F401
     from saealign.align import method_from_texts
     from saealign.calibration import DEFAULT_METHOD
     from saealign.reference import compute_reference, default_reference_prompts
@@ -277,6 +287,7 @@ def test_the_one_constructor_builds_every_registered_method(model, sae, embedder
     options |= {name: {"strength": 1.0} for name in method_names() if name.startswith("TopicSteer")}
     options |= {name: {"strength": 1.0, "learning": {"steps": 1, "cache_dir": False}, **small}
                 for name in method_names() if "learned" in name or "preferred" in name}
+    options["FT"] = {"epochs": 1}
     assert DEFAULT_METHOD in options
     for name, opts in options.items():
         method = method_from_texts(texts, name, model=model, sae=sae, embedder=embedder, reference=ref,

@@ -174,12 +174,12 @@ def test_sae_and_method():
 
 def test_explorer_offers_a_method_registered_later(explorer, monkeypatch):
     monkeypatch.setattr(registry, "_FACTORIES", dict(registry._FACTORIES))  # the registration ends with the test
-    before = registry.method_names()  # the learned steers too, when a test before this one imported them
-    assert before[:9 + len(PROTECTIONS)] == ("SAE", "Clamp", "Swap", "Weight", "OutputSwap", "OutputClamp", "AddSteer",
-                                               "MatchedSteer", "DiffMeans", *PROTECTIONS)
+    before = [n for n in registry.method_names() if registry.method_needs_sae(n)]  # those that steer through the SAE
+    assert before[:9 + len(PROTECTIONS)] == ["SAE", "Clamp", "Swap", "Weight", "OutputSwap", "OutputClamp", "AddSteer",
+                                             "MatchedSteer", "DiffMeans", *PROTECTIONS]
     registry.register_method("Swap again", Swap)
     fresh = AlignmentExplorer(explorer.model, explorer.sae, explorer.reference, explorer.embedder)
-    assert list(fresh.method.options) == ["Original", *before, "Swap again"]
+    assert list(fresh.method.options) == ["Original", *before, "Swap again"]  # no prompting or fine-tuned baseline
     assert fresh.method.value == DEFAULT_METHOD
     fresh.render_html("The cat", SEA, method="Swap again", max_new_tokens=4)
     assert fresh.columns[1].generation.method == "Swap"
