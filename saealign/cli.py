@@ -9,7 +9,6 @@ import argparse
 import datetime
 import html
 import json
-import os
 import sys
 import tempfile
 import time
@@ -175,7 +174,7 @@ def align(align_texts: list[str], prompt: str, *, model_name: str = DEFAULT_MODE
     print(f"\nper-token contamination of the {method} continuation (0 = from aligned latents):")
     print(_token_line(result.steered))
     columns = highlight_result(result, model=model, sae=sae, reference=reference)
-    print(f"\nper token: raw contamination, its percentile among reference tokens, and the factor by which the steering "
+    print("\nper token: raw contamination, its percentile among reference tokens, and the factor by which the steering "
           "changed its probability:")
     print(format_token_rows(columns[1].details))
     if report:

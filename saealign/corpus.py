@@ -110,20 +110,26 @@ HELDOUT_SEED_OFFSET = 10_000  # held-out stories come from seed + this, never a 
 
 @dataclass(frozen=True)
 class Corpus:
-    "What SAEs train on, as data: shares of the rows per text source and written by the model; what is held out."
-    shares: dict[str, float]        # text source (`TEXT_SOURCES`) -> share of the rows; `fill`'s is what is left
+    "What SAEs train on, as data: the share of rows the model writes, the shares of the text sources; what is held out."
+    shares: dict[str, float]        # text source (`TEXT_SOURCES`) -> share of the rows not written; `fill`'s is what is left
     fill: str                       # the source that fills the rows the others leave
     context: int                    # tokens a row
     splits: dict[str, tuple[str, ...]] = field(default_factory=dict)          # source -> splits read (default: its first)
     heldout_splits: dict[str, tuple[str, ...]] = field(default_factory=dict)  # source -> its own held-out splits
+    heldout_from: dict[str, int] = field(default_factory=dict)  # source -> its first held-out text (else heldout_share)
     heldout_share: float = 0.1      # held out of the other sources: the last share of their texts
     written_share: float = 0.0      # rows the model writes itself (`sample_stories`)
+    heldout_written_share: float | None = None  # the same among held-out rows (None: written_share)
+    rows: int | None = None         # training rows (None: as many as the schedule's tokens need, and a margin)
+    shuffle_rows_apart: bool = False  # rows shuffled by a generator of their own, not the one that shuffled the texts
 
     def __post_init__(self):
         if self.fill not in self.shares:
             raise ValueError(f"the fill source {self.fill!r} is not among the shares {sorted(self.shares)}")
-        if abs(sum(self.shares.values()) + self.written_share - 1) > 1e-9:
-            raise ValueError(f"the shares and written_share sum to {sum(self.shares.values()) + self.written_share}, not 1")
+        if abs(sum(self.shares.values()) - 1) > 1e-9:
+            raise ValueError(f"the shares sum to {sum(self.shares.values())}, not 1")
+        if unknown := set(self.heldout_from) - set(self.shares):
+            raise ValueError(f"heldout_from names sources without a share: {sorted(unknown)}")
 
 
 def corpus_documents(corpus: Corpus, split: str = "train") -> dict[str, list[str]]:
@@ -137,7 +143,7 @@ def corpus_documents(corpus: Corpus, split: str = "train") -> dict[str, list[str
             docs[name] = [t for s in splits for t in load_texts(name, split=s)["text"]]
             continue
         texts = [t for s in corpus.splits.get(name, (None,)) for t in load_texts(name, split=s)["text"]]
-        cut = int(len(texts) * (1 - corpus.heldout_share))
+        cut = corpus.heldout_from.get(name, int(len(texts) * (1 - corpus.heldout_share)))
         docs[name] = texts[:cut] if split == "train" else texts[cut:]
     return docs
 
@@ -150,24 +156,27 @@ def written_rows(model, n: int, length: int, seed: int) -> torch.Tensor:
 
 def corpus_rows(model, corpus: Corpus, n_rows: int, *, split: str = "train", seed: int = 0, with_sources: bool = False):
     """`n_rows` rows of `corpus.context` tokens, BOS-started: the model's own stories, then each source's shuffled
-    documents packed to its share (a source too small gives what it has; `fill` takes the rest), all shuffled with
-    `seed`. With `with_sources`, also each row's source name (`WRITTEN` for the model's stories)."""
+    documents packed to its share of the rest (a source too small gives what it has; `fill` takes the rest), all
+    shuffled with `seed`. With `with_sources`, also each row's source name (`WRITTEN` for the model's stories)."""
     docs = corpus_documents(corpus, split)
     g = torch.Generator().manual_seed(seed)
     parts, names = [], []
-    if n_written := round(n_rows * corpus.written_share):
+    written_share = corpus.written_share
+    if split == "heldout" and corpus.heldout_written_share is not None:
+        written_share = corpus.heldout_written_share
+    if n_written := round(n_rows * written_share):
         parts.append(written_rows(model, n_written, corpus.context, seed + (split == "heldout") * HELDOUT_SEED_OFFSET))
         names.append(WRITTEN)
     filled = len(parts[0]) if parts else 0
     for name in sorted(corpus.shares, key=lambda n: n == corpus.fill):  # the fill source last
         d = [docs[name][i] for i in torch.randperm(len(docs[name]), generator=g).tolist()]
-        want = n_rows - filled if name == corpus.fill else round(n_rows * corpus.shares[name])
+        want = n_rows - filled if name == corpus.fill else round((n_rows - n_written) * corpus.shares[name])
         parts.append(pack_texts(d, tokenizer_of(model), want, corpus.context, strict=False))
         names.append(name)
         filled += len(parts[-1])
     if filled < n_rows:
         raise ValueError(f"the {split} corpus fills only {filled} rows of {corpus.context} tokens; {n_rows} asked")
-    order = torch.randperm(filled, generator=g)
+    order = torch.randperm(filled, generator=torch.Generator().manual_seed(seed) if corpus.shuffle_rows_apart else g)
     rows = torch.cat(parts)[order]
     if not with_sources:
         return rows

@@ -94,8 +94,11 @@ STORIES_RECIPE = Recipe(
     specs={  # chosen from the sweep: targets met, most word- and context-like latents
         "blocks.0.hook_resid_post": SAESpec(layer=0, d_sae=512, k=16, normalize_activations="none"),
         "blocks.2.hook_resid_post": SAESpec(layer=2, d_sae=512, k=16, normalize_activations="none")},
-    corpus=Corpus(shares={"p3": 0.1, "cola": 0.1}, fill="p3", context=256, splits={"cola": ("in_domain_train",)},
-                  heldout_splits={"cola": ("in_domain_dev",)}, written_share=0.8),
+    # the corpus its shipped SAEs were trained on: 4,096 stories, 512 rows of P3, 512 of CoLA; held out: P3 from
+    # text 50,000 on, three rows in four written
+    corpus=Corpus(shares={"p3": 0.5, "cola": 0.5}, fill="cola", context=256, splits={"cola": ("in_domain_train",)},
+                  heldout_splits={"cola": ("in_domain_dev",)}, heldout_from={"p3": 50_000}, written_share=0.8,
+                  heldout_written_share=0.75, rows=5120, shuffle_rows_apart=True),
     schedule=Schedule(training_tokens=1_300_000, batch_tokens=4096, lr=3e-3),
     b_dec_at_mean=False)  # its shipped SAEs started from sae_lens's own initialisation
 
@@ -394,7 +397,7 @@ def train_saes(model, recipe: Recipe, run: Path, *, warm: bool = False, shipped:
     _record_recipe(run, recipe)
     if all((run / n / "cfg.json").is_file() for n in specs):
         return {n: read_run_sae(run / n) for n in specs}
-    rows = schedule.training_tokens // recipe.corpus.context + CORPUS_MARGIN_ROWS
+    rows = recipe.corpus.rows or schedule.training_tokens // recipe.corpus.context + CORPUS_MARGIN_ROWS
     corpus = datasets.Dataset.from_dict({"input_ids": corpus_rows(model, recipe.corpus, rows, seed=schedule.seed).tolist()})
     resume = latest_checkpoint(run / "checkpoints")
     cfg = runner_config(model, recipe, run, warm=warm, resume=resume)

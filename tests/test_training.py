@@ -1,7 +1,9 @@
 """SAE training: the recipes' sae_lens runner settings (the values the shipped SAEs were trained with, worked out by
-hand), recipes through JSON, the checkpoint format, and a tiny run that resumes from its checkpoint."""
+hand), the stories corpus its shipped SAEs were trained on, recipes through JSON, the checkpoint format, and a tiny
+run that resumes from its checkpoint."""
 import json
 import shutil
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
@@ -11,7 +13,7 @@ from safetensors.torch import save_file
 
 from saealign import training as T
 from saealign.activations import special_ids
-from saealign.core import DamagedFileError, load_tensors
+from saealign.core import DamagedFileError, load_tensors, load_texts
 
 
 def test_stories_recipe_settings(model, tmp_path):
@@ -46,6 +48,21 @@ def test_a_recipe_goes_through_json_unchanged(name):
     recipe = T.RECIPES[name]
     assert T.Recipe.from_dict(json.loads(json.dumps(recipe.to_dict()))) == recipe
     assert T.recipe_for(recipe.model) is recipe
+
+
+def test_the_stories_recipe_is_the_corpus_its_shipped_saes_were_trained_on(model, monkeypatch):
+    "4,096 stories, 512 P3 rows, 512 CoLA rows in an order of their own; held out: 48 + 8 + 8 rows, P3 from text 50,000."
+    from saealign import corpus as C
+    written = []
+    monkeypatch.setattr(C, "written_rows", lambda model, n, length, seed: written.append((n, seed)) or
+                        torch.full((n, length), model.tokenizer.bos_token_id))
+    corpus = T.STORIES_RECIPE.corpus
+    _, sources = C.corpus_rows(model, corpus, corpus.rows, with_sources=True)
+    made = ["written"] * 4096 + ["p3"] * 512 + ["cola"] * 512
+    assert sources == [made[i] for i in torch.randperm(5120, generator=torch.Generator().manual_seed(0)).tolist()]
+    _, held = C.corpus_rows(model, corpus, 64, split="heldout", with_sources=True)
+    assert Counter(held) == {"written": 48, "p3": 8, "cola": 8} and written == [(4096, 0), (48, 10_000)]
+    assert C.corpus_documents(corpus, "heldout")["p3"] == list(load_texts("p3")["text"])[50_000:]
 
 
 def test_a_run_folder_refuses_another_recipe(tmp_path):
@@ -102,7 +119,8 @@ def test_a_tiny_sae_saves_reads_back_and_refuses_damage(tmp_path):
 
 def test_a_tiny_run_resumes_from_its_checkpoint(model, tmp_path, monkeypatch):
     recipe = replace(T.STORIES_RECIPE, specs={"tiny": T.SAESpec(layer=1, d_sae=32, k=4, normalize_activations="none")},
-                     corpus=replace(T.STORIES_RECIPE.corpus, context=32, written_share=0.0, shares={"p3": 0.5, "cola": 0.5}),
+                     corpus=replace(T.STORIES_RECIPE.corpus, context=32, written_share=0.0, heldout_written_share=None,
+                                    rows=None),
                      schedule=T.Schedule(training_tokens=16_384, batch_tokens=512, lr=3e-3, n_checkpoints=1))
     first = T.train_saes(model, recipe, tmp_path / "first")["tiny"]
     (checkpoint,) = (tmp_path / "first" / "checkpoints").iterdir()
