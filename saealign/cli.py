@@ -9,7 +9,6 @@ import argparse
 import datetime
 import html
 import json
-import os
 import sys
 import tempfile
 import time
@@ -177,8 +176,8 @@ def align(align_texts: list[str], prompt: str, *, model_name: str = DEFAULT_MODE
     print(f"\nper-token contamination of the {method} continuation (0 = from aligned latents):")
     print(_token_line(result.steered))
     columns = highlight_result(result, model=model, sae=sae, reference=reference)
-    print(f"\nper token: raw contamination, its percentile (with its neighbours) among reference tokens, and the factor by "
-          "which the steering changed its probability:")
+    print("\nper token: raw contamination, its percentile (with its neighbours) among reference tokens, and the factor "
+          "by which the steering changed its probability:")
     print(format_token_rows(columns[1].details))
     if report:
         settings = {"model": model_name, "SAE": f"{release}/{sae_id}", "topic": topic, "prompt": prompt,
@@ -306,7 +305,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--classifier", default=None,
                    help="acceptability classifier: a saved directory, a hub id, 'none' (default: the project's CoLA model)")
     p = sub.add_parser("train-saes", help="retrain the SAEs shipped in the package (resumes an interrupted run)")
-    p.add_argument("--model", default=DEFAULT_MODEL, choices=("gemma-3-270m", "stories260K"))
+    p.add_argument("--model", default=DEFAULT_MODEL, choices=[n for n, s in MODEL_SPECS.items() if s.sae_recipe],
+                   help="the model whose SAEs its recipe trains (saealign.training.RECIPES)")
     p.add_argument("--out", default=None, help="directory to write to (default: the package's saes/ folder)")
     return parser
 
@@ -328,12 +328,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "grid":
             grid(args.out, seeds=args.seeds, max_new_tokens=args.max_new_tokens, classifier=args.classifier)
         elif args.command == "train-saes":
-            if args.model == "stories260K":
-                from saealign.embedded import train_embedded_saes
-                train_embedded_saes(args.out)
-            else:
-                from saealign.gemma_saes import GEMMA_SAE_DIR, train_and_ship_gemma_saes
-                train_and_ship_gemma_saes(dest=Path(args.out) if args.out else GEMMA_SAE_DIR)
+            from saealign.training import recipe_for, train_and_ship
+            train_and_ship(recipe_for(args.model), dest=args.out)
     except (ValueError, FileNotFoundError, ConnectionError) as e:  # errors meant for the user, not a traceback
         print(f"saealign: error: {e}", file=sys.stderr)
         return 1

@@ -445,6 +445,7 @@ class ModelSpec:
     model_names: tuple[str, ...] = ()          # `model.cfg.model_name` values (and aliases) that mean this model
     sae_release: str | None = None             # the SAE used when none is named ...
     sae_id: str | None = None                  # ... and its id in that release
+    sae_recipe: str | None = None              # the recipe that trains its shipped SAEs (`training.RECIPES`)
     story_share: float = 0.0                   # share of the reference prompts the model writes itself
     bos_ends_text: bool = False                # llama2.c: BOS also starts the next story, so it ends a generation
     topics: str = "general"                    # which named topics suit it: "general" or "stories" (scoring)
@@ -460,8 +461,9 @@ class ModelSpec:
 # %% ../nbs/00a_models.ipynb #c63aa199
 MODEL_SPECS = {s.name: s for s in (
     ModelSpec("gemma-3-270m", load_gemma, model_names=("gemma-3-270m", GEMMA_HUB_ID),
-              sae_release="saealign-gemma-3-270m", sae_id="blocks.6.hook_resid_post"),
+              sae_release="saealign-gemma-3-270m", sae_id="blocks.6.hook_resid_post", sae_recipe="gemma"),
     ModelSpec("stories260K", load_stories260k, sae_release="saealign-stories260K", sae_id="blocks.2.hook_resid_post",
+              sae_recipe="stories",
               story_share=0.5, bos_ends_text=True, topics="stories", demo_topic="sea", demo_prompt="Once upon a time",
               neutral_prompts=("Once upon a time", "One day, a little girl", "Tom and his mom went", "The dog saw")),
     ModelSpec("gpt2-small-random", load_gpt2_small_random,

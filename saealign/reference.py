@@ -644,7 +644,7 @@ def model_stories(model, n: int, *, length: int = 64, seed: int = 0) -> list[str
     """`n` distinct stories the model writes itself (temperature 1, varied openings), each cut at its end.
     The sampled tokens are cached under `cache_root()`, keyed by the model's weights: sampling is the slow
     part of building the default reference (minutes on 2 CPU cores), so a cached reference loads in seconds."""
-    from saealign.embedded import cached_tokens, sample_stories
+    from saealign.corpus import cached_tokens, sample_stories
     key = f"{model.cfg.model_name}-{tensor_digest(model, sample=4096)[:16]}-n{n}-len{length}-seed{seed}"
     rows = cached_tokens(cache_root() / "reference" / "stories" / f"{key}.safetensors",
                          lambda: sample_stories(model, n, length=length, seed=seed))

@@ -17,8 +17,8 @@ from .core import DamagedFileError, hub_reachable, load_tensors, save_tensors, u
 from .models import DEFAULT_MODEL, model_spec
 
 # %% auto #0
-__all__ = ['SAE_DIR', 'SHIPPED_RELEASES', 'hook_activation_size', 'check_sae_fits', 'shipped_sae_ids', 'load_sae', 'ship_sae',
-           'random_sae']
+__all__ = ['SAE_DIR', 'SHIPPED_RELEASES', 'hook_activation_size', 'check_sae_fits', 'shipped_sae_ids', 'read_sae', 'load_sae',
+           'ship_sae', 'random_sae']
 
 # %% ../nbs/00b_saes.ipynb #e1f8818a
 def hook_activation_size(model, hook_name: str) -> int:
@@ -57,17 +57,22 @@ def shipped_sae_ids(release: str) -> list[str]:
     return sorted(p.name for p in (SAE_DIR / SHIPPED_RELEASES[release]).iterdir() if (p / "cfg.json").is_file())
 
 
-def _load_shipped(release: str, sae_id: str | None, device: str):
+def read_sae(folder: Path, device: str = "cpu"):
+    "The SAE in a folder `ship_sae` wrote, its tensors checked first: a `DamagedFileError` when they do not match."
     from sae_lens import SAE
+    load_tensors(Path(folder) / "sae_weights.safetensors")
+    return SAE.load_from_disk(folder, device=device).eval()
+
+
+def _load_shipped(release: str, sae_id: str | None, device: str):
     sae_id = sae_id or model_spec(SHIPPED_RELEASES[release]).sae_id
     if sae_id not in shipped_sae_ids(release):
         raise ValueError(f"no SAE {sae_id!r} in {release!r}; available: {', '.join(shipped_sae_ids(release))}.")
     folder = SAE_DIR / SHIPPED_RELEASES[release] / sae_id
     try:
-        load_tensors(folder / "sae_weights.safetensors")
+        return read_sae(folder, device)
     except DamagedFileError as e:
         raise DamagedFileError(f"{e}: reinstall saealign, or rebuild the SAEs with `saealign train-saes`.") from None
-    return SAE.load_from_disk(folder, device=device)
 
 
 def load_sae(release: str | None = None, sae_id: str | None = None, *, model=None, device: str = "cpu"):

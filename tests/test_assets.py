@@ -174,9 +174,10 @@ def test_hung_or_failing_hub_fails_within_the_probe_timeout(broken_hub):
 def test_the_gemma_training_corpus_without_a_mirror_says_what_is_missing(no_mirror, monkeypatch):
     "Every corpus source goes through load_texts: no mirror means a FileNotFoundError naming the variable, not a TypeError."
     import datasets
-    from saealign import gemma_saes
-    real = gemma_saes.load_texts
-    monkeypatch.setattr(gemma_saes, "load_texts", lambda name, **k: real(name, **k) if name == "instructions"
+    from saealign import corpus
+    from saealign.training import GEMMA_RECIPE
+    real = corpus.load_texts
+    monkeypatch.setattr(corpus, "load_texts", lambda name, **k: real(name, **k) if name == "instructions"
                         else datasets.Dataset.from_dict({"text": ["a text"]}))
     with pytest.raises(FileNotFoundError, match=f"self-instruct.*{ENV_VAR}"):
-        gemma_saes.corpus_documents()
+        corpus.corpus_documents(GEMMA_RECIPE.corpus)

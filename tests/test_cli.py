@@ -40,3 +40,17 @@ def test_align_reports_bad_input_in_one_line(tmp_path):
 def test_unknown_subcommand_is_a_usage_error(tmp_path):
     done = run(["frobnicate"], tmp_path)
     assert done.returncode == 2 and "invalid choice" in done.stderr
+
+
+def test_train_saes_runs_the_models_recipe(monkeypatch, tmp_path):
+    "`train-saes` hands the model's recipe to the one training path; a model without a recipe is a usage error."
+    import pytest
+    from saealign import training
+    from saealign.cli import main
+    calls = []
+    monkeypatch.setattr(training, "train_and_ship", lambda recipe, dest=None: calls.append((recipe, dest)))
+    assert main(["train-saes", "--model", "stories260K", "--out", str(tmp_path)]) == 0
+    assert main(["train-saes"]) == 0
+    assert calls == [(training.STORIES_RECIPE, str(tmp_path)), (training.GEMMA_RECIPE, None)]
+    with pytest.raises(SystemExit):
+        main(["train-saes", "--model", "gpt2-small-random"])

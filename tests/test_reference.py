@@ -403,7 +403,7 @@ def test_coverage_curve_known_values():
 
 def test_model_stories_sampled_once_then_loaded(model, tmp_path, monkeypatch):
     "The stories of the default reference are cached, so a second call loads them instead of sampling."
-    import saealign.embedded as E
+    import saealign.corpus as E
     monkeypatch.setenv("SAEALIGN_CACHE", str(tmp_path))
     first = R.model_stories(model, 6, length=16, seed=3)
     monkeypatch.setattr(E, "sample_stories", lambda *a, **k: pytest.fail("sampled again despite the cache"))

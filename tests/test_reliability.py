@@ -254,7 +254,7 @@ def test_damaged_token_cache_is_sampled_again(model, tmp_path, monkeypatch, capl
     (f,) = (cache_root() / "reference" / "stories").glob("*.safetensors")
     begin, _ = tensor_span(f, "tokens")
     flip_byte(f, begin)
-    with caplog.at_level(logging.WARNING, logger="saealign.embedded"):
+    with caplog.at_level(logging.WARNING, logger="saealign.corpus"):
         assert R.model_stories(model, 4, length=8, seed=5) == first
     assert f.name in caplog.text and "sampling again" in caplog.text
 
@@ -575,7 +575,7 @@ def test_sampled_tokens_under_another_key_are_sampled_again(model, caplog):
     R.model_stories(model, 4, length=8, seed=6)
     mine, other = (next((cache_root() / "reference" / "stories").glob(f"*seed{s}.safetensors")) for s in (5, 6))
     mine.write_bytes(other.read_bytes())  # seed 6's stories under seed 5's name
-    with caplog.at_level(logging.WARNING, logger="saealign.embedded"):
+    with caplog.at_level(logging.WARNING, logger="saealign.corpus"):
         assert R.model_stories(model, 4, length=8, seed=5) == first
     assert "not for this key" in caplog.text and "sampling again" in caplog.text
 
