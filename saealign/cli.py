@@ -23,7 +23,7 @@ from .additive import TopicInputs
 from .grid import default_grid_path, read_rows, run_grid, torch_threads
 from .reference import default_reference
 from .scoring import _CONTROL, TOPIC_NAMES, topic_texts
-from .registry import make_method, method_names
+from .registry import make_method, method_names, method_needs_sae
 from .steering import DEFAULT_OUTPUT, OUTPUT_MODES, check_sampling, encode_prompts, format_side_by_side
 from .export import FORMATS, POSITIONS, export_steer, load_vector
 from .render import chart_svg, columns_html, contamination_chart, inspector_html
@@ -31,8 +31,13 @@ from .tables import chart, summary_table
 from .highlighting import format_token_rows, highlight_result
 
 # %% auto #0
-__all__ = ['EXPORT_METHOD', 'read_topic_file', 'scores_chart', 'report_html', 'check_report_path', 'align', 'demo', 'export',
-           'grid', 'main']
+__all__ = ['EXPORT_METHOD', 'steering_methods', 'read_topic_file', 'scores_chart', 'report_html', 'check_report_path', 'align',
+           'demo', 'export', 'grid', 'main']
+
+# %% ../nbs/06_cli.ipynb #72b2227b
+def steering_methods() -> list[str]:
+    "The registered methods that steer through an SAE, sorted: what `align` and `export` accept."
+    return sorted(m for m in method_names() if method_needs_sae(m))
 
 # %% ../nbs/06_cli.ipynb #19e6df66
 def read_topic_file(path) -> list[str]:
@@ -141,8 +146,8 @@ def align(align_texts: list[str], prompt: str, *, model_name: str = DEFAULT_MODE
     report's path are checked before anything is loaded."""
     start = time.perf_counter()
     check_sampling(max_new_tokens)
-    if method not in method_names() or output not in OUTPUT_MODES:
-        raise ValueError(f"method must be one of {', '.join(method_names())} and output one of {', '.join(OUTPUT_MODES)}"
+    if method not in steering_methods() or output not in OUTPUT_MODES:
+        raise ValueError(f"method must be one of {', '.join(steering_methods())} and output one of {', '.join(OUTPUT_MODES)}"
                          f" (got {method!r}, {output!r}).")
     report = check_report_path(report)
     model = load_model(model_name, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
@@ -220,8 +225,8 @@ def export(align_texts: list[str], out: str | None = None, *, fmt: str = "gguf",
            positions: str = "all", allow_pickle: bool = False) -> Path:
     """Build `method` for `align_texts` and export it to `out` (default: `<topic>.gguf` or `<topic>.safetensors`
     in the working folder) in format `fmt`; the path written. Settings and the path are checked before loading."""
-    if fmt not in FORMATS or method not in method_names() or positions not in POSITIONS:
-        raise ValueError(f"format must be one of {', '.join(FORMATS)}, method one of {', '.join(method_names())} and "
+    if fmt not in FORMATS or method not in steering_methods() or positions not in POSITIONS:
+        raise ValueError(f"format must be one of {', '.join(FORMATS)}, method one of {', '.join(steering_methods())} and "
                          f"positions one of {', '.join(POSITIONS)} (got {fmt!r}, {method!r}, {positions!r}).")
     out = Path(out or f"{topic}.{fmt}").expanduser()
     if out.is_dir() or not out.parent.is_dir():
@@ -279,7 +284,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True)
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"{', '.join(MODEL_SPECS)} or a transformer_lens name")
     p.add_argument("--sae", default=None, help="RELEASE/SAE_ID (sae_lens), or an id of the model's shipped SAEs")
-    p.add_argument("--method", default=DEFAULT_METHOD, choices=sorted(method_names()))
+    p.add_argument("--method", default=DEFAULT_METHOD, choices=steering_methods())
     p.add_argument("--output", default=DEFAULT_OUTPUT, choices=OUTPUT_MODES)
     p.add_argument("--allow-pickle", action="store_true",
                    help="load a transformer_lens model whose weights are a pickle (runs code from the file: trust it)")
@@ -292,7 +297,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="file to write (default: the topic file's name, .gguf or .safetensors)")
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"{', '.join(MODEL_SPECS)} or a transformer_lens name")
     p.add_argument("--sae", default=None, help="RELEASE/SAE_ID (sae_lens), or an id of the model's shipped SAEs")
-    p.add_argument("--method", default=EXPORT_METHOD, choices=sorted(method_names()))
+    p.add_argument("--method", default=EXPORT_METHOD, choices=steering_methods())
     p.add_argument("--strength", type=float, default=1.0, help="multiplies the vector")
     p.add_argument("--positions", default="all", choices=POSITIONS,
                    help="where the transformers hook adds it: all (as llama.cpp) or non-special (as saealign)")

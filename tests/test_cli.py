@@ -54,3 +54,15 @@ def test_train_saes_runs_the_models_recipe(monkeypatch, tmp_path):
     assert calls == [(training.STORIES_RECIPE, str(tmp_path)), (training.GEMMA_RECIPE, None)]
     with pytest.raises(SystemExit):
         main(["train-saes", "--model", "gpt2-small-random"])
+
+
+def test_the_baselines_are_not_offered_to_steer_or_export(capsys):
+    "`align` and `export` steer through an SAE: a baseline (the model as it is, a prompt) is a usage error, said at once."
+    import pytest
+    from saealign.cli import main, steering_methods
+    from saealign.registry import method_names, method_needs_sae
+    assert set(steering_methods()) == {m for m in method_names() if method_needs_sae(m)} and "Original" not in steering_methods()
+    for command in (["align", "--prompt", "Once", "--method", "PromptingWords"], ["export", "--method", "Original"]):
+        with pytest.raises(SystemExit) as stopped:
+            main(command)
+        assert stopped.value.code == 2 and "invalid choice" in capsys.readouterr().err
