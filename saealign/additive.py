@@ -15,12 +15,13 @@ from functools import cached_property
 import torch
 
 from ._utils import check_positive_int, finite_number
-from .core import DamagedFileError, cache_folder, cache_root, load_tensors, save_tensors, shipped_file
+from .core import (DamagedFileError, cache_folder, cache_root, load_tensors, sae_digest, save_tensors, shipped_file,
+                           tensor_digest)
 from .models import model_spec
 from .activations import check_no_saes, content_mask, hook_activations, pad_id, pad_right, tokenize
 from .methods import Method, MethodInputs
 from .output_scores import OutputScores, check_latent_ids, decoder_directions, output_scores
-from .reference import ReferenceSet, sae_digest, tensor_digest
+from .reference import ReferenceSet
 from .scoring import LatentScores, check_texts, score_latents
 
 log = logging.getLogger(__name__)

@@ -18,10 +18,9 @@ from tqdm.auto import tqdm
 from pathlib import Path
 
 from ._utils import finite_number
-from .core import (SHIPPED_DIR, cache_folder, cache_root, json_sha256, load_embedder, shipped_file, tensor_sha256,
-                           write_json)
+from .core import (SHIPPED_DIR, cache_folder, cache_root, json_sha256, load_embedder, sae_digest, shipped_file,
+                           tensor_digest, tensor_sha256, write_json)
 from .metrics import alignment_distances, instruction_prefix, relevance
-from .reference import sae_digest, tensor_digest
 from .additive import MAX_STRENGTH, TopicInputs, TopicSteer
 from .methods import prompt_prefix
 from .steering import generate

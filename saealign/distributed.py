@@ -20,8 +20,9 @@ from tqdm.auto import tqdm
 from .core import cache_folder, load_embedder
 from .models import DEFAULT_MODEL, load_model
 from ._utils import check_positive_int
-from .reference import (ReferenceSet, check_prompts, ChunkCache, compute_chunk, embedding_cache_dir,
-                                EmbeddingCache, merge_chunks, prompts_digest, reference_plan)
+from .embeddings import EmbeddingCache, embedding_cache_dir
+from .reference import (ReferenceSet, check_prompts, ChunkCache, compute_chunk, merge_chunks, prompts_digest,
+                                reference_plan)
 from .saes import load_sae
 
 log = logging.getLogger(__name__)

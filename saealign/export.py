@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 
 from ._utils import finite_number, hook_layer
-from .core import DamagedFileError, atomic_write, tensor_sha256
+from .core import DamagedFileError, atomic_write, sae_digest, tensor_sha256
 from .activations import check_no_saes, special_ids
-from .reference import load_saved_pair, prompts_digest, sae_digest, save_pair
+from .reference import load_saved_pair, prompts_digest, save_pair
 from .saes import check_sae_fits
 from .steering import apply_activation, check_architecture, steer
 

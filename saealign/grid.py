@@ -23,12 +23,12 @@ import torch
 from tqdm.auto import tqdm
 
 from ._utils import hook_layer
-from .core import atomic_write, cache_root, json_sha256, load_embedder, load_texts
+from .core import atomic_write, cache_root, json_sha256, load_embedder, load_texts, sae_digest, tensor_digest
+from .embeddings import embed_texts
 from .metrics import measure, topic_words
 from .models import DEFAULT_MODEL, load_model, model_spec
 from .saes import load_sae, shipped_sae_ids
-from .reference import (build_reference_prompts, compute_reference, default_reference, embed_texts, sae_digest,
-                                tensor_digest)
+from .reference import build_reference_prompts, compute_reference, default_reference
 from .scoring import model_topics, score_latents
 from .additive import TopicInputs
 from .methods import PAPER_CLAMP, Method

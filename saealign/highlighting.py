@@ -16,9 +16,9 @@ import pandas as pd
 import torch
 
 from ._utils import check_positive_int
-from .core import DamagedFileError, cache_folder, cache_root, json_sha256, load_tensors, save_tensors
+from .core import DamagedFileError, cache_folder, cache_root, json_sha256, load_tensors, save_tensors, tensor_digest
 from .activations import check_no_saes, content_mask, hook_activations, pad_id, pad_right, tokenize
-from .reference import ReferenceSet, tensor_digest
+from .reference import ReferenceSet
 from .render import ORIGINAL, Column, TokenDetail, _short, strongest_latents, top_prompts
 from .additive import reference_sample
 from .output_scores import decoder_directions

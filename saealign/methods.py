@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from ._utils import check_positive_int, finite_number
 from .output_scores import OutputScores, check_prompts, output_latents
-from .reference import sae_digest
+from .core import sae_digest
 from .scoring import LatentScores, check_texts
 from .steering import ORIGINAL, apply_activation, as_scores, generate, steer
 

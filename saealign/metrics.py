@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from ._utils import check_positive_int
-from .reference import embed_texts
+from .embeddings import embed_texts
 from .steering import Generation
 
 # %% auto #0

@@ -14,9 +14,8 @@ from dataclasses import dataclass
 import torch
 
 from ._utils import check_positive_int, finite_number
-from .core import DamagedFileError, cache_folder, cache_root, load_tensors, save_tensors
+from .core import DamagedFileError, cache_folder, cache_root, load_tensors, sae_digest, save_tensors, tensor_digest
 from .activations import check_no_saes, content_mask, hook_activations, pad_id, pad_right, special_ids, tokenize
-from .reference import sae_digest, tensor_digest
 from .scoring import LatentScores, check_texts
 from .steering import as_scores
 

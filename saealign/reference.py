@@ -13,15 +13,16 @@ import math
 import random
 import re
 import warnings
-import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from .core import (DamagedFileError, atomic_write, cache_folder, cache_root, json_sha256, load_tensors,
-                            load_texts, save_tensors, shipped_file, write_json)
+from .core import (DamagedFileError, _model_description, _sae_description, atomic_write, cache_folder, cache_root,
+                           json_sha256, load_tensors, load_texts, sae_digest, save_tensors, shipped_file, tensor_digest,
+                           write_json)
+from .embeddings import EmbeddingCache, embed_texts, embedder_description, embedding_cache_dir
 from .models import model_spec
 from ._utils import check_positive_int
 from .activations import (ENCODE_TOKENS, check_no_saes, content_mask, encode_kept, hook_activations, latent_acts,
@@ -33,13 +34,11 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 2  # 2: every saved file carries checksums
 
 # %% auto #0
-__all__ = ['log', 'FORMAT_VERSION', 'BATCH_TOKENS', 'MAX_TOKENS', 'CHUNK_SIZE', 'EMBED_BATCH', 'build_reference_prompts',
-           'quiet_csr', 'summarize_batch', 'tensor_digest', 'sae_digest', 'save_pair', 'load_saved_pair',
-           'ReferenceSet', 'ChunkCache', 'check_prompts', 'prompts_digest', 'reference_plan', 'embedding_cache_dir',
-           'merge_chunks', 'embed_texts', 'embedding_dim', 'embedder_description', 'compute_chunk', 'compute_reference',
-           'embedder_key', 'EmbeddingCache', 'coverage_curve', 'coverage_chart', 'model_stories',
-           'default_reference_prompts', 'default_reference_dir', 'shipped_reference_name', 'shipped_reference',
-           'default_reference']
+__all__ = ['log', 'FORMAT_VERSION', 'BATCH_TOKENS', 'MAX_TOKENS', 'CHUNK_SIZE', 'build_reference_prompts', 'quiet_csr',
+           'summarize_batch', 'save_pair', 'load_saved_pair', 'ReferenceSet', 'ChunkCache', 'check_prompts',
+           'prompts_digest', 'reference_plan', 'merge_chunks', 'compute_chunk', 'compute_reference', 'coverage_curve',
+           'coverage_chart', 'model_stories', 'default_reference_prompts', 'default_reference_dir',
+           'shipped_reference_name', 'shipped_reference', 'default_reference']
 
 # %% ../nbs/01_reference.ipynb #c6e42448
 def build_reference_prompts(n: int, *, seed: int = 0, sources=("p3",), extra=None, model=None) -> list[str]:
@@ -121,56 +120,6 @@ def summarize_batch(model, sae, tokens: torch.Tensor, mask: torch.Tensor) -> tor
         return torch.where(total > 0, sums / total.clamp_min(torch.finfo(sums.dtype).tiny), 0.0).to_sparse_csr()
 
 # %% ../nbs/01_reference.ipynb #1ea1eaa6
-def tensor_digest(module_or_tensors, sample: int | None = None) -> str:
-    """sha256 over the names, shapes, dtypes and bytes of a module's state_dict (or a dict of tensors).
-    With `sample`, only ~`sample` evenly strided elements per tensor are hashed: cheap for billion-parameter
-    models, and any fine-tune or reinitialisation still changes it."""
-    state = module_or_tensors.state_dict() if hasattr(module_or_tensors, "state_dict") else module_or_tensors
-    h = hashlib.sha256()
-    for name in sorted(state):
-        t = state[name].detach()
-        h.update(f"{name}|{tuple(t.shape)}|{t.dtype}".encode())
-        if sample is not None and t.numel() > sample:
-            # the strided sample of the row-major order, gathered without flattening: reshape(-1) copies a
-            # non-contiguous tensor whole (0.8 s for the fast-weights view of Gemma's 262,144-token unembedding)
-            flat = t[torch.unravel_index(torch.arange(0, t.numel(), t.numel() // sample), t.shape)]
-        else:
-            flat = t.reshape(-1)
-        h.update(flat.contiguous().cpu().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-_VOCAB_DIGESTS = weakref.WeakKeyDictionary()  # tokenizer -> (size, digest): hashing 262,144 entries takes ~0.7 s
-
-
-def _vocab_digest(tok) -> str:
-    "sha256 of a tokenizer's vocabulary, remembered per tokenizer object until its size changes (added tokens)."
-    size = len(tok)
-    if (known := _VOCAB_DIGESTS.get(tok)) is not None and known[0] == size:
-        return known[1]
-    digest = json_sha256(sorted(tok.get_vocab().items()))
-    _VOCAB_DIGESTS[tok] = (size, digest)
-    return digest
-
-
-def _model_description(model) -> dict:
-    cfg = {k: v for k, v in model.cfg.to_dict().items() if k not in ("device", "n_devices")}
-    tok = getattr(model, "tokenizer", None)
-    vocab = _vocab_digest(tok) if tok else None
-    return {"cfg": cfg, "tokenizer_vocab": vocab, "weights_sample": tensor_digest(model, sample=4096)}
-
-
-def sae_digest(sae) -> str:
-    "Hash of an SAE's weights: every value up to 1M per tensor, a strided 1M-value sample of larger tensors."
-    # hashing a 24,576-latent SAE in full cost 0.17 s per pass; any retraining still changes the sample
-    return tensor_digest(sae, sample=1 << 20)
-
-
-def _sae_description(sae) -> dict:
-    cfg = {k: v for k, v in sae.cfg.to_dict().items() if k != "device"}
-    return {"cfg": cfg, "weights": sae_digest(sae)}
-
-
 def _csr(crow, col, values, shape) -> torch.Tensor:
     "CSR from arrays this process built (valid by construction, so unchecked)."
     with quiet_csr():
@@ -435,13 +384,6 @@ def reference_plan(model, sae, embedder, digest: str, chunk_size: int, max_token
     return {"fingerprint": fingerprint, "max_tokens": max_tokens, "embedder": emb_d, "meta": meta}
 
 
-def embedding_cache_dir(embedding_cache, cache_dir):
-    "`compute_reference`'s `embedding_cache` argument as a folder, or None for no cache."
-    if embedding_cache is True or (embedding_cache is None and cache_dir is not None):
-        return cache_root() / "embeddings"
-    return None if embedding_cache in (None, False) else embedding_cache
-
-
 def merge_chunks(chunks: list[dict], prompts: list[str], plan: dict) -> ReferenceSet:
     "The `ReferenceSet` of a pass from its chunks (as `compute_chunk` returns them), in order."
     d_sae = plan["meta"]["d_sae"]
@@ -450,29 +392,6 @@ def merge_chunks(chunks: list[dict], prompts: list[str], plan: dict) -> Referenc
     meta = plan["meta"] | {"n_truncated": int(sum(int(c["n_truncated"][0]) for c in chunks))}
     return ReferenceSet(s, _prompt_counts(s), torch.cat([c["token_counts"] for c in chunks]),
                         torch.cat([c["embeddings"] for c in chunks]), prompts, plan["fingerprint"], meta)
-
-# %% ../nbs/01_reference.ipynb #6974ed76
-EMBED_BATCH = 64  # texts per encode call; in the embeddings key, as batching can change the last bits
-
-
-def embed_texts(embedder, texts) -> torch.Tensor:
-    if embedder is None:
-        return torch.zeros(len(texts), 0)
-    # normalize_embeddings: unit rows for any embedder (all-MiniLM-L6-v2 already ends in Normalize)
-    return embedder.encode(list(texts), batch_size=EMBED_BATCH, convert_to_tensor=True, normalize_embeddings=True,
-                           show_progress_bar=False).float().cpu()
-
-
-def embedding_dim(embedder) -> int:
-    # sentence-transformers >= 5 renamed get_sentence_embedding_dimension (which now warns)
-    get = getattr(embedder, "get_embedding_dimension", None) or embedder.get_sentence_embedding_dimension
-    return get()
-
-
-def embedder_description(embedder) -> dict | None:
-    if embedder is None:
-        return None
-    return {"dim": embedding_dim(embedder), "weights_sample": tensor_digest(embedder, sample=4096)}
 
 # %% ../nbs/01_reference.ipynb #d7d4cb1e
 def compute_chunk(model, sae, prompts, embedder, batch_size, max_tokens, bar, embeddings=None) -> dict:
@@ -541,69 +460,6 @@ def compute_reference(model, sae, prompts, embedder, *, batch_size: int = 32, ca
         log.info("reused %d of %d cached chunks from %s", reused, n_chunks, cache_dir)
 
     return merge_chunks(chunks, prompts, plan)
-
-# %% ../nbs/01_reference.ipynb #5b3872f9
-def embedder_key(embedder, description: dict | None = None) -> str:
-    """Digest of everything besides the texts that decides an embedding: the weights (strided sample) and width
-    of `embedder_description`, the truncation (`max_seq_length`), the pipeline's modules and their configs
-    (pooling, normalisation), the tokenizer's vocabulary and casing, and how `embed_texts` calls `encode`."""
-    tok = getattr(embedder, "tokenizer", None)
-    vocab = getattr(tok, "get_vocab", None)
-    modules = [(name, type(m).__name__, m.get_config_dict() if hasattr(m, "get_config_dict") else None)
-               for name, m in embedder.named_children()] if hasattr(embedder, "named_children") else None
-    return json_sha256({"embedder": description or embedder_description(embedder),
-                 "max_seq_length": getattr(embedder, "max_seq_length", None), "modules": modules,
-                 "tokenizer": None if tok is None else [type(tok).__name__, getattr(tok, "do_lower_case", None),
-                                                        json_sha256(sorted(vocab().items())) if vocab else None],
-                 "encode": {"batch_size": EMBED_BATCH, "normalize_embeddings": True, "dtype": "float32"}})
-
-
-class EmbeddingCache:
-    """Prompt embeddings by content (`compute_chunk` takes them from it; so do the Ray engine's workers), `<key>.safetensors` in a saealign cache folder, shared by every SAE and model:
-    the key hashes the embedder (`embedder_key`) and the exact list of texts. The file's metadata holds its key and
-    checksums (`save_tensors`); a file whose key, shape or checksums do not match is recomputed with a warning."""
-
-    def __init__(self, path, embedder, description: dict | None = None):
-        self.path, self.embedder = cache_folder(path, "embeddings"), embedder
-        self.embedder_key, self.dim = embedder_key(embedder, description), embedding_dim(embedder)
-
-    def key(self, texts: list[str]) -> str:
-        return json_sha256({"format": FORMAT_VERSION, "embedder": self.embedder_key, "texts": json_sha256(list(texts))})
-
-    def _file(self, key: str) -> Path:
-        return self.path / f"{key}.safetensors"
-
-    def load(self, key: str, n: int) -> torch.Tensor | None:
-        p = self._file(key)
-        if not p.exists():
-            return None
-        try:
-            t, meta = load_tensors(p)
-            emb = t.get("embeddings", torch.zeros(0))
-            if meta.get("key") != key:
-                problem = f"{p} holds the embeddings of other texts or another embedder (its key differs)"
-            elif emb.dtype != torch.float32 or tuple(emb.shape) != (n, self.dim):
-                problem = f"{p} has shape {tuple(emb.shape)} {emb.dtype}, not ({n}, {self.dim}) float32"
-            else:
-                return emb
-        except DamagedFileError as e:
-            problem = str(e)
-        log.warning("embeddings cache: %s: recomputing it", problem)
-        return None
-
-    def save(self, key: str, emb: torch.Tensor, n_texts: int) -> None:
-        save_tensors(self._file(key), {"embeddings": emb},
-                     {"format": FORMAT_VERSION, "key": key, "n_texts": n_texts, "embedder_key": self.embedder_key})
-
-    def embed(self, texts: list[str]) -> tuple[torch.Tensor, bool]:
-        "The embeddings of `texts` and whether they came from the cache."
-        key = self.key(texts)
-        emb = self.load(key, len(texts))
-        if emb is not None:
-            return emb, True
-        emb = embed_texts(self.embedder, texts)
-        self.save(key, emb, len(texts))
-        return emb, False
 
 # %% ../nbs/01_reference.ipynb #a5ed6603
 def coverage_curve(ref: ReferenceSet, sizes, n_samples: int = 5, seed: int = 0) -> list[dict]:

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 
-from .core import load_texts
+from .core import load_texts, sae_digest, tensor_digest
+from .embeddings import embed_texts, embedder_description, embedding_dim
 from .models import model_spec
 from .activations import latent_acts, pad_id, pad_right, tokenize
-from .reference import (ReferenceSet, embed_texts, embedder_description, embedding_dim, load_saved_pair,
-                                quiet_csr, sae_digest, save_pair, tensor_digest)
+from .reference import ReferenceSet, load_saved_pair, quiet_csr, save_pair
 
 # %% auto #0
 __all__ = ['STORY_TOPICS', 'TOPICS_DIR', 'TOPIC_NAMES', 'LatentScores', 'check_texts', 'check_reference', 'sae_identity',

@@ -22,7 +22,7 @@ def stories():
     if not HAS_MIRROR:
         pytest.skip("no asset mirror: set SAEALIGN_ASSETS")
     from saealign.models import load_model
-    from saealign.reference import _model_description
+    from saealign.core import _model_description
     model = load_model("stories260K")
     loaded = _model_description(model)
     yield model

@@ -9,8 +9,9 @@ import torch
 
 from saealign import reference as R
 from saealign.activations import pad_right, tokenize
+from saealign.embeddings import EmbeddingCache, embedder_key
 from saealign.reference import (ReferenceSet, build_reference_prompts, compute_reference, coverage_chart,
-                                coverage_curve, summarize_batch, tensor_digest)
+                                coverage_curve, summarize_batch)
 from saealign.core import load_texts
 from saealign.saes import load_sae
 
@@ -234,14 +235,6 @@ def test_fingerprint_depends_on_inputs(model, sae, embedder, prompts, base):
                              progress=False).fingerprint != f0
 
 
-def test_tensor_digest_sees_changes(sae):
-    state = {k: v.clone() for k, v in sae.state_dict().items()}
-    d0 = tensor_digest(state)
-    state["b_enc"][3] += 1e-3
-    assert tensor_digest(state) != d0
-    assert tensor_digest(sae, sample=16) == tensor_digest(sae, sample=16)
-
-
 # --- the embeddings cache ----------------------------------------------------------------------
 
 class CountingEmbedder:
@@ -308,7 +301,7 @@ def test_tampered_embeddings_recomputed(model, sae, embedder, prompts, base, tmp
     counting = CountingEmbedder(embedder)
     kw = dict(max_tokens=MAX_TOKENS, chunk_size=8, progress=False, embedding_cache=tmp_path)
     compute_reference(model, sae, prompts, counting, **kw)
-    cache = R.EmbeddingCache(tmp_path, embedder)
+    cache = EmbeddingCache(tmp_path, embedder)
     first, second = (tmp_path / f"{cache.key(prompts[i:i + 8])}.safetensors" for i in (0, 8))
     if damage == "flipped byte":
         _flip_last_byte(second)
@@ -317,7 +310,7 @@ def test_tampered_embeddings_recomputed(model, sae, embedder, prompts, base, tmp
     else:
         second.write_bytes(first.read_bytes())  # a valid file, but of other texts
     counting.texts.clear()
-    with caplog.at_level(logging.WARNING, logger="saealign.reference"):
+    with caplog.at_level(logging.WARNING, logger="saealign.embeddings"):
         ref = compute_reference(model, sae, prompts, counting, **kw)
     assert "recomputing" in caplog.text and second.name in caplog.text
     assert counting.texts == Counter(prompts[8:16])  # only the damaged chunk was embedded again
@@ -348,7 +341,7 @@ def test_embeddings_not_reused_across_texts_or_embedders(model, sae, embedder, p
         ln[0] += 1.0  # one weight differs (element 0 is always in the digest's sample), on every token's path
     shorter = copy.deepcopy(embedder)
     shorter.max_seq_length = 8  # truncation: another embedding of the long prompts, same weights
-    assert len({R.embedder_key(e) for e in (embedder, other, shorter)}) == 3
+    assert len({embedder_key(e) for e in (embedder, other, shorter)}) == 3
     for e in (other, shorter):
         counting = CountingEmbedder(e)
         ref = compute_reference(model, sae, prompts, counting, **kw)
