@@ -5,12 +5,10 @@
 # %% ../nbs/04d_highlighting.ipynb #5e8ade3d
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
 import pandas as pd
 import torch

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from ._utils import check_positive_int, finite_number, hook_layer
 from .additive import TopicSteer
-from .calibration import CALIBRATION_RULES, TUNING_PROMPTS, Calibration, calibrate, topic_steer
+from .calibration import TUNING_PROMPTS, calibrate, topic_steer
 from .core import (DamagedFileError, cache_folder, cache_root, json_sha256, load_tensors, sae_digest, save_tensors,
                            tensor_digest, tensor_sha256)
 from .additive import TopicInputs

@@ -25,7 +25,7 @@ from .core import (DamagedFileError, _model_description, _sae_description, atomi
 from .embeddings import EmbeddingCache, embed_texts, embedder_description, embedding_cache_dir
 from .models import model_spec
 from ._utils import check_positive_int
-from .activations import (ENCODE_TOKENS, check_no_saes, content_mask, encode_kept, hook_activations, latent_acts,
+from .activations import (ENCODE_TOKENS, check_no_saes, content_mask, encode_kept, hook_activations,
                                   pad_id, pad_right, special_ids, tokenize)
 from .saes import check_sae_fits
 

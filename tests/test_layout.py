@@ -106,3 +106,14 @@ CHARTS_NOT_YET_ON_THE_HELPER = {"reference", "scoring", "steering"}
 def test_charts_are_drawn_with_the_one_helper():
     drawing = {name for name, path in MODULES.items() if re.search(r"alt\.Chart\(", path.read_text())}
     assert drawing == {"tables"} | CHARTS_NOT_YET_ON_THE_HELPER
+
+
+# modules past ~500 lines, each with the chapter that says why it stays one module
+LONG_MODULES = {"reference": "01_reference.ipynb", "models": "00a_models.ipynb"}
+
+
+def test_a_long_module_says_why_in_its_chapter():
+    long = {name for name, path in MODULES.items() if len(path.read_text().splitlines()) > 510}
+    assert long <= set(LONG_MODULES), f"{sorted(long - set(LONG_MODULES))} grew past ~500 lines: split them or say why"
+    for chapter in LONG_MODULES.values():
+        assert "500 lines" in (PACKAGE.parent / "nbs" / chapter).read_text()

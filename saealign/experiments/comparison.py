@@ -78,7 +78,7 @@ def comparison_findings(df: pd.DataFrame) -> str:
     df = with_harmonic(df)
     means = df.groupby("method")["harmonic"].mean()
     best = best_method(df, SAE_METHODS)
-    lines = [f"Mean harmonic score (concept × fluency × relevance): " + ", ".join(
+    lines = ["Mean harmonic score (concept × fluency × relevance): " + ", ".join(
         f"{m} {means[m]:.3f}" for m in COMPARISON_METHODS if m in means) + f". Best SAE method: {best}."]
     for baseline in ("Swap", "DiffMeans", "Prompting"):
         if baseline == best:
