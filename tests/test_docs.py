@@ -1,11 +1,17 @@
-"""The documentation site: the Quarto config nbdev_docs reads, its notebooks, and one chapter rendered to HTML
-(nbconvert, since Quarto cannot be installed here) and loaded in headless Chromium."""
+"""The documentation site: the Quarto config nbdev_docs reads, its notebooks, one chapter rendered to HTML
+(nbconvert, since Quarto cannot be installed here) and loaded in headless Chromium, and README's headline figures
+against the committed results files they come from."""
+import json
 import re
 
+import pandas as pd
 import pytest
 import yaml
 from nbdev.config import get_config
 from nbdev.quarto import _nbdev_yml
+
+from saealign.grid import read_rows
+from saealign.tables import verdict_table, with_harmonic
 
 from browser_support import ARTIFACTS, ROOT, dump_dom, skip_reason
 
@@ -86,3 +92,55 @@ def test_the_readme_chapter_table_lists_every_notebook_with_its_module(cfg):
         assert module == expected, f"{nb} exports {expected}, README's table says {module}"
     index = (cfg.nbs_path / "index.ipynb").read_text()
     assert all(f"| `{nb}` |" in index for nb in table), "the index page's table lists the same notebooks"
+
+
+def prose(text: str) -> str:
+    "`text` with each run of whitespace as one space: a figure may be wrapped over two lines."
+    return " ".join(text.split())
+
+
+@pytest.fixture(scope="module")
+def front_pages() -> dict[str, str]:
+    "README and the docs home page (which carries the same text), as prose."
+    index = json.loads((ROOT / "nbs" / "index.ipynb").read_text())
+    return {"README.md": prose((ROOT / "README.md").read_text()),
+            "nbs/index.ipynb": prose("\n".join("".join(cell["source"]) for cell in index["cells"]))}
+
+
+def results_grid(name: str) -> pd.DataFrame:
+    "A committed grid file of results/, with the harmonic score its chapters read."
+    return with_harmonic(pd.DataFrame(read_rows(ROOT / "results" / name)))
+
+
+def mean_se(grid: pd.DataFrame, method: str) -> str:
+    "Mean harmonic score ± its standard error over `method`'s generations, as 04i's summary prints it."
+    harmonic = grid[grid.method == method].harmonic
+    return f"{harmonic.mean():.3f} ± {harmonic.sem():.3f}"
+
+
+def assert_on_front_pages(pages: dict[str, str], figure: str):
+    for page, text in pages.items():
+        assert figure in text, f"{page} should say {figure!r}, what the results file gives"
+
+
+def test_readme_calibrated_figures_are_the_grid_files(front_pages):
+    tuning = results_grid("grid-gemma-3-270m-calibrated-tuning.jsonl")
+    frozen = results_grid("grid-gemma-3-270m-calibrated-frozen.jsonl")
+    assert_on_front_pages(front_pages, f"harmonic {mean_se(tuning, 'TopicSteer-instructed')} against the "
+                                       f"instruction's {mean_se(tuning, 'PromptingWords')}")
+    assert_on_front_pages(front_pages, f"(harmonic {mean_se(frozen, 'TopicSteer-instructed')} against "
+                                       f"{mean_se(frozen, 'PromptingWords')})")
+
+
+def test_readme_comparison_means_are_the_grid_file(front_pages):
+    means = results_grid("grid-gemma-3-270m-comparison.jsonl").groupby("method").harmonic.mean()
+    assert_on_front_pages(front_pages, f"prompting {means['Prompting']:.3f}, **MatchedSteer "
+                                       f"{means['MatchedSteer']:.3f}**, the difference of means {means['DiffMeans']:.3f}")
+
+
+def test_readme_swap_alignment_is_the_paper_grid_file(front_pages):
+    swap = verdict_table(results_grid("grid-gemma-3-270m.jsonl"), "centroid_cosine")["Swap L6 +err"]
+    change = {topic: swap[topic].rsplit(" ", 1) for topic in ("sycophancy-20", "amazon-20")}  # "+x ± y", verdict
+    assert all(verdict == "better" for _, verdict in change.values())
+    assert_on_front_pages(front_pages, f"centroid cosine {change['sycophancy-20'][0]} on sycophancy, "
+                                       f"{change['amazon-20'][0]} on Amazon reviews")
