@@ -172,8 +172,8 @@ def test_topic_distance_table():
 
 
 def test_charts_hold_only_what_they_plot():
-    sc = score_latents(hand_ref(), {"t": ["topic"], "f": ["far"]}, EMB, min_prompts=0)
-    violin = score_violin({"a": sc, "b": sc}, points=10).to_dict()
+    by_topic = score_latents(hand_ref(), {"t": ["topic"], "f": ["far"]}, EMB, min_prompts=0)
+    violin = score_violin(by_topic, points=10).to_dict()
     assert violin["mark"]["type"] == "area" and violin["encoding"]["column"]["field"] == "config"
     assert len(violin["datasets"][violin["data"]["name"]]) == 2 * 2 * 10  # per config: the density and its mirror
     import pandas as pd
