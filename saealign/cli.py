@@ -14,6 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from .charts import chart
 from .core import atomic_write, load_embedder
 from .models import DEFAULT_MODEL, MODEL_SPECS, load_model, model_spec
 from .saes import load_sae
@@ -27,7 +28,7 @@ from .registry import make_method, method_names, method_needs_sae
 from .steering import DEFAULT_OUTPUT, OUTPUT_MODES, check_sampling, encode_prompts, format_side_by_side
 from .export import FORMATS, POSITIONS, export_steer, load_vector
 from .render import chart_svg, columns_html, contamination_chart, inspector_html
-from .tables import chart, summary_table
+from .tables import summary_table
 from .highlighting import format_token_rows, highlight_result
 
 # %% auto #0

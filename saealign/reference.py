@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .charts import chart
 from .core import (DamagedFileError, _model_description, _sae_description, atomic_write, cache_folder, cache_root,
                            json_sha256, load_tensors, load_texts, sae_digest, save_tensors, shipped_file, tensor_digest,
                            write_json)
@@ -489,10 +490,10 @@ def coverage_chart(rows):
     import pandas as pd
     df = pd.DataFrame(rows).groupby("size")["coverage"].agg(["mean", "min", "max"]).reset_index()
     x = alt.X("size:Q", title="reference prompts |P_ref|")
-    band = alt.Chart(df).mark_area(opacity=0.25).encode(x=x, y=alt.Y("min:Q", title="coverage (fraction of latents)",
-                                                                       scale=alt.Scale(domain=[0, 1])), y2="max:Q")
-    line = alt.Chart(df).mark_line(point=True).encode(x=x, y="mean:Q",
-                                                      tooltip=["size", alt.Tooltip("mean:Q", format=".3f"), "min", "max"])
+    band = chart(df, "area", mark_options=dict(opacity=0.25), x=x,
+                 y=alt.Y("min:Q", title="coverage (fraction of latents)", scale=alt.Scale(domain=[0, 1])), y2="max:Q")
+    line = chart(df, "line", mark_options=dict(point=True), x=x, y="mean:Q",
+                 tooltip=["size", alt.Tooltip("mean:Q", format=".3f"), "min", "max"])
     return (band + line).properties(title="Latent coverage vs. reference set size", width=400, height=250)
 
 # %% ../nbs/01_reference.ipynb #f42eb2c7

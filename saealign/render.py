@@ -16,7 +16,7 @@ import torch
 from .scoring import LatentScores, summaries_by_latent
 from .methods import Method
 from .steering import ORIGINAL, Generation, as_scores, steer
-from .tables import chart
+from .charts import chart
 
 # %% auto #0
 __all__ = ['COLOUR_STOPS', 'NEUTRAL', 'ATTRIBUTION_STOPS', 'ATTRIBUTION_SPAN', 'MODES', 'STYLE', 'TOGGLE_STYLE',

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from .charts import chart
 from .core import load_texts, sae_digest, tensor_digest
 from .embeddings import embed_texts, embedder_description, embedding_dim
 from .models import model_spec
@@ -268,11 +269,11 @@ def validation_curve(model, sae, scores, aligned_texts, unaligned_texts, ks, *, 
 def validation_chart(df):
     "Share of tokens activating the top-k latents, aligned vs unaligned texts (paper Fig. 4)."
     import altair as alt
-    return alt.Chart(df).mark_line(point=True).encode(
-        x=alt.X("k:Q", title="top-k scored latents", scale=alt.Scale(type="log")),
-        y=alt.Y("share:Q", title="share of tokens activating them", scale=alt.Scale(domain=[0, 1])),
-        color=alt.Color("texts:N", title=None), tooltip=["k", "texts", alt.Tooltip("share:Q", format=".3f")],
-    ).properties(title="Top-k latents: aligned vs unaligned text", width=400, height=250)
+    return chart(df, "line", mark_options=dict(point=True), title="Top-k latents: aligned vs unaligned text",
+                 width=400, height=250,
+                 x=alt.X("k:Q", title="top-k scored latents", scale=alt.Scale(type="log")),
+                 y=alt.Y("share:Q", title="share of tokens activating them", scale=alt.Scale(domain=[0, 1])),
+                 color=alt.Color("texts:N", title=None), tooltip=["k", "texts", alt.Tooltip("share:Q", format=".3f")])
 
 # %% ../nbs/02_scoring.ipynb #46b1f7ac
 def top_latent_tokens(model, sae, scores, texts, n_latents: int = 10, n_tokens: int = 5, *, batch_size: int = 16):
@@ -329,13 +330,11 @@ def score_violin(scores_by_config: dict, *, points: int = 100):
         dens = dens / dens.max() if dens.max() > 0 else dens
         rows += [{"config": name, "score": g, "density": d} for g, d in zip(grid, dens)]
         rows += [{"config": name, "score": g, "density": -d} for g, d in zip(grid, dens)]  # the mirror half
-    df = pd.DataFrame(rows)
-    return alt.Chart(df).mark_area(orient="horizontal", opacity=0.7).encode(
-        x=alt.X("density:Q", title=None, axis=alt.Axis(labels=False, ticks=False, grid=False)),
-        y=alt.Y("score:Q", title="latent score", scale=alt.Scale(domain=[0, 1])),
-        color=alt.Color("config:N", legend=None),
-        column=alt.Column("config:N", title=None, header=alt.Header(labelOrient="bottom")),
-    ).properties(width=90, height=250)
+    return chart(pd.DataFrame(rows), "area", mark_options=dict(orient="horizontal", opacity=0.7), width=90, height=250,
+                 x=alt.X("density:Q", title=None, axis=alt.Axis(labels=False, ticks=False, grid=False)),
+                 y=alt.Y("score:Q", title="latent score", scale=alt.Scale(domain=[0, 1])),
+                 color=alt.Color("config:N", legend=None),
+                 column=alt.Column("config:N", title=None, header=alt.Header(labelOrient="bottom")))
 
 
 def topic_distance_table(embedder, texts_by_topic: dict):

@@ -14,6 +14,7 @@ import torch
 
 from ._utils import check_positive_int, hook_layer
 from .activations import pad_id, special_ids
+from .charts import chart
 from .models import model_spec
 from .saes import check_sae_fits
 
@@ -398,13 +399,12 @@ def layer_charts(rows: list[dict]):
     df = pd.DataFrame(rows)
     color = alt.Color("method:N", title="method")
 
-    def box(field, title):
-        return alt.Chart(df, width=220, height=180).mark_boxplot(extent="min-max").encode(
-            x=alt.X("method:N", title=None), y=alt.Y(f"{field}:Q", title=title), color=color)
+    def box(x, field, title, **encoding):
+        return chart(df, "boxplot", mark_options=dict(extent="min-max"), width=220, height=180,
+                     x=alt.X(f"{x}:N", title=None), y=alt.Y(f"{field}:Q", title=title), color=color, **encoding)
 
-    charts = [box("n_changed", "latents changed per token"), box("error_diff", "‖x − D(z′)‖ − ‖x − D(z)‖")]
+    charts = [box("method", "n_changed", "latents changed per token"),
+              box("method", "error_diff", "‖x − D(z′)‖ − ‖x − D(z)‖")]
     if df["label"].nunique() > 1:
-        charts.append(alt.Chart(df, width=220, height=180).mark_boxplot(extent="min-max").encode(
-            x=alt.X("label:N", title=None), y=alt.Y("contamination:Q", title="contamination (share)"),
-            color=color, xOffset="method:N"))
+        charts.append(box("label", "contamination", "contamination (share)", xOffset="method:N"))
     return alt.hconcat(*charts)

@@ -75,9 +75,9 @@ def test_sub_package_modules_are_found_and_their_relative_imports_resolved():
     assert "grid" in imports_of("cli", top_level_only=True)
 
 
-def test_tables_imports_no_saealign_module():
-    "Every module can draw its charts with tables.chart without an import cycle."
-    assert imports_of("tables", top_level_only=False) == set()
+def test_charts_imports_no_saealign_module():
+    "Every module can draw its charts with charts.chart without an import cycle."
+    assert imports_of("charts", top_level_only=False) == set()
 
 
 def test_every_module_says_what_it_holds():
@@ -98,14 +98,9 @@ def test_each_small_concept_has_one_home(pattern, home):
     assert homes == [home]
 
 
-# reference (01), scoring (02) and steering (03) still draw their own charts: they move onto tables.chart when
-# their chapters are next changed (issue 22); every other chart is drawn with it
-CHARTS_NOT_YET_ON_THE_HELPER = {"reference", "scoring", "steering"}
-
-
 def test_charts_are_drawn_with_the_one_helper():
     drawing = {name for name, path in MODULES.items() if re.search(r"alt\.Chart\(", path.read_text())}
-    assert drawing == {"tables"} | CHARTS_NOT_YET_ON_THE_HELPER
+    assert drawing == {"charts"}
 
 
 # modules past ~500 lines, each with the chapter that says why it stays one module

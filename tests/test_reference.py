@@ -391,7 +391,10 @@ def test_coverage_curve_known_values():
     with pytest.raises(ValueError, match="sizes"):
         coverage_curve(ref, [5])
     spec = coverage_chart(rows).to_dict()
-    assert len(spec["layer"]) == 2
+    # the band embeds its ends, the line its mean and its tooltip's columns: no per-sample rows
+    assert [set(spec["datasets"][layer["data"]["name"]][0]) for layer in spec["layer"]] == [
+        {"size", "min", "max"}, {"size", "mean", "min", "max"}]
+    assert sum(len(spec["datasets"][layer["data"]["name"]]) for layer in spec["layer"]) == 2 * 3  # one row per size
 
 
 def test_model_stories_sampled_once_then_loaded(model, tmp_path, monkeypatch):

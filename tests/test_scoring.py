@@ -171,12 +171,16 @@ def test_topic_distance_table():
     assert t.loc["A", "B"] == pytest.approx((2 + R2) / 2) == t.loc["B", "A"]
 
 
-def test_charts_build():
-    sc = score_latents(hand_ref(), {"t": ["topic"], "f": ["far"]}, EMB, min_prompts=0)
-    assert score_violin(sc).to_dict()["mark"]["type"] == "area"
+def test_charts_hold_only_what_they_plot():
+    by_topic = score_latents(hand_ref(), {"t": ["topic"], "f": ["far"]}, EMB, min_prompts=0)
+    violin = score_violin(by_topic, points=10).to_dict()
+    assert violin["mark"]["type"] == "area" and violin["encoding"]["column"]["field"] == "config"
+    assert len(violin["datasets"][violin["data"]["name"]]) == 2 * 2 * 10  # per config: the density and its mirror
     import pandas as pd
-    df = pd.DataFrame({"k": [1, 2, 1, 2], "texts": ["aligned"] * 2 + ["unaligned"] * 2, "share": [.1, .2, .0, .1]})
-    assert validation_chart(df).to_dict()["mark"]["type"] == "line"
+    df = pd.DataFrame({"k": [1, 2, 1, 2], "texts": ["aligned"] * 2 + ["unaligned"] * 2, "share": [.1, .2, .0, .1],
+                       "topic": "sea"})
+    spec = validation_chart(df).to_dict()
+    assert spec["mark"]["type"] == "line" and set(spec["datasets"][spec["data"]["name"]][0]) == {"k", "texts", "share"}
 
 
 # --- on the real stories260K model and its SAE --------------------------------------------------

@@ -1,10 +1,11 @@
 """The steering engine on stories260K: the invariants (Swap and Weight with every score 1 change nothing), hooks
-removed whatever happens, `apply` is `steer`, batches equal single runs, and a prompted steer runs behind its prompt."""
+removed whatever happens, `apply` is `steer`, batches equal single runs, a prompted steer runs behind its prompt; and
+`layer_charts` embeds only what each panel plots."""
 import pytest
 import torch
 
 from saealign.methods import Clamp, Swap, Weight
-from saealign.steering import apply_activation, generate, steer
+from saealign.steering import apply_activation, generate, layer_charts, steer
 
 
 @pytest.mark.parametrize("method_class", [Swap, Weight])
@@ -62,3 +63,13 @@ def test_a_prompted_steer_generates_behind_its_own_prompt(model, sae):
     assert run() == run(prefix=steer.prefix) != run(prefix="")
     assert generate(model, None, "Once upon a time", steer, max_new_tokens=12, seed=0)[0].tokens == \
         generate(model, None, "Once upon a time", max_new_tokens=12, seed=0)[0].tokens  # no SAE: the unmodified model
+
+
+def test_layer_charts_hold_only_what_each_plots():
+    rows = [dict(method=m, text=0, label=label, position=p, token="a long token " * 5, n_changed=p, error_diff=0.1 * p,
+                 contamination=0.2) for m in ("Swap", "Clamp") for label in ("aligned", "unaligned") for p in range(3)]
+    spec = layer_charts(rows).to_dict()
+    assert [set(spec["datasets"][c["data"]["name"]][0]) for c in spec["hconcat"]] == [
+        {"method", "n_changed"}, {"method", "error_diff"}, {"label", "method", "contamination"}]
+    one_label = [r for r in rows if r["label"] == "aligned"]
+    assert len(layer_charts(one_label).to_dict()["hconcat"]) == 2  # no contamination panel to compare labels on

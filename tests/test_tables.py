@@ -5,7 +5,7 @@ import math
 import pandas as pd
 import pytest
 
-from saealign.tables import (best_method, chart, compare, config_label, method_table, metric_chart, seed_noise,
+from saealign.tables import (best_method, compare, config_label, method_table, metric_chart, seed_noise,
                              summary_table, verdict_counts, verdicts, versus, with_harmonic)
 
 
@@ -65,10 +65,7 @@ def test_harmonic_score_and_methods_against_a_baseline():
     assert best_method(rows, ("A", "C")) == "A" and best_method(rows, ("A", "B", "C", "Z")) == "B"
 
 
-def test_charts_hold_only_the_columns_they_plot():
-    df = pd.DataFrame(dict(x=[1, 2], y=[3.0, 4.0], label=["a", "b"], unused=["long text"] * 2))
-    spec = chart(df, "line", width=100, title="t", x="x:Q", y="y:Q", tooltip=["label"]).to_dict()
-    assert set(spec["datasets"][spec["data"]["name"]][0]) == {"x", "y", "label"} and spec["width"] == 100
+def test_grid_charts_hold_only_their_summaries():
     grid = pd.DataFrame([dict(topic="t", prompt=p, seed=s, method=m, layer=-1 if m == "Original" else 2, output="",
                               continuation="a long continuation " * 20, perplexity=1.0 + p, acceptability=0.5,
                               centroid_cosine=0.1 * s, topic_word_rate=0.0, contamination=0.2)
