@@ -15,8 +15,8 @@ from functools import cached_property
 import torch
 
 from ._utils import check_positive_int, finite_number
-from .core import (DamagedFileError, cache_folder, cache_root, load_tensors, sae_digest, save_tensors, shipped_file,
-                           tensor_digest)
+from .core import (DamagedFileError, cache_folder, cache_root, json_sha256, load_tensors, sae_digest,
+                           save_tensors, shipped_file, weights_digest)
 from .models import model_spec
 from .activations import check_no_saes, content_mask, hook_activations, pad_id, pad_right, tokenize
 from .methods import Method, MethodInputs
@@ -27,10 +27,10 @@ from .scoring import LatentScores, check_texts, score_latents
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'STEER_MULTIPLIER', 'MAX_MULTIPLIER', 'MIN_DIFFERENCE', 'MEANS_FORMAT', 'POSITIONS', 'MAX_STRENGTH',
-           'ActivationMeans', 'activation_means', 'reference_sample', 'DiffMeans', 'check_multiplier',
-           'reference_means', 'mean_difference_strengths', 'AddSteer', 'matched_strengths', 'MatchedSteer',
-           'decay_factors', 'TopicSteer', 'TopicInputs']
+__all__ = ['log', 'MEANS_MAX_TOKENS', 'STEER_MULTIPLIER', 'MAX_MULTIPLIER', 'MIN_DIFFERENCE', 'MEANS_FORMAT', 'POSITIONS',
+           'MAX_STRENGTH', 'ActivationMeans', 'activation_means', 'reference_sample', 'DiffMeans', 'check_multiplier',
+           'reference_means', 'text_means', 'mean_difference_strengths', 'AddSteer', 'matched_strengths',
+           'MatchedSteer', 'decay_factors', 'TopicSteer', 'TopicInputs']
 
 # %% ../nbs/03aa_additive.ipynb #6c6cadb6
 @dataclass(eq=False)
@@ -41,8 +41,11 @@ class ActivationMeans:
     n_tokens: int
 
 
+MEANS_MAX_TOKENS = 128  # each text's first tokens: enough for a direction, and a long text costs no more
+
+
 @torch.no_grad()
-def activation_means(model, sae, texts, *, batch_size: int = 16, max_tokens: int | None = 128) -> ActivationMeans:
+def activation_means(model, sae, texts, *, batch_size: int = 16, max_tokens: int | None = MEANS_MAX_TOKENS) -> ActivationMeans:
     "Means over the tokens of `texts` (each cut to `max_tokens`) of the activation at the SAE's hook and of its latents."
     texts = check_texts(texts, "texts")
     check_no_saes(model)
@@ -121,31 +124,47 @@ def check_multiplier(value, name: str = "multiplier") -> float:
 MEANS_FORMAT = 1
 
 
-def reference_means(model, sae, reference: ReferenceSet, *, n: int = 256, cache_dir=None) -> ActivationMeans:
-    """`activation_means` of `reference_sample(reference, n)`, cached in `cache_dir` (default
-    `cache_root()/"activation-means"`; False: no cache), or the means saealign ships for them."""
-    blob = json.dumps({"format": MEANS_FORMAT, "model": model.cfg.model_name, "weights": tensor_digest(model, sample=4096),
-                       "sae": sae_digest(sae), "hook": sae.cfg.metadata.hook_name, "reference": reference.fingerprint,
-                       "n": n}, sort_keys=True)
+def _cached_means(model, sae, measured: dict, measure, cache_dir, what: str) -> ActivationMeans:
+    """`measure()`'s means, kept in `cache_dir` (default `cache_root()/"activation-means"`; False: no cache) under a
+    key of the model's and SAE's weights and `measured` (what they are means of), or read back from there or from
+    the means saealign ships; `what` names them in warnings."""
+    blob = json.dumps({"format": MEANS_FORMAT, "model": model.cfg.model_name, "weights": weights_digest(model),
+                       "sae": sae_digest(sae), "hook": sae.cfg.metadata.hook_name, **measured}, sort_keys=True)
     key = hashlib.sha256(blob.encode()).hexdigest()[:32]
     folder = None if cache_dir is False else cache_folder(cache_dir or cache_root() / "activation-means", "activation-means")
     path = None if folder is None else folder / f"{key}.safetensors"
     for source in [p for p in (path, shipped_file("activation-means", f"{key}.safetensors")) if p is not None]:
         try:
             t, meta = load_tensors(source)
-            if meta.get("key") != key:  # a valid file of another model, SAE or reference under this name
-                raise DamagedFileError(f"{source} was written for another model, SAE or reference (its key differs)")
+            if meta.get("key") != key:  # a valid file of another model, SAE or texts under this name
+                raise DamagedFileError(f"{source} was written for another model, SAE or texts (its key differs)")
             if t["resid"].shape != (sae.cfg.d_in,) or t["latents"].shape != (sae.cfg.d_sae,):
                 raise DamagedFileError(f"{source} holds means of other shapes than this SAE's")
             return ActivationMeans(t["resid"], t["latents"], int(meta["n_tokens"]))
         except FileNotFoundError:
             pass
         except (DamagedFileError, KeyError, ValueError) as e:
-            log.warning("not using these reference means: %s", e)
-    means = activation_means(model, sae, reference_sample(reference, n))
+            log.warning("not using these means of the %s: %s", what, e)
+    means = measure()
     if path is not None:
         save_tensors(path, {"resid": means.resid, "latents": means.latents}, {"n_tokens": str(means.n_tokens), "key": key})
     return means
+
+
+def reference_means(model, sae, reference: ReferenceSet, *, n: int = 256, cache_dir=None) -> ActivationMeans:
+    """`activation_means` of `reference_sample(reference, n)`, cached in `cache_dir` (default
+    `cache_root()/"activation-means"`; False: no cache), or the means saealign ships for them."""
+    return _cached_means(model, sae, {"reference": reference.fingerprint, "n": n},
+                         lambda: activation_means(model, sae, reference_sample(reference, n)), cache_dir,
+                         "reference prompts")
+
+
+def text_means(model, sae, texts, *, cache_dir=None) -> ActivationMeans:
+    """`activation_means` of `texts` (a topic's alignment texts), cached like `reference_means`: every steer built
+    from the difference of means needs them, and a warm demo should not measure them again."""
+    texts = check_texts(texts, "texts")
+    return _cached_means(model, sae, {"texts": json_sha256(texts), "max_tokens": MEANS_MAX_TOKENS},
+                         lambda: activation_means(model, sae, texts), cache_dir, "texts")
 
 # %% ../nbs/03aa_additive.ipynb #0309461e
 def mean_difference_strengths(align: ActivationMeans, reference: ActivationMeans, latents,
@@ -360,4 +379,5 @@ class TopicInputs(MethodInputs):
                 shared["reference_means"] = reference_means(self.model, self.sae, self.reference,
                                                             cache_dir=False if self.cache_dir is False else None)
             ref = shared["reference_means"]
-        return activation_means(self.model, self.sae, self.align_texts), ref
+        own = text_means(self.model, self.sae, self.align_texts, cache_dir=False if self.cache_dir is False else None)
+        return own, ref

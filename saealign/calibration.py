@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ._utils import finite_number
 from .core import (SHIPPED_DIR, cache_folder, cache_root, json_sha256, load_embedder, sae_digest, shipped_file,
-                           tensor_digest, tensor_sha256, write_json)
+                           tensor_sha256, weights_digest, write_json)
 from .metrics import alignment_distances, instruction_prefix, relevance
 from .additive import MAX_STRENGTH, TopicInputs, TopicSteer
 from .methods import prompt_prefix
@@ -81,7 +81,7 @@ class Calibration:
 
 
 def _calibration_key(model, sae, steer: TopicSteer, texts, settings: dict, direction_key: str | None) -> str:
-    blob = {"format": CALIBRATION_FORMAT, "model": [model.cfg.model_name, tensor_digest(model, sample=4096)],
+    blob = {"format": CALIBRATION_FORMAT, "model": [model.cfg.model_name, weights_digest(model)],
             "sae": sae_digest(sae), "hook": sae.cfg.metadata.hook_name, "texts": texts,
             "direction": direction_key or tensor_sha256(steer.direction), "half_life": steer.half_life,
             "positions": steer.positions,

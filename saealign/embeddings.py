@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from .core import (DamagedFileError, cache_folder, cache_root, json_sha256, load_tensors, save_tensors,
-                           tensor_digest)
+                           weights_digest)
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ def embedding_dim(embedder) -> int:
 def embedder_description(embedder) -> dict | None:
     if embedder is None:
         return None
-    return {"dim": embedding_dim(embedder), "weights_sample": tensor_digest(embedder, sample=4096)}
+    return {"dim": embedding_dim(embedder), "weights_sample": weights_digest(embedder)}
 
 # %% ../nbs/00be_embeddings.ipynb #10c8c23b
 def embedder_key(embedder, description: dict | None = None) -> str:

@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ._utils import hook_layer
-from .core import atomic_write, cache_root, json_sha256, load_embedder, load_texts, sae_digest, tensor_digest
+from .core import atomic_write, cache_root, json_sha256, load_embedder, load_texts, sae_digest, weights_digest
 from .embeddings import embed_texts
 from .metrics import measure, topic_words
 from .models import DEFAULT_MODEL, load_model, model_spec
@@ -220,7 +220,7 @@ def _identity(obj) -> list | None:
     owner = getattr(obj, "__self__", obj)  # a bound method such as classifier.predict_proba
     weights = getattr(owner, "model", owner)  # an AcceptabilityClassifier holds its torch model
     return [getattr(owner, "__qualname__", None) or type(owner).__qualname__,
-            tensor_digest(weights, sample=4096) if hasattr(weights, "state_dict") else None]
+            weights_digest(weights) if hasattr(weights, "state_dict") else None]
 
 
 def _check_grid_args(topics, prompts, seeds, methods, outputs, max_new_tokens):

@@ -14,7 +14,8 @@ import pandas as pd
 import torch
 
 from ._utils import check_positive_int
-from .core import DamagedFileError, cache_folder, cache_root, json_sha256, load_tensors, save_tensors, tensor_digest
+from .core import (DamagedFileError, cache_folder, cache_root, json_sha256, load_tensors, save_tensors,
+                           weights_digest)
 from .activations import check_no_saes, content_mask, hook_activations, pad_id, pad_right, tokenize
 from .reference import ReferenceSet
 from .render import ORIGINAL, Column, TokenDetail, _short, strongest_latents, top_prompts
@@ -61,7 +62,7 @@ def reference_tokens(model, sae, reference: ReferenceSet, *, n: int = 128, max_t
         raise ValueError(f"reference must be a ReferenceSet (e.g. default_reference(...)), not {type(reference).__name__}.")
     check_no_saes(model)
     hook = sae.cfg.metadata.hook_name
-    key = json_sha256({"format": TOKENS_FORMAT, "model": [model.cfg.model_name, tensor_digest(model, sample=4096)],
+    key = json_sha256({"format": TOKENS_FORMAT, "model": [model.cfg.model_name, weights_digest(model)],
                        "hook": hook, "reference": reference.fingerprint, "n": n, "max_tokens": max_tokens, "seed": seed})[:32]
     folder = None if cache_dir is False else cache_folder(cache_dir or cache_root() / "reference-tokens",
                                                           "reference-tokens")

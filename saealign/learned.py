@@ -16,8 +16,8 @@ from tqdm.auto import tqdm
 from ._utils import check_positive_int, finite_number, hook_layer
 from .additive import TopicSteer
 from .calibration import TUNING_PROMPTS, calibrate, topic_steer
-from .core import (DamagedFileError, cache_folder, cache_root, json_sha256, load_tensors, sae_digest, save_tensors,
-                           tensor_digest, tensor_sha256)
+from .core import (DamagedFileError, cache_folder, cache_root, json_sha256, load_tensors, sae_digest,
+                           save_tensors, tensor_sha256, weights_digest)
 from .additive import TopicInputs
 from .output_scores import decoder_directions
 from .steering import generate
@@ -134,7 +134,7 @@ class LearnedVector:
 
 
 def _learned_key(model, sae, texts, prompts, start, start_key, settings) -> str:
-    blob = {"format": LEARN_FORMAT, "model": [model.cfg.model_name, tensor_digest(model, sample=4096)],
+    blob = {"format": LEARN_FORMAT, "model": [model.cfg.model_name, weights_digest(model)],
             "sae": sae_digest(sae), "hook": sae.cfg.metadata.hook_name, "texts": list(texts), "prompts": list(prompts),
             "start": start_key or tensor_sha256(start), **settings}
     return json_sha256(blob)[:32]

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import torch
 
 from ._utils import check_positive_int, finite_number
-from .core import DamagedFileError, cache_folder, cache_root, load_tensors, sae_digest, save_tensors, tensor_digest
+from .core import (DamagedFileError, cache_folder, cache_root, load_tensors, sae_digest, save_tensors,
+                           weights_digest)
 from .activations import check_no_saes, content_mask, hook_activations, pad_id, pad_right, special_ids, tokenize
 from .scoring import LatentScores, check_texts
 from .steering import as_scores
@@ -115,7 +116,7 @@ def _next_token_logprobs(model, hook: str, tokens, mask, last, delta=None) -> to
 
 # %% ../nbs/02a_output_scores.ipynb #5c146e3b
 def _output_key(model, sae, texts, prompts, latents, tokens, settings) -> str:
-    blob = json.dumps({"format": OUTPUT_FORMAT, "model": model.cfg.model_name, "weights": tensor_digest(model, sample=4096),
+    blob = json.dumps({"format": OUTPUT_FORMAT, "model": model.cfg.model_name, "weights": weights_digest(model),
                        "sae": sae_digest(sae), "hook": sae.cfg.metadata.hook_name, "texts": texts, "prompts": prompts,
                        "latents": latents.tolist(), "tokens": tokens.tolist(), "settings": settings}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:32]

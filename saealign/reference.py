@@ -20,9 +20,9 @@ import torch
 from tqdm.auto import tqdm
 
 from .charts import chart
-from .core import (DamagedFileError, _model_description, _sae_description, atomic_write, cache_folder, cache_root,
-                           json_sha256, load_tensors, load_texts, sae_digest, save_tensors, shipped_file, tensor_digest,
-                           write_json)
+from .core import (DamagedFileError, _model_description, _sae_description, atomic_write, cache_folder,
+                           cache_root, json_sha256, load_tensors, load_texts, sae_digest, save_tensors, shipped_file,
+                           weights_digest, write_json)
 from .embeddings import EmbeddingCache, embed_texts, embedder_description, embedding_cache_dir
 from .models import model_spec
 from ._utils import check_positive_int
@@ -502,7 +502,7 @@ def model_stories(model, n: int, *, length: int = 64, seed: int = 0) -> list[str
     The sampled tokens are cached under `cache_root()`, keyed by the model's weights: sampling is the slow
     part of building the default reference (minutes on 2 CPU cores), so a cached reference loads in seconds."""
     from saealign.corpus import cached_tokens, sample_stories
-    key = f"{model.cfg.model_name}-{tensor_digest(model, sample=4096)[:16]}-n{n}-len{length}-seed{seed}"
+    key = f"{model.cfg.model_name}-{weights_digest(model)[:16]}-n{n}-len{length}-seed{seed}"
     rows = cached_tokens(cache_root() / "reference" / "stories" / f"{key}.safetensors",
                          lambda: sample_stories(model, n, length=length, seed=seed))
     stories = []

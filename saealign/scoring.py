@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .charts import chart
-from .core import load_texts, sae_digest, tensor_digest
+from .core import load_texts, sae_digest, weights_digest
 from .embeddings import embed_texts, embedder_description, embedding_dim
 from .models import model_spec
 from .activations import latent_acts, pad_id, pad_right, tokenize
@@ -107,7 +107,7 @@ def check_reference(ref: ReferenceSet, embedder, model, sae) -> None:
         raise ValueError("the embedder differs from the one the ReferenceSet was built with (weights differ): "
                          "use the same embedder, or recompute the reference.")
     if model is not None and "model" in meta:
-        if model.cfg.model_name != meta["model"] or tensor_digest(model, sample=4096) != meta.get("model_weights_sample"):
+        if model.cfg.model_name != meta["model"] or weights_digest(model) != meta.get("model_weights_sample"):
             raise ValueError(f"the ReferenceSet was computed on model {meta['model']!r}, not on this "
                              f"{model.cfg.model_name!r} (name or weights differ): recompute it with compute_reference.")
     if sae is not None and "hook" in meta:
