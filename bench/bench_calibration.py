@@ -13,7 +13,7 @@ import time
 from saealign.acceptability import load_acceptability
 from saealign.additive import TopicSteer
 from saealign.calibration import CALIBRATION_STRENGTHS, CALIBRATION_TOKENS, DEFAULT_METHOD, TUNING_PROMPTS, calibrate
-from saealign.core import load_embedder
+from saealign.embeddings import load_embedder
 from saealign.models import load_model
 from saealign.reference import default_reference
 from saealign.saes import load_sae

@@ -53,7 +53,7 @@ def parts(stdout: str) -> str:
 def explorer_times(cache: Path) -> tuple[float, float]:
     "Seconds to the explorer's first side-by-side of a named topic not shown yet, then of the same topic again."
     os.environ["SAEALIGN_CACHE"] = str(cache)
-    from saealign.core import load_embedder
+    from saealign.embeddings import load_embedder
     from saealign.models import load_model, model_spec
     from saealign.reference import default_reference
     from saealign.saes import load_sae

@@ -16,7 +16,7 @@ import torch
 from sae_lens import HookedSAETransformer
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from saealign.core import load_embedder
+from saealign.embeddings import load_embedder
 from saealign.grid import evaluation_topics
 from saealign.models import GEMMA_HUB_ID, gemma_folder, load_model, model_spec
 from saealign.activations import pad_right, tokenize

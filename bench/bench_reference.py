@@ -11,7 +11,8 @@ import torch
 from sae_lens import StandardSAE, StandardSAEConfig
 from sae_lens.saes.sae import SAEMetadata
 
-from saealign.core import load_embedder, load_texts
+from saealign.core import load_texts
+from saealign.embeddings import load_embedder
 from saealign.models import load_model
 from saealign.activations import pad_right, tokenize
 from saealign.reference import ReferenceSet, _rows_to_csr, build_reference_prompts, compute_reference

@@ -12,7 +12,7 @@ __version__ = "0.0.1"
 
 # name -> the module that holds it (one home per name)
 _EXPORTS = {
-    "load_model": "models", "load_sae": "saes", "load_embedder": "core", "topic_texts": "scoring",
+    "load_model": "models", "load_sae": "saes", "load_embedder": "embeddings", "topic_texts": "scoring",
     "ReferenceSet": "reference", "default_reference": "reference", "compute_reference": "reference",
     "score_latents": "scoring", "steer_by_text": "align", "method_from_texts": "align", "generate": "steering",
     "steer": "steering",

@@ -20,7 +20,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .core import (DamagedFileError, MINILM_SHA256, cache_folder, cache_root, hub_reachable, load_embedder, load_tensors, load_texts, save_tensors, unreachable_error, write_json)
+from .core import (DamagedFileError, cache_folder, cache_root, hub_reachable, load_tensors, load_texts, save_tensors, unreachable_error, write_json)
+from .embeddings import MINILM_SHA256, load_embedder
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from .core import load_embedder
+from .embeddings import load_embedder
 from .models import load_model
 from .reference import ReferenceSet, default_reference
 from .saes import load_sae

@@ -18,8 +18,9 @@ from tqdm.auto import tqdm
 from pathlib import Path
 
 from ._utils import finite_number
-from .core import (SHIPPED_DIR, cache_folder, cache_root, json_sha256, load_embedder, sae_digest, shipped_file,
+from .core import (SHIPPED_DIR, cache_folder, cache_root, json_sha256, sae_digest, shipped_file,
                            tensor_sha256, weights_digest, write_json)
+from .embeddings import load_embedder
 from .metrics import alignment_distances, instruction_prefix, relevance
 from .additive import MAX_STRENGTH, TopicInputs, TopicSteer
 from .methods import prompt_prefix

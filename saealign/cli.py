@@ -15,7 +15,8 @@ import time
 from pathlib import Path
 
 from .charts import chart
-from .core import atomic_write, load_embedder
+from .core import atomic_write
+from .embeddings import load_embedder
 from .models import DEFAULT_MODEL, MODEL_SPECS, load_model, model_spec
 from .saes import load_sae
 from .align import SteeredText, steer_by_text

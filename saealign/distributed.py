@@ -17,10 +17,10 @@ import torch
 from safetensors.torch import load as tensors_from_bytes, save as tensors_to_bytes
 from tqdm.auto import tqdm
 
-from .core import cache_folder, load_embedder
+from .core import cache_folder
 from .models import DEFAULT_MODEL, load_model
 from ._utils import check_positive_int
-from .embeddings import EmbeddingCache, embedding_cache_dir
+from .embeddings import EmbeddingCache, embedding_cache_dir, load_embedder
 from .reference import (ReferenceSet, check_prompts, ChunkCache, compute_chunk, merge_chunks, prompts_digest,
                                 reference_plan)
 from .saes import load_sae

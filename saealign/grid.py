@@ -23,8 +23,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ._utils import hook_layer
-from .core import atomic_write, cache_root, json_sha256, load_embedder, load_texts, sae_digest, weights_digest
-from .embeddings import embed_texts
+from .core import atomic_write, cache_root, json_sha256, load_texts, sae_digest, weights_digest
+from .embeddings import embed_texts, load_embedder
 from .metrics import measure, topic_words
 from .models import DEFAULT_MODEL, load_model, model_spec
 from .saes import load_sae, shipped_sae_ids

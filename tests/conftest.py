@@ -55,7 +55,7 @@ def padded_prompts():
 
 @pytest.fixture(scope="session")
 def embedder():
-    from saealign.core import load_embedder
+    from saealign.embeddings import load_embedder
     return load_embedder()
 
 if HAS_MIRROR:  # module-scoped fixtures load models at collection time

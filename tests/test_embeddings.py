@@ -1,9 +1,9 @@
-"""The embeddings and the weight digests every cache key stands on: their values are pinned, so caches, the shipped
-reference and committed results written before a refactoring still read."""
+"""The default embedder, the embeddings and the weight digests every cache key stands on: their values are pinned, so
+caches, the shipped reference and committed results written before a refactoring still read."""
 import torch
 
 from saealign.core import _model_description, _sae_description, json_sha256, sae_digest, tensor_digest
-from saealign.embeddings import EmbeddingCache, embed_texts, embedder_key
+from saealign.embeddings import EmbeddingCache, embed_texts, embedder_key, load_embedder
 
 # computed by saealign before the embeddings and digests left the reference module (main at de17301)
 STORIES_WEIGHTS_SAMPLE = "3eb3659ccd7f53c260e2ead17f5c9807e0ebf2f846d03a8b618172e3809bd13e"
@@ -13,6 +13,13 @@ STORIES_DESCRIPTION = "cbc9912bae1b8bb8d211b595264f468766d99a826b2c08f0dd2e900b3
 STORIES_SAE_DESCRIPTION = "0eb21ff39c06b7ad56696b01c1acf94a4256e3262330dceea5985daded75c659"
 MINILM_KEY = "23adf91824ddfaa00e881f01dc9ee64b88716ed92fbbb7e81e7aa1a5b823827f"
 MINILM_TEXTS_KEY = "5565d65eeabdf1dca9dc73426200921b3c7138d8adce4a29f6eb2f0cfcc331ba"  # ["Once upon a time", "The sea"]
+
+
+def test_embedder_default_is_minilm():
+    emb = load_embedder()
+    vectors = emb.encode(["a medical doctor", "a physician", "a red shoe"], normalize_embeddings=True)
+    assert vectors.shape == (3, 384)
+    assert vectors[0] @ vectors[1] > vectors[0] @ vectors[2] + 0.2
 
 
 def test_weight_digests_are_those_saealign_always_wrote(model, sae):

@@ -99,7 +99,7 @@ def test_the_default_steer_ships_for_every_named_topic(gemma, monkeypatch):
     """A first run of the default steer on a named topic reads its strength from the files saealign ships and
     generates nothing: without them a fresh machine's demo calibrates (and first trains the fluency classifier)."""
     from saealign import calibration
-    from saealign.core import load_embedder
+    from saealign.embeddings import load_embedder
     from saealign.reference import default_reference
     from saealign.scoring import topic_file, topic_texts
     from saealign.additive import TopicInputs

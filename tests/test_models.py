@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from conftest import SHARED, needs_mirror
-from saealign.core import load_embedder
 from saealign.models import gpt2_tokenizer, load_model, read_llama2c_checkpoint
 from saealign.saes import check_sae_fits, load_sae
 
@@ -146,10 +145,3 @@ def test_sae_for_another_model_is_refused(mirror):
     gpt2 = load_model("gpt2-small-random")
     with pytest.raises(ValueError, match="expects d_in=64 but gpt2-small-random has 768"):
         load_sae("saealign-stories260K", model=gpt2)
-
-
-def test_embedder_default_is_minilm():
-    emb = load_embedder()
-    vectors = emb.encode(["a medical doctor", "a physician", "a red shoe"], normalize_embeddings=True)
-    assert vectors.shape == (3, 384)
-    assert vectors[0] @ vectors[1] > vectors[0] @ vectors[2] + 0.2

@@ -15,7 +15,8 @@ import torch
 
 from saealign import core, models
 from saealign import reference as R
-from saealign.core import DamagedFileError, atomic_write, cache_folder, cache_root, load_embedder
+from saealign.core import DamagedFileError, atomic_write, cache_folder, cache_root
+from saealign.embeddings import load_embedder
 from saealign.models import load_model
 from saealign.reference import ReferenceSet, build_reference_prompts, compute_reference
 from saealign.scoring import STORY_TOPICS, LatentScores, score_latents

@@ -10,7 +10,8 @@ from pathlib import Path
 import pandas as pd
 
 from ..acceptability import load_acceptability
-from ..core import cache_root, load_embedder
+from ..core import cache_root
+from ..embeddings import load_embedder
 from ..grid import evaluation_prompts, run_grid
 from ..models import load_model
 from ..reference import default_reference

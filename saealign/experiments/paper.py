@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..core import cache_root, load_embedder
+from ..core import cache_root
+from ..embeddings import load_embedder
 from ..grid import evaluation_prompts, evaluation_topics, run_grid
 from ..models import load_model
 from ..reference import default_reference
