@@ -28,9 +28,9 @@ log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['log', 'MEANS_MAX_TOKENS', 'STEER_MULTIPLIER', 'MAX_MULTIPLIER', 'MIN_DIFFERENCE', 'MEANS_FORMAT', 'POSITIONS',
-           'MAX_STRENGTH', 'ActivationMeans', 'activation_means', 'reference_sample', 'DiffMeans', 'check_multiplier',
-           'reference_means', 'text_means', 'mean_difference_strengths', 'AddSteer', 'matched_strengths',
-           'MatchedSteer', 'decay_factors', 'TopicSteer', 'TopicInputs']
+           'MAX_STRENGTH', 'ActivationMeans', 'activation_means', 'reference_sample', 'VectorSteer', 'DiffMeans',
+           'check_multiplier', 'reference_means', 'text_means', 'mean_difference_strengths', 'AddSteer',
+           'matched_strengths', 'MatchedSteer', 'decay_factors', 'TopicSteer', 'TopicInputs']
 
 # %% ../nbs/03aa_additive.ipynb #6c6cadb6
 @dataclass(eq=False)
@@ -82,9 +82,24 @@ def _vector(value, what: str) -> torch.Tensor:
     return v
 
 
-class DiffMeans(Method):
-    """Adds a residual vector at the hook and leaves the latents alone; `scores` only label contamination.
-    Build it with `DiffMeans.from_means` for the difference-of-means baseline."""
+class VectorSteer(Method):
+    """Adds a vector to the residual at the SAE's hook and leaves the latents alone; `scores` only label
+    contamination. A subclass keeps the vector (or the direction it scales) in the attribute named `vector_attr`,
+    which `check` holds to the hook's width."""
+    vector_attr = "vector"
+
+    def check(self, sae) -> None:
+        super().check(sae)
+        n = len(getattr(self, self.vector_attr))
+        if n != sae.cfg.d_in:
+            raise ValueError(f"the {self.name} {self.vector_attr} has {n} values; the SAE's hook has d_in={sae.cfg.d_in}.")
+
+    def edit(self, sae, h, acts):
+        return acts
+
+
+class DiffMeans(VectorSteer):
+    """Adds `vector` at the hook. Build it with `DiffMeans.from_means` for the difference-of-means baseline."""
     name = "DiffMeans"
 
     def __init__(self, scores, vector):
@@ -100,14 +115,6 @@ class DiffMeans(Method):
             raise ValueError("the alignment texts' mean activation equals the reference prompts' (are they the "
                              "reference prompts?): there is no direction to add. Give texts about the topic.")
         return cls(scores, check_multiplier(multiplier) * difference)
-
-    def check(self, sae) -> None:
-        super().check(sae)
-        if len(self.vector) != sae.cfg.d_in:
-            raise ValueError(f"the DiffMeans vector has {len(self.vector)} values; the SAE's hook has d_in={sae.cfg.d_in}.")
-
-    def edit(self, sae, h, acts):
-        return acts
 
     def residual_delta(self, sae) -> torch.Tensor:
         return self.vector
@@ -226,7 +233,7 @@ def decay_factors(steps, half_life: float | None) -> torch.Tensor:
 MAX_STRENGTH = 20.0  # in units of the direction's own norm: past this a 270M model writes noise
 
 
-class TopicSteer(Method):
+class TopicSteer(VectorSteer):
     """Adds `strength × direction` to the residual at the SAE's hook (the latents are left alone; `scores` label
     contamination), with three protections of fluency and of the user's prompt:
     - `half_life`: the strength halves every `half_life` generated tokens (None: constant);
@@ -237,6 +244,7 @@ class TopicSteer(Method):
     `strength` may be one number per batch row (a 1-d tensor), which `calibrate` uses to try several at once.
     `prefix` is a prompt the generation runs behind (prompting and steering combined)."""
     name = "TopicSteer"
+    vector_attr = "direction"
 
     def __init__(self, scores, direction, *, strength=1.0, half_life: float | None = None, positions: str = "all",
                  floor: float | None = None, prefix: str = ""):
@@ -265,14 +273,6 @@ class TopicSteer(Method):
         "True when the same vector is added at every position of every pass (what other engines can replay)."
         return (not isinstance(self.strength, torch.Tensor) and self.half_life is None and self.positions == "all"
                 and self.floor is None)
-
-    def check(self, sae) -> None:
-        super().check(sae)
-        if len(self.direction) != sae.cfg.d_in:
-            raise ValueError(f"the direction has {len(self.direction)} values; the SAE's hook has d_in={sae.cfg.d_in}.")
-
-    def edit(self, sae, h, acts):
-        return acts
 
     def residual_delta(self, sae):
         return self.strength * self.direction if self.fixed else None
