@@ -14,7 +14,7 @@ import torch
 
 from ._utils import check_positive_int, hook_layer
 from .activations import pad_id, special_ids
-from .charts import chart
+from .charts import chart, import_altair
 from .models import model_spec
 from .saes import check_sae_fits
 
@@ -397,7 +397,7 @@ def layer_metrics(model, sae, methods: dict, texts: list[str], *, label: str = "
 
 def layer_charts(rows: list[dict]):
     "Altair charts of `layer_metrics` rows: latents changed, reconstruction error difference, contamination."
-    import altair as alt
+    alt = import_altair()
     import pandas as pd
     df = pd.DataFrame(rows)
     color = alt.Color("method:N", title="method")
