@@ -9,6 +9,7 @@ Run: `.venv/bin/python bench/bench_demo.py [--install] [--repeats N]` (from the 
 in `SAEALIGN_ASSETS`). Each phase runs in its own temporary folders; the user's caches are not touched.
 """
 import argparse
+import json
 import os
 import re
 import subprocess
@@ -69,7 +70,9 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser()
     parser.add_argument("--install", action="store_true", help="also time a fresh install with an empty pip cache")
     parser.add_argument("--repeats", type=int, default=3, help="warm runs (the best is kept)")
+    parser.add_argument("--json", type=Path, help="also write the figures to this file (README's timings cite it)")
     args = parser.parse_args()
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         installed = 0.0
@@ -95,3 +98,11 @@ if __name__ == "__main__":
         print(f"explorer: a named topic not shown yet {first:.1f} s (/ {NEW_TOPIC_TARGET_S:.0f} s = "
               f"{first / NEW_TOPIC_TARGET_S:.2f}); shown before {again:.1f} s (/ {SEEN_TOPIC_TARGET_S:.0f} s = "
               f"{again / SEEN_TOPIC_TARGET_S:.2f})")
+    if args.json:
+        figures = {"install_s": installed if args.install else None, "cold_demo_s": cold, "warm_demo_s": warm,
+                   "explorer_new_topic_s": first, "explorer_seen_topic_s": again, "cores": os.cpu_count(),
+                   # the machine's load average before and after: a figure is an idle one only when both are low
+                   "load_average": [load_before, os.getloadavg()[0]], "date": time.strftime("%Y-%m-%d"),
+                   "targets_s": {"fresh": COLD_TARGET_S, "warm": WARM_TARGET_S, "new_topic": NEW_TOPIC_TARGET_S,
+                                 "seen_topic": SEEN_TOPIC_TARGET_S}}
+        args.json.write_text(json.dumps(figures, indent=1) + "\n")

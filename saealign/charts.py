@@ -5,15 +5,39 @@
 # %% ../nbs/00e_charts.ipynb #ed5f21b7
 from __future__ import annotations
 
+import importlib
+import sys
+import types
+
 import pandas as pd
 
 # %% auto #0
-__all__ = ['chart']
+__all__ = ['import_altair', 'chart']
+
+# %% ../nbs/00e_charts.ipynb #1e0d0002
+def _deferred_iri_syntax() -> types.ModuleType:
+    "A stand-in for `rfc3987_syntax` whose `is_valid_syntax` imports the real module on its first call."
+    def is_valid_syntax(*args, **kwargs):
+        return importlib.import_module("rfc3987_syntax").is_valid_syntax(*args, **kwargs)
+    stand_in = types.ModuleType("rfc3987_syntax", "imports the real rfc3987_syntax when an IRI is first checked")
+    stand_in.is_valid_syntax = is_valid_syntax
+    return stand_in
+
+
+def import_altair():
+    "The altair module, imported without building jsonschema's IRI parsers until an IRI is checked."
+    if "altair" in sys.modules or "jsonschema" in sys.modules or "rfc3987_syntax" in sys.modules:
+        return importlib.import_module("altair")
+    sys.modules["rfc3987_syntax"] = _deferred_iri_syntax()
+    try:
+        return importlib.import_module("altair")
+    finally:
+        del sys.modules["rfc3987_syntax"]  # the next importer gets the real module
 
 # %% ../nbs/00e_charts.ipynb #2c3c423f
 def _fields(channel) -> set[str]:
     "The columns an encoding channel reads: a shorthand such as 'mean:Q', an altair channel, or a list of them."
-    import altair as alt
+    alt = import_altair()
     if isinstance(channel, (list, tuple)):
         return set().union(*map(_fields, channel))
     if isinstance(channel, str):
@@ -29,7 +53,7 @@ def chart(data: pd.DataFrame, mark: str, *, width: int | None = None, height: in
     """An altair chart of `data` drawn with `mark` ('point', 'rule', 'line', 'bar', 'area', 'rect', 'boxplot', ...)
     and `encoding` (channel -> a shorthand such as 'mean:Q' or an altair channel), holding only the columns the
     encoding reads."""
-    import altair as alt
+    alt = import_altair()
     used = set().union(*map(_fields, encoding.values()))
     sized = {k: v for k, v in dict(width=width, height=height, title=title).items() if v is not None}
     plotted = alt.Chart(data[[c for c in data.columns if c in used]], **sized)

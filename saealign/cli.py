@@ -14,7 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .charts import chart
+from .charts import chart, import_altair
 from .core import atomic_write
 from .embeddings import load_embedder
 from .models import DEFAULT_MODEL, MODEL_SPECS, load_model, model_spec
@@ -70,7 +70,7 @@ def read_topic_file(path) -> list[str]:
 # %% ../nbs/06_cli.ipynb #ab360a7a
 def scores_chart(scores):
     "Histogram of the eligible latents' scores (altair)."
-    import altair as alt
+    alt = import_altair()
     import pandas as pd
     df = pd.DataFrame({"score": scores.scores[scores.eligible].tolist()})
     return chart(df, "bar", width=300, height=180, title=f"Scores of {len(df)} eligible latents",

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .charts import chart
+from .charts import chart, import_altair
 from .core import (DamagedFileError, _model_description, _sae_description, atomic_write, cache_folder,
                            cache_root, json_sha256, load_tensors, load_texts, sae_digest, save_tensors, shipped_file,
                            weights_digest, write_json)
@@ -486,7 +486,7 @@ def coverage_curve(ref: ReferenceSet, sizes, n_samples: int = 5, seed: int = 0) 
 
 def coverage_chart(rows):
     "Mean coverage against |P_ref| with a min..max band over the samples (paper Fig. 3)."
-    import altair as alt
+    alt = import_altair()
     import pandas as pd
     df = pd.DataFrame(rows).groupby("size")["coverage"].agg(["mean", "min", "max"]).reset_index()
     x = alt.X("size:Q", title="reference prompts |P_ref|")

@@ -16,7 +16,7 @@ import torch
 from .scoring import LatentScores, summaries_by_latent
 from .methods import Method
 from .steering import ORIGINAL, Generation, as_scores, steer
-from .charts import chart
+from .charts import chart, import_altair
 
 # %% auto #0
 __all__ = ['COLOUR_STOPS', 'NEUTRAL', 'ATTRIBUTION_STOPS', 'ATTRIBUTION_SPAN', 'MODES', 'STYLE', 'TOGGLE_STYLE',
@@ -280,7 +280,7 @@ def _number(value: float) -> str:
 # %% ../nbs/04c_render.ipynb #1442c8f6
 def contamination_chart(columns: list[Column]):
     "An altair line chart of each column's per-token contamination."
-    import altair as alt
+    alt = import_altair()
     import pandas as pd
     rows = [dict(column=c.label, position=j, token=repr(d.piece),
                  contamination=d.contamination if math.isfinite(d.contamination) else None)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .charts import chart
+from .charts import chart, import_altair
 from .core import load_texts, sae_digest, weights_digest
 from .embeddings import embed_texts, embedder_description, embedding_dim
 from .models import model_spec
@@ -268,7 +268,7 @@ def validation_curve(model, sae, scores, aligned_texts, unaligned_texts, ks, *, 
 
 def validation_chart(df):
     "Share of tokens activating the top-k latents, aligned vs unaligned texts (paper Fig. 4)."
-    import altair as alt
+    alt = import_altair()
     return chart(df, "line", mark_options=dict(point=True), title="Top-k latents: aligned vs unaligned text",
                  width=400, height=250,
                  x=alt.X("k:Q", title="top-k scored latents", scale=alt.Scale(type="log")),
@@ -318,7 +318,7 @@ def kendall_tau(a, b, *, mask=None) -> float:
 def score_violin(scores_by_config: dict, *, points: int = 100):
     """Violin plot of the eligible latents' scores per configuration. Densities are computed here (Gaussian KDE)
     so the chart holds `points` rows per configuration, not one per latent."""
-    import altair as alt
+    alt = import_altair()
     import numpy as np
     import pandas as pd
     from scipy.stats import gaussian_kde

@@ -14,15 +14,15 @@ import torch
 
 from ._utils import check_positive_int, hook_layer
 from .activations import pad_id, special_ids
-from .charts import chart
+from .charts import chart, import_altair
 from .models import model_spec
 from .saes import check_sae_fits
 
 # %% auto #0
 __all__ = ['OUTPUT_MODES', 'DEFAULT_OUTPUT', 'SUPPORTED_ARCHITECTURES', 'ORIGINAL', 'check_architecture', 'activation_input',
            'apply_activation', 'encode_with_inputs', 'as_scores', 'SteeringRecord', 'steer', 'check_sampling',
-           'encode_prompts', 'Generation', 'shared_noise_sample', 'generate', 'side_by_side', 'format_side_by_side',
-           'layer_metrics', 'layer_charts']
+           'check_prompts', 'encode_prompts', 'Generation', 'shared_noise_sample', 'generate', 'side_by_side',
+           'format_side_by_side', 'layer_metrics', 'layer_charts']
 
 # %% ../nbs/03_steering.ipynb #7cb6fc4b
 OUTPUT_MODES = ("reconstruction", "error")
@@ -193,10 +193,17 @@ def check_sampling(max_new_tokens, top_k=None, temperature=1.0) -> None:
         raise ValueError(f"temperature must be a finite number >= 0 (0 is greedy), got {temperature!r}.")
 
 
-def encode_prompts(model, prompts: list[str], max_new_tokens: int) -> list[list[int]]:
-    "Each prompt's token ids; ValueError unless every prompt is a string with room for `max_new_tokens` in the context."
+def check_prompts(prompts) -> list[str]:
+    "`prompts` as a list: one string, or a list or tuple of strings; ValueError for anything else."
+    prompts = [prompts] if isinstance(prompts, str) else prompts
     if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts):
         raise ValueError("prompts must be a string or a list of strings.")
+    return list(prompts)
+
+
+def encode_prompts(model, prompts: list[str], max_new_tokens: int) -> list[list[int]]:
+    "Each prompt's token ids; ValueError unless every prompt is a string with room for `max_new_tokens` in the context."
+    prompts = check_prompts(prompts)
     encoded = [model.to_tokens(p, truncate=False)[0].tolist() for p in prompts]  # the whole prompt, to count it
     for p, ids in zip(prompts, encoded):
         if len(ids) + max_new_tokens > model.cfg.n_ctx:
@@ -299,18 +306,19 @@ def generate(model, sae=None, prompts: str | list[str] = "", method=None, *,
     Every row samples with the same noise (`shared_noise_sample`). `prefix` goes before every prompt (prompting);
     None: the method's own (`method.prefix`: a steer that runs behind a prompt, such as the default), else none.
     Each Generation's `prompt` is still the user's prompt. `plain` (one bool per prompt) marks prompts that the
-    unmodified model continues in the same batches."""
+    unmodified model continues in the same batches, without the prefix: the unsteered baseline beside the steer."""
     _check_output(output)
     check_sampling(max_new_tokens, top_k, temperature)
     if prefix is None:
         prefix = getattr(method, "prefix", "") if sae is not None else ""
     if not isinstance(prefix, str):
         raise ValueError(f"prefix must be a string, got {type(prefix).__name__}.")
-    prompts = [prompts] if isinstance(prompts, str) else prompts
-    encoded = encode_prompts(model, [prefix + p for p in prompts] if prefix else prompts, max_new_tokens)
+    prompts = check_prompts(prompts)
     plain = [False] * len(prompts) if plain is None else list(plain)
     if len(plain) != len(prompts):
         raise ValueError(f"plain needs one bool per prompt: {len(plain)} for {len(prompts)} prompts.")
+    encoded = encode_prompts(model, [p if is_plain else prefix + p for p, is_plain in zip(prompts, plain)],
+                             max_new_tokens)
     stops, results = _stop_ids(model), [None] * len(prompts)
     label = ORIGINAL if sae is None else (method.name if method is not None else "SAE")
     for rows, batch in _batches(model, encoded, pad_batch):
@@ -345,14 +353,9 @@ def side_by_side(model, sae, prompt: str, method, *, output: str = DEFAULT_OUTPU
     """The unmodified model's and the steered model's continuations of `prompt`, as two rows of one batch with `seed`:
     each decoding step reads the weights once for both, so the pair costs little more than one continuation, and
     with the rows' shared noise it is what two separate runs give. A method that prompts as well (`method.prefix`)
-    runs behind its prefix in a batch of its own."""
-    prefix = getattr(method, "prefix", "")
-    if prefix:
-        return (generate(model, None, prompt, max_new_tokens=max_new_tokens, seed=seed, **kwargs)[0],
-                generate(model, sae, prompt, method, output=output, max_new_tokens=max_new_tokens, seed=seed,
-                         prefix=prefix, **kwargs)[0])
+    runs behind its prefix, and the unsteered row, shorter, is padded on the left."""
     pair = generate(model, sae, [prompt, prompt], method, output=output, max_new_tokens=max_new_tokens, seed=seed,
-                    plain=[True, False], **kwargs)
+                    plain=[True, False], pad_batch=True, **kwargs)
     return pair[0], pair[1]
 
 
@@ -394,7 +397,7 @@ def layer_metrics(model, sae, methods: dict, texts: list[str], *, label: str = "
 
 def layer_charts(rows: list[dict]):
     "Altair charts of `layer_metrics` rows: latents changed, reconstruction error difference, contamination."
-    import altair as alt
+    alt = import_altair()
     import pandas as pd
     df = pd.DataFrame(rows)
     color = alt.Color("method:N", title="method")

@@ -10,7 +10,7 @@ import math
 import numpy as np
 import pandas as pd
 
-from .charts import chart
+from .charts import chart, import_altair
 
 # %% auto #0
 __all__ = ['METRICS', 'VERDICT_METRICS', 'AXBENCH', 'config_label', 'summary_table', 'compare', 'verdict_table', 'overview_table',
@@ -194,7 +194,7 @@ def interval_panels(stats: pd.DataFrame, x: str, panel: str, *, order=None, y_ti
     """One panel per value of `stats[panel]`, in order of appearance: each `x`'s `mean` as a point coloured by its
     `method`, with a rule from `lo` to `hi`; `points` (columns `x`, `panel`, `value`) adds faint points, such as
     each topic's own mean."""
-    import altair as alt
+    alt = import_altair()
     x_axis = alt.X(f"{x}:N", sort=list(order) if order is not None else "ascending", title=None)
     panels = []
     for name in dict.fromkeys(stats[panel]):

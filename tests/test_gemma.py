@@ -112,3 +112,18 @@ def test_the_default_steer_ships_for_every_named_topic(gemma, monkeypatch):
         steer = make_method(calibration.DEFAULT_METHOD, TopicInputs(gemma, sae, reference, topic_texts(name), embedder),
                             calibration={"cache_dir": False})
         assert steer.calibration.cached and steer.name == calibration.DEFAULT_METHOD, name
+
+
+def test_the_folder_tokenizer_is_autotokenizers(gemma):
+    "`gemma_tokenizer` reads tokenizer.json directly; it tokenizes, pads and names its vocabulary as AutoTokenizer does."
+    from transformers import AutoTokenizer
+    from saealign.core import _vocab_digest
+    ours, theirs = gemma.tokenizer, AutoTokenizer.from_pretrained(gemma_folder(), add_bos_token=True)
+    assert _vocab_digest(ours) == _vocab_digest(theirs) and ours.all_special_ids == theirs.all_special_ids
+    assert (ours.padding_side, ours.bos_token_id, ours.pad_token_id) == (theirs.padding_side, 2, 0)
+    texts = [*PROMPTS, "", "  two spaces,\ttab\n\nnew lines", "Ünïcode ✓ 東京 <start_of_turn>user", "<eos> inside"]
+    for text in texts:
+        assert ours(text).input_ids == theirs(text).input_ids, text
+        assert ours.decode(ours(text).input_ids) == theirs.decode(theirs(text).input_ids), text
+    padded = [t(texts, padding=True, return_tensors="pt") for t in (ours, theirs)]
+    assert all(torch.equal(padded[0][k], padded[1][k]) for k in ("input_ids", "attention_mask"))
