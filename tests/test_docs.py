@@ -81,6 +81,21 @@ def chapter_table(markdown: str) -> dict[str, str]:
     return {nb: module.strip("`") for nb, module in rows}
 
 
+def test_title_cells_hold_only_title_and_description(cfg):
+    "nbdev makes a chapter's first titled markdown cell its front matter and drops the rest of it from the site."
+    from nbdev.frontmatter import FrontmatterProc
+    from execnb.nbio import read_nb
+    for path in sorted(cfg.nbs_path.glob("*.ipynb")):
+        nb = read_nb(path)
+        title = next(c for c in nb.cells if c.cell_type == "markdown")
+        kept = [line for line in title.source.splitlines() if line.strip()]
+        assert [line[:2] for line in kept] == ["# ", "> "], f"{path.name}: {kept[2:3] or kept}"
+        proc = FrontmatterProc(nb)
+        proc.begin()
+        proc.cell(title)
+        assert proc.fm["description"] == kept[1][2:].strip(), path.name  # the whole description, on one line
+
+
 def test_the_readme_chapter_table_lists_every_notebook_with_its_module(cfg):
     readme = (ROOT / "README.md").read_text()
     table = chapter_table(readme)
