@@ -3,6 +3,8 @@
 Generation, configurations per round: HF's own `generate`, transformer_lens as it ships, transformer_lens
 after `fast_weights`, and saealign's steered generation (Swap through an SAE at blocks.6.hook_resid_post).
 Rounds are interleaved and the best of `--repeats` is kept, so background load hits every one alike.
+The unembedding of a decoding step, transformer_lens's own `F.linear` (on the contiguous `W_U.T` that
+`fast_weights` stores) against the product written as `W_U.T @ x.T`, for 1 to 8 rows.
 Targets: steered generation per token <= 1.3x HF's plain `generate` (issue 10); the reference pass >= 0.9x
 its floor (forward to the hook + encode) on real P3 prompts; the explorer re-scores a topic in < 2 s on the
 8,192-prompt reference and renders a 48-token side-by-side in < 30 s (issue 11); the default method's per-topic
@@ -92,6 +94,19 @@ def reference_pass_bench(model, sae, n_prompts=256, batch=32, max_tokens=128):
     print(f"  speed ÷ floor = {ratio:.2f} (target ≥ 0.9): {'met' if ratio >= 0.9 else 'NOT met'}")
 
 
+def unembedding_bench(model, rows=(1, 2, 4, 8)):
+    "Milliseconds per unembedding of a decoding step's rows: the model's own forward against `W_U.T @ x.T`."
+    unembed = model.unembed
+    print("\nunembedding (262,144 tokens) per decoding step: transformer_lens's F.linear / W_U.T @ x.T")
+    for n in rows:
+        x = torch.randn(n, 1, model.cfg.d_model)
+        flat = x.reshape(n, -1)
+        best = interleaved_best_of({"own": lambda: unembed(x),
+                                    "columns": lambda: (unembed.W_U.T @ flat.T).T + unembed.b_U}, n=5)
+        print(f"  {n} rows: {best['own'] * 1e3:.0f} ms / {best['columns'] * 1e3:.0f} ms = "
+              f"{best['own'] / best['columns']:.2f}")
+
+
 def explorer_bench(model, sae, tokens=48):
     """The explorer on the default 8,192-prompt reference: re-scoring a topic; what the default method measures
     for a topic beside it (output scores, uncached here, and activation means); side-by-side renders."""
@@ -129,6 +144,8 @@ def main():
     args = options(tokens=32)
     torch_inference()
     model, sae = generation_bench(args)
+    with torch.inference_mode():
+        unembedding_bench(model)
     reference_pass_bench(model, sae)
     explorer_bench(model, sae)
 

@@ -28,8 +28,8 @@ __all__ = ['STORIES_REPO', 'GEMMA_HUB_ID', 'GGUF_PACKAGE', 'GGUF_INSTALL', 'CONV
            'DEFAULT_MODEL', 'PICKLE_CHECKPOINT_PREFIXES', 'read_llama2c_checkpoint', 'read_llama2c_vocab',
            'llama2c_tokenizer', 'load_unprocessed', 'llama2c_to_hf', 'load_stories260k', 'gpt2_tokenizer',
            'load_gpt2_small_random', 'gguf_package', 'check_gguf', 'gguf_read_once', 'convert_gguf',
-           'conversion_problem', 'gemma_folder', 'fast_weights', 'fast_unembed', 'for_inference', 'gemma_tokenizer',
-           'load_gemma', 'ModelSpec', 'model_spec', 'load_model']
+           'conversion_problem', 'gemma_folder', 'fast_weights', 'for_inference', 'gemma_tokenizer', 'load_gemma',
+           'ModelSpec', 'model_spec', 'load_model']
 
 # %% ../nbs/00a_models.ipynb #f121c3c6
 STORIES_REPO = "karpathy/tinyllamas"
@@ -395,26 +395,12 @@ def fast_weights(model):
     return model
 
 # %% ../nbs/00a_models.ipynb #8521879a
-def _unembed_columns(self, residual):
-    "transformer_lens's `Unembed.forward`, with the product taken over the residual's columns (see `fast_unembed`)."
-    residual = self.hook_in(residual)
-    rows = residual.reshape(-1, residual.shape[-1])
-    logits = (self.W_U.T @ rows.T).T.reshape(*residual.shape[:-1], -1) + self.b_U
-    return self.hook_out(logits)
-
-
-def fast_unembed(model):
-    "`model` whose unembedding runs `W_U.T @ x.T` instead of `F.linear(x, W_U.T)` (5x faster for a few rows)."
-    model.unembed.forward = types.MethodType(_unembed_columns, model.unembed)
-    return model
-
-
 def for_inference(model):
-    """`model` with both speed-ups (`fast_weights`, `fast_unembed`), in eval mode: what `load_model` returns. It
-    also flushes denormal floats in this process: in Gemma's attention they made CPU generation ~10x slower (1.1 vs
-    0.11 s/token), and every process that loads a model (the driver, each Ray worker) then computes alike."""
+    """`model` with `fast_weights`, in eval mode: what `load_model` returns. It also flushes denormal floats in this
+    process: in Gemma's attention they made CPU generation ~10x slower (1.1 vs 0.11 s/token), and every process that
+    loads a model (the driver, each Ray worker) then computes alike."""
     torch.set_flush_denormal(True)
-    return fast_unembed(fast_weights(model)).eval()
+    return fast_weights(model).eval()
 
 # %% ../nbs/00a_models.ipynb #055f872f
 def gemma_tokenizer(folder: Path):
