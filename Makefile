@@ -48,8 +48,8 @@ clean-check: install-dev
 	after=$$(find nbs -name '*.ipynb' | sort | xargs md5sum); \
 	if [ "$$before" != "$$after" ]; then echo "nbdev_clean changed nbs/: run nbdev_clean and commit"; diff <(echo "$$before") <(echo "$$after"); exit 1; fi
 
-# The default steer calibrates its strength with the CoLA classifier: train it once (about 6 minutes on two idle
-# cores; cached) before the notebooks and tests, which run in parallel, would each start training it.
+# The default steer calibrates its strength with the CoLA classifier: train it once (minutes on two cores; cached)
+# before the notebooks and tests, which run in parallel, would each start training it.
 classifier: install-dev
 	$(BIN)/python -c "from saealign.acceptability import load_acceptability; load_acceptability()"
 
