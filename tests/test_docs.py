@@ -159,3 +159,15 @@ def test_readme_swap_alignment_is_the_paper_grid_file(front_pages):
     assert all(verdict == "better" for _, verdict in change.values())
     assert_on_front_pages(front_pages, f"centroid cosine {change['sycophancy-20'][0]} on sycophancy, "
                                        f"{change['amazon-20'][0]} on Amazon reviews")
+
+
+def test_readme_demo_timings_are_the_bench_file(front_pages):
+    bench = json.loads((ROOT / "results" / "bench-demo.json").read_text())
+    fresh = bench["install_s"] + bench["cold_demo_s"]
+    assert_on_front_pages(front_pages, f"prints the steered continuation {fresh:.0f} s after it starts (the install "
+                                       f"{bench['install_s']:.0f} s")
+    assert_on_front_pages(front_pages, f"then {bench['cold_demo_s']:.0f} s of demo")
+    assert_on_front_pages(front_pages, f"A warm run takes {min(bench['warm_demo_s']):.0f} s (best of "
+                                       f"{len(bench['warm_demo_s'])}")
+    assert_on_front_pages(front_pages, f"side by side in {bench['explorer_new_topic_s']:.1f} s the first time and "
+                                       f"{bench['explorer_seen_topic_s']:.1f} s the next")
