@@ -33,7 +33,7 @@ def main():
     sae, embedder, acceptability = load_sae(model=model), load_embedder(), load_acceptability()
     reference = default_reference(model, sae, embedder)
     texts = topic_file("general")["astronomy"]["align"]  # a topic no chapter tunes or evaluates on
-    inputs = TopicInputs(model, sae, reference, texts, embedder)
+    inputs = TopicInputs(model, sae, reference, texts, embedder, cache_dir=False)  # a new topic: nothing kept yet
     (align, ref), means_s = timed(lambda: inputs.means)
     plain = TopicSteer.from_means(inputs.scores, align, ref)
     default = make_method(DEFAULT_METHOD, inputs, strength=1.0)  # its direction, positions and prefix; calibrated below

@@ -171,3 +171,9 @@ def test_readme_demo_timings_are_the_bench_file(front_pages):
                                        f"{len(bench['warm_demo_s'])}")
     assert_on_front_pages(front_pages, f"side by side in {bench['explorer_new_topic_s']:.1f} s the first time and "
                                        f"{bench['explorer_seen_topic_s']:.1f} s the next")
+
+
+def test_readme_calibration_cost_is_the_bench_file(front_pages):
+    measured = re.search(r"wall ([\d.]+) s, CPU ([\d.]+) s", (ROOT / "results" / "bench-calibration.txt").read_text())
+    wall, cpu = (float(v) for v in measured.groups())
+    assert_on_front_pages(front_pages, f"calibrated once ({wall:.0f} s, {cpu:.0f} s of CPU for the default steer")
