@@ -177,3 +177,11 @@ def test_readme_calibration_cost_is_the_bench_file(front_pages):
     measured = re.search(r"wall ([\d.]+) s, CPU ([\d.]+) s", (ROOT / "results" / "bench-calibration.txt").read_text())
     wall, cpu = (float(v) for v in measured.groups())
     assert_on_front_pages(front_pages, f"calibrated once ({wall:.0f} s, {cpu:.0f} s of CPU for the default steer")
+
+
+def test_readme_export_speeds_are_the_bench_file(front_pages):
+    text = (ROOT / "results" / "bench-export.txt").read_text()
+    speed = {engine: float(re.search(rf"^{re.escape(engine)}\b.*?\s([\d.]+)\s+[\d.]+\s*$", text, re.M)[1])  # tokens/s
+             for engine in ("saealign", "transformers", "llama.cpp")}
+    assert_on_front_pages(front_pages, f"at {speed['llama.cpp']:.0f} steered tokens/s against saealign's "
+                                       f"{speed['saealign']:.0f} and transformers' {speed['transformers']:.0f}")
