@@ -14,7 +14,6 @@ import os
 import shutil
 import struct
 import tempfile
-import types
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
