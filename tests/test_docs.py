@@ -185,3 +185,10 @@ def test_readme_export_speeds_are_the_bench_file(front_pages):
              for engine in ("saealign", "transformers", "llama.cpp")}
     assert_on_front_pages(front_pages, f"at {speed['llama.cpp']:.0f} steered tokens/s against saealign's "
                                        f"{speed['saealign']:.0f} and transformers' {speed['transformers']:.0f}")
+
+
+def test_readme_warm_load_is_the_models_chapter_output(front_pages):
+    saved = "".join("".join(o.get("text", "")) for c in json.loads((ROOT / "nbs" / "00a_models.ipynb").read_text())["cells"]
+                    for o in c.get("outputs", []))
+    seconds = re.search(r"warm load ([\d.]+) s", saved)[1]
+    assert_on_front_pages(front_pages, f"warm load takes {seconds} s")
